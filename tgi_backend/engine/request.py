@@ -1,0 +1,94 @@
+"""One dataclass per request: token ids, progress counters and block table. Ints only, no torch."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    # TGI's wire names; CANCELLED is ours (client gone), never sent to a client that is still listening.
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """What a request asks of the sampler. Validated and resolved by `sampling.params.parse_*`."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int | None = None
+    max_new_tokens: int | None = None  # None: up to max_total_tokens - prompt length (TGI's default)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A request's whole life. `token_ids` holds the prompt followed by the generated tokens.
+
+    The scheduler's one rule: each step hands out tokens so that `num_computed_tokens` catches up with
+    `num_tokens`. A step that computes up to the last known token samples one more.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    num_prompt_tokens: int = -1
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def check_stop(self) -> FinishReason | None:
+        """Finish reason after the last appended token, or None to go on."""
+        if not self.sampling.ignore_eos and self.token_ids[-1] in self.eos_token_ids:
+            return FinishReason.EOS_TOKEN
+        if self.num_output_tokens >= self.max_new_tokens:
+            return FinishReason.LENGTH
+        return None

@@ -1,0 +1,47 @@
+"""Plain data passed from the scheduler to the model runner and back. No torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tgi_backend.engine.request import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """Tokens of one request to compute in this step.
+
+    token_ids are the request's tokens [start_pos, start_pos + len(token_ids)); their K/V go to the slots
+    given by block_ids (slot = block_ids[pos // block_size] * block_size + pos % block_size) and attention
+    covers positions [0, start_pos + len(token_ids)) of this request only, causally.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sample: bool  # the chunk reaches the last known token: sample the next one
+    sampling: SamplingParams
+    num_output_tokens: int = 0  # tokens generated so far (seeded sampling keys on it)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    # Requests that left since the last step (finished, aborted, preempted): the runner drops their state.
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    """One sampled token for each chunk with sample=True, in chunk order."""
+
+    request_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
