@@ -1,0 +1,322 @@
+#!/usr/bin/env python
+"""Serving benchmark: the same load through Triton's gRPC streaming, on the engine in-process, and with
+transformers' `generate` (static batch). Writes JSON and a markdown table with ratios between them.
+
+    .venv/bin/python scripts/bench_serving.py --model demo --concurrency 8
+    .venv/bin/python scripts/bench_serving.py --model medium --concurrency 1 --concurrency 16
+
+Models: `demo` (the built-in demo checkpoint), `small` / `medium` (random-weight Llamas of the benchmark suite,
+generated once under the cache folder), or a local checkpoint folder. Prompts are random token ids and EOS is
+ignored, so every request produces exactly --new-tokens tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ARCHS = {
+    # hidden, layers, heads, kv heads, intermediate (the peers' reference figures use these shapes)
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=1408),
+    "medium": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                   intermediate_size=2816),
+}
+
+
+@dataclass
+class Result:
+    peer: str
+    concurrency: int
+    output_tokens: int
+    seconds: float
+    ttft_ms: list[float] = field(default_factory=list, repr=False)
+    itl_ms: list[float] = field(default_factory=list, repr=False)
+    note: str = ""
+
+    def summary(self) -> dict:
+        return {
+            "peer": self.peer,
+            "concurrency": self.concurrency,
+            "output_tokens": self.output_tokens,
+            "seconds": round(self.seconds, 3),
+            "output_tok_s": round(self.output_tokens / self.seconds, 1) if self.seconds else 0.0,
+            "ttft_ms_p50": _pct(self.ttft_ms, 50),
+            "ttft_ms_p99": _pct(self.ttft_ms, 99),
+            "itl_ms_p50": _pct(self.itl_ms, 50),
+            "itl_ms_p99": _pct(self.itl_ms, 99),
+            "note": self.note,
+        }
+
+
+def _pct(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return round(ordered[k], 2)
+
+
+def _latencies(starts: list[float], stamps: list[list[float]]) -> tuple[list[float], list[float]]:
+    ttft, itl = [], []
+    for start, ts in zip(starts, stamps):
+        if ts:
+            ttft.append((ts[0] - start) * 1000)
+            itl.extend((b - a) * 1000 for a, b in zip(ts, ts[1:]))
+    return ttft, itl
+
+
+def resolve_model(name: str) -> str:
+    from tgi_backend.weights import demo
+
+    if name == "demo":
+        return demo.ensure_demo_model()
+    if name in ARCHS:
+        root = Path(os.environ.get("TGI_TRITON_CACHE", Path.home() / ".cache" / "tgi-triton"))
+        out = root / f"bench-llama-{name}-v1"
+        if not (out / "config.json").exists():
+            tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+            demo.build_random_checkpoint(
+                str(tmp), arch="llama", seed=0, dtype="bfloat16", vocab_size=32000,
+                max_position_embeddings=2048, **ARCHS[name],
+            )
+            os.replace(tmp, out)
+        return str(out)
+    return name
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+# ---- peers ---------------------------------------------------------------------------------------
+def bench_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Result:
+    from tgi_backend.config import EngineConfig
+    from tgi_backend.engine.engine import LLMEngine
+    from tgi_backend.engine.request import SamplingParams
+
+    engine = LLMEngine(EngineConfig(model_id=path, dtype=dtype, max_total_tokens=1024))
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    engine.generate([prompts[0][:8]], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    stamps: dict[str, list[float]] = {}
+    start = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}", p, params)
+        stamps[f"b{i}"] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            stamps[out.request_id].append(time.perf_counter())
+    seconds = time.perf_counter() - start
+    ttft, itl = _latencies([start] * len(prompts), list(stamps.values()))
+    return Result("engine in-process", len(prompts), sum(map(len, stamps.values())), seconds, ttft, itl)
+
+
+def bench_transformers(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Result:
+    import torch
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+    stamps: list[float] = []
+
+    class Clock(LogitsProcessor):  # called once per decoding step: a timestamp per generated token
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    lens = {len(p) for p in prompts}
+    if len(lens) != 1:
+        raise ValueError("the static-batch peer needs prompts of one length")
+    ids = torch.tensor(prompts)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:1, :8], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, logits_processor=LogitsProcessorList([Clock()]), **kwargs)
+    seconds = time.perf_counter() - start
+    produced = (out.shape[1] - ids.shape[1]) * len(prompts)
+    ttft, itl = _latencies([start] * len(prompts), [stamps] * len(prompts))
+    return Result("transformers generate", len(prompts), produced, seconds, ttft, itl, "static batch")
+
+
+def bench_triton(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Result:
+    server = TritonProcess(path, dtype)
+    try:
+        server.start()
+        return server.run_load(prompts, new_tokens)
+    finally:
+        server.stop()
+
+
+class TritonProcess:
+    """`tgi-triton serve` as a subprocess, and a load of concurrent gRPC streams against it."""
+
+    def __init__(self, path: str, dtype: str) -> None:
+        self.path, self.dtype = path, dtype
+        self.proc = None
+
+    def start(self) -> None:
+        import subprocess
+
+        self.grpc, self.http, self.metrics = free_port(), free_port(), free_port()
+        exe = Path(sys.executable).with_name("tgi-triton")
+        cmd = [str(exe), "serve", "--model-id", self.path, "--dtype", self.dtype,
+               "--max-total-tokens", "1024", "--grpc-port", str(self.grpc), "--http-port", str(self.http),
+               "--metrics-port", str(self.metrics)]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-triton-{os.getpid()}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc}")
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tgi-triton serve exited early; see {self.log.name}")
+            try:
+                if client.is_model_ready("tgi_llm"):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("tritonserver did not become ready")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except Exception:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def _one_stream(self, prompt: list[int], new_tokens: int, start: float, stamps: list[float]) -> None:
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        done = threading.Event()
+
+        def callback(result, error):
+            if error is not None:
+                stamps.append(float("nan"))
+                done.set()
+                return
+            ids = result.as_numpy("output_ids")
+            if ids is not None and ids.size:
+                stamps.extend([time.perf_counter()] * int(ids.size))
+            if result.get_response().parameters.get("triton_final_response").bool_param:
+                done.set()
+
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc}")
+        inputs = []
+        for name, arr, dt in (
+            ("input_ids", np.array(prompt, dtype=np.int32), "INT32"),
+            ("stream", np.array([True]), "BOOL"),
+            ("sampling_parameters",
+             np.array([json.dumps({"max_tokens": new_tokens, "ignore_eos": True})], dtype=object), "BYTES"),
+        ):
+            t = grpcclient.InferInput(name, list(arr.shape), dt)
+            t.set_data_from_numpy(arr)
+            inputs.append(t)
+        client.start_stream(callback=callback)
+        client.async_stream_infer("tgi_llm", inputs, enable_empty_final_response=True)
+        done.wait(3600)
+        client.stop_stream()
+
+    def run_load(self, prompts: list[list[int]], new_tokens: int) -> Result:
+        self._one_stream(prompts[0][:8], 2, time.perf_counter(), [])  # warm-up
+        stamps: list[list[float]] = [[] for _ in prompts]
+        start = time.perf_counter()
+        threads = [threading.Thread(target=self._one_stream, args=(p, new_tokens, start, s))
+                   for p, s in zip(prompts, stamps)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        ttft, itl = _latencies([start] * len(prompts), stamps)
+        produced = sum(len([x for x in s if x == x]) for s in stamps)
+        return Result("triton gRPC stream", len(prompts), produced, seconds, ttft, itl)
+
+
+PEERS = {"triton": bench_triton, "engine": bench_engine, "transformers": bench_transformers}
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| model | peer | conc. | out tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | vs transformers | vs engine |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['peer']} | {r['concurrency']} | {r['output_tok_s']} | "
+            f"{r['ttft_ms_p50']} / {r['ttft_ms_p99']} | {r['itl_ms_p50']} / {r['itl_ms_p99']} | "
+            f"{r.get('vs_transformers', '-')} | {r.get('vs_engine', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    for r in rows:
+        for peer, key in (("transformers generate", "vs_transformers"), ("engine in-process", "vs_engine")):
+            ref = next((x for x in rows if x["peer"] == peer and x["model"] == r["model"]
+                        and x["concurrency"] == r["concurrency"]), None)
+            if ref and ref["output_tok_s"]:
+                r[key] = round(r["output_tok_s"] / ref["output_tok_s"], 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", help="demo | small | medium | folder (repeatable)")
+    ap.add_argument("--concurrency", type=int, action="append", help="concurrent requests (repeatable)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--peers", default="triton,engine,transformers")
+    ap.add_argument("--out", default="bench-results")
+    args = ap.parse_args(argv)
+    rows: list[dict] = []
+    for model in args.model or ["demo"]:
+        path = resolve_model(model)
+        vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+        for conc in args.concurrency or [8]:
+            prompts = make_prompts(vocab, conc, args.prompt_tokens)
+            for peer in args.peers.split(","):
+                try:
+                    res = PEERS[peer](path, prompts, args.new_tokens, args.dtype).summary()
+                except Exception as exc:  # a missing peer is reported, not fatal
+                    res = Result(peer, conc, 0, 0.0, note=f"skipped: {exc!r}"[:200]).summary()
+                res["model"] = model
+                rows.append(res)
+                print(json.dumps(res), flush=True)
+    add_ratios(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    meta = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "dtype": args.dtype,
+            "threads": os.cpu_count()}
+    (out / f"bench-serving-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = markdown(rows)
+    (out / f"bench-serving-{stamp}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
