@@ -1,0 +1,97 @@
+"""Per-step attention metadata, built once by the model runner and read by every attention layer.
+
+The flat batch puts the decode rows (one token each) first, then the prefill chunks one after another.
+Masks depend on a layer's sliding window, so they are built on first use per window and reused by the
+other layers of the step.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+
+@dataclass(slots=True)
+class PrefillSegment:
+    """One chunk of several tokens: rows [q_start, q_end) of the batch, at positions start_pos.."""
+
+    q_start: int
+    q_end: int
+    start_pos: int
+    # [num_blocks] block ids covering positions [0, ctx_len); None when start_pos == 0 (K/V come from the batch)
+    block_table: torch.Tensor | None
+    _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.q_end - self.q_start
+
+    @property
+    def ctx_len(self) -> int:
+        return self.start_pos + self.length
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """[length, ctx_len] bool, True = attend; None means plain causal (SDPA's is_causal)."""
+        if window is not None and window >= self.ctx_len:
+            window = None  # the window covers everything: same as no window
+        if window not in self._masks:
+            if self.start_pos == 0 and window is None:
+                self._masks[window] = None
+            else:
+                q_pos = torch.arange(self.start_pos, self.ctx_len).unsqueeze(1)
+                k_pos = torch.arange(self.ctx_len).unsqueeze(0)
+                m = k_pos <= q_pos
+                if window is not None:
+                    m &= k_pos > q_pos - window
+                self._masks[window] = m
+        return self._masks[window]
+
+
+@dataclass(slots=True)
+class DecodeBatch:
+    """Rows [0, num_rows) of the batch, one token each, attended together over padded block tables."""
+
+    num_rows: int
+    block_table: torch.Tensor  # [rows, max_blocks], padded with block 0 (masked out)
+    positions: torch.Tensor  # [rows]
+    max_ctx: int  # max_blocks * block_size
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """[rows, 1, 1, max_ctx] bool: key j is seen by a row at position p when p - window < j <= p."""
+        if window not in self._masks:
+            k_pos = torch.arange(self.max_ctx).unsqueeze(0)
+            p = self.positions.unsqueeze(1)
+            m = k_pos <= p
+            if window is not None:
+                m &= k_pos > p - window
+            self._masks[window] = m[:, None, None, :]
+        return self._masks[window]
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    slot_mapping: torch.Tensor  # [tokens]: where each token's K/V go in the flat cache
+    decode: DecodeBatch | None
+    prefills: list[PrefillSegment]
+    block_size: int
+
+
+_CONTEXT: list[ForwardContext] = []
+
+
+def get_forward_context() -> ForwardContext:
+    if not _CONTEXT:
+        raise RuntimeError("attention layers run only inside `forward_context(...)` (the model runner sets it)")
+    return _CONTEXT[-1]
+
+
+@contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    _CONTEXT.append(ctx)
+    try:
+        yield ctx
+    finally:
+        _CONTEXT.pop()

@@ -1,0 +1,165 @@
+"""The only place that turns a SchedulerOutput into tensors: builds the flat batch and the attention
+metadata once per step, runs the model, computes logits for the sampled rows only, and samples."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from tgi_backend.config import EngineConfig
+from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, forward_context
+from tgi_backend.engine.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from tgi_backend.models.registry import architecture_of, get_model_class
+from tgi_backend.sampling.sampler import Sampler, SamplingRow
+from tgi_backend.weights.loader import load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(requested: str, hf_config: dict[str, Any]) -> torch.dtype:
+    """'auto': bfloat16 for checkpoints stored in 16 bits (fp16 overflows too easily on CPU), else float32."""
+    if requested != "auto":
+        return DTYPES[requested]
+    stored = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+    return torch.bfloat16 if stored.removeprefix("torch.") in ("bfloat16", "float16") else torch.float32
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    input_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [tokens]
+    context: ForwardContext
+    sample_rows: torch.Tensor  # [rows]: index in the flat batch of each sampled chunk's last token
+    sampling: list[SamplingRow]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: str) -> None:
+        with open(os.path.join(model_path, "config.json"), encoding="utf-8") as f:
+            self.hf_config: dict[str, Any] = json.load(f)
+        if config.max_batch_total_tokens <= 0:  # not resolved yet (the engine resolves it)
+            config = config.resolve(int(self.hf_config.get("max_position_embeddings") or 4096))
+        self.config = config
+        if config.num_threads > 0:
+            torch.set_num_threads(config.num_threads)
+        self.architecture = architecture_of(self.hf_config)
+        model_cls = get_model_class(self.architecture)
+        self.dtype = resolve_dtype(config.dtype, self.hf_config)
+        self.block_size = config.block_size
+        args = model_cls.args_from_config(self.hf_config)
+        max_pos = config.max_total_tokens  # positions never reach past it: a smaller rotary table
+        with _default_dtype(self.dtype):
+            self.model = model_cls(args, max_pos)
+        load_weights(self.model, model_path)
+        self.model.eval()
+        self._allocate_kv_cache(args.num_layers, args.num_kv_heads, args.head_dim)
+        self.sampler = Sampler()
+
+    def _allocate_kv_cache(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        # zeros, not empty: padded decode rows read block 0, and NaN garbage would leak through softmax @ V
+        shape = (2, num_layers, self.config.num_blocks, self.block_size, num_kv_heads, head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype)
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.bind_kv_cache(self.kv_cache[0, i], self.kv_cache[1, i])
+
+    def release(self, request_ids: list[str]) -> None:
+        self.sampler.release(request_ids)
+
+    # ---- the step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        if out.finished_request_ids:
+            self.release(out.finished_request_ids)
+        if out.is_empty:
+            return ModelRunnerOutput()
+        batch = self._prepare(out.chunks)
+        logits = self._logits(batch)
+        tokens = self.sampler(logits, batch.sampling) if batch.sampling else []
+        return ModelRunnerOutput([r.request_id for r in batch.sampling], tokens)
+
+    @torch.inference_mode()
+    def compute_logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Runs the step and returns the logits of the sampled chunks ([rows, vocab]) without sampling."""
+        return self._logits(self._prepare(out.chunks))
+
+    def _logits(self, batch: _Batch) -> torch.Tensor:
+        with forward_context(batch.context):
+            hidden = self.model(batch.input_ids, batch.positions)
+        if batch.sample_rows.numel() == 0:
+            return hidden.new_empty((0, 0))
+        return self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
+
+    # ---- batch building -------------------------------------------------------------------------
+    def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
+        """Flat batch: decode rows (one token) first, then prefill chunks; sampled rows keep chunk order."""
+        decode = [c for c in chunks if len(c.token_ids) == 1]
+        prefill = [c for c in chunks if len(c.token_ids) > 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last_row: dict[int, int] = {}
+        for c in decode + prefill:
+            n = len(c.token_ids)
+            ids.extend(c.token_ids)
+            positions.extend(range(c.start_pos, c.start_pos + n))
+            slots.extend(self._slots(c))
+            last_row[id(c)] = len(ids) - 1
+        sampled = [c for c in chunks if c.sample]
+        context = ForwardContext(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            decode=self._decode_batch(decode) if decode else None,
+            prefills=self._prefill_segments(prefill, len(decode)),
+            block_size=self.block_size,
+        )
+        return _Batch(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            context=context,
+            sample_rows=torch.tensor([last_row[id(c)] for c in sampled], dtype=torch.long),
+            sampling=[SamplingRow(c.request_id, c.sampling, c.num_output_tokens) for c in sampled],
+        )
+
+    def _slots(self, c: ScheduledChunk) -> list[int]:
+        bs, table = self.block_size, c.block_ids
+        end = c.start_pos + len(c.token_ids)
+        if end > len(table) * bs:
+            raise ValueError(f"request {c.request_id}: {end} positions but {len(table)} blocks of {bs}")
+        return [table[p // bs] * bs + p % bs for p in range(c.start_pos, end)]
+
+    def _decode_batch(self, decode: list[ScheduledChunk]) -> DecodeBatch:
+        bs = self.block_size
+        num_blocks = [c.start_pos // bs + 1 for c in decode]
+        width = max(num_blocks)
+        table = [c.block_ids[:n] + [0] * (width - n) for c, n in zip(decode, num_blocks)]
+        return DecodeBatch(
+            num_rows=len(decode),
+            block_table=torch.tensor(table, dtype=torch.long),
+            positions=torch.tensor([c.start_pos for c in decode], dtype=torch.long),
+            max_ctx=width * bs,
+        )
+
+    def _prefill_segments(self, prefill: list[ScheduledChunk], offset: int) -> list[PrefillSegment]:
+        segments = []
+        for c in prefill:
+            n = len(c.token_ids)
+            table = None
+            if c.start_pos > 0:
+                num_blocks = -(-(c.start_pos + n) // self.block_size)
+                table = torch.tensor(c.block_ids[:num_blocks], dtype=torch.long)
+            segments.append(PrefillSegment(offset, offset + n, c.start_pos, table))
+            offset += n
+        return segments

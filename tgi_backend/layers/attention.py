@@ -1,0 +1,93 @@
+"""Paged attention in plain PyTorch.
+
+Each layer owns a K and a V cache of shape [num_blocks, block_size, kv_heads, head_dim]. A step first writes
+the new K/V to their slots, then attends: decode rows all at once (gather each row's blocks, pad, mask, one
+SDPA), prefill chunks one SDPA each (a chunk with history reads it back from the cache).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgi_backend.engine.forward_context import DecodeBatch, PrefillSegment, get_forward_context
+
+
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    # k, v: [tokens, kv_heads, head_dim]; caches viewed as [slots, kv_heads, head_dim]
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """cache[block_table] as [..., kv_heads, blocks * block_size, head_dim] (SDPA's layout)."""
+    g = cache.index_select(0, block_table.reshape(-1))  # [n * blocks, block_size, kv_heads, head_dim]
+    g = g.view(*block_table.shape[:-1], -1, *cache.shape[2:])  # [..., ctx, kv_heads, head_dim]
+    return g.transpose(-3, -2)
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    seg: PrefillSegment, scale: float, window: int | None,
+) -> torch.Tensor:
+    # q: [len, heads, dim]; k, v: [len, kv_heads, dim] (this chunk's own, already stored in the cache)
+    qh = q.transpose(0, 1).unsqueeze(0)
+    if seg.block_table is None:
+        kh, vh = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+    else:  # history in the cache: read positions [0, ctx_len) back
+        kh = gather_blocks(k_cache, seg.block_table)[:, : seg.ctx_len].unsqueeze(0)
+        vh = gather_blocks(v_cache, seg.block_table)[:, : seg.ctx_len].unsqueeze(0)
+    mask = seg.mask(window)
+    out = F.scaled_dot_product_attention(
+        qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+    )
+    return out.squeeze(0).transpose(0, 1)  # [len, heads, dim]
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, dec: DecodeBatch, scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    # q: [rows, heads, dim] -> [rows, heads, dim]
+    kh = gather_blocks(k_cache, dec.block_table)  # [rows, kv_heads, max_ctx, dim]
+    vh = gather_blocks(v_cache, dec.block_table)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), kh, vh, attn_mask=dec.mask(window), scale=scale, enable_gqa=True
+    )
+    return out.squeeze(2)
+
+
+class PagedAttention(nn.Module):
+    """Attention over this layer's paged cache; the runner binds the cache with `bind_kv_cache`."""
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None = None
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] -> [tokens, heads, dim]
+        ctx = get_forward_context()
+        kc, vc = self.k_cache, self.v_cache
+        store_kv(kc, vc, k, v, ctx.slot_mapping)
+        w = self.sliding_window
+        if ctx.decode is not None and not ctx.prefills:
+            return decode_attention(q, kc, vc, ctx.decode, self.scale, w)
+        out = torch.empty_like(q)
+        if ctx.decode is not None:
+            n = ctx.decode.num_rows
+            out[:n] = decode_attention(q[:n], kc, vc, ctx.decode, self.scale, w)
+        for seg in ctx.prefills:
+            a, b = seg.q_start, seg.q_end
+            out[a:b] = prefill_attention(q[a:b], k[a:b], v[a:b], kc, vc, seg, self.scale, w)
+        return out

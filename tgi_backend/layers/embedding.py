@@ -1,0 +1,31 @@
+"""Token embedding and the LM head (which may share the embedding's weight)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VocabEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids: [tokens] -> [tokens, hidden]
+        return F.embedding(ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """Logits for the rows given only: the runner passes the last hidden state of each sampled chunk."""
+
+    def __init__(self, vocab_size: int, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden), requires_grad=False)
+
+    def tie(self, embedding: VocabEmbedding) -> None:
+        self.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [rows, hidden] -> [rows, vocab]
+        return F.linear(hidden, self.weight)

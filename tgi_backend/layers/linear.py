@@ -1,0 +1,65 @@
+"""Linear layers whose parameters carry their own `weight_loader` (nano-vllm style).
+
+Packed layers take several checkpoint tensors into one matrix so one matmul replaces several:
+q/k/v -> qkv_proj (shard ids "q", "k", "v"), gate/up -> gate_up_proj (shard ids 0, 1).
+Parameters are created empty: the loader fills every one of them (and checks it did).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x @ W.T + b; the drop-in point for quantized variants later (same forward signature)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = _param(out_features, in_features)
+        self.bias = _param(out_features) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [tokens, in] -> [tokens, out]
+        return F.linear(x, self.weight, self.bias)
+
+
+class PackedLinear(Linear):
+    """Several output blocks stored one after another; shard_offsets maps a shard id to (offset, size)."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str | int, int], bias: bool = False) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias)
+        self.shard_offsets: dict[str | int, tuple[int, int]] = {}
+        offset = 0
+        for shard_id, size in shard_sizes.items():
+            self.shard_offsets[shard_id] = (offset, size)
+            offset += size
+        for p in self.parameters():
+            p.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int) -> None:
+        offset, size = self.shard_offsets[shard_id]
+        if loaded.shape[0] != size:
+            raise ValueError(f"shard {shard_id!r}: expected {size} rows, checkpoint has {loaded.shape[0]}")
+        param.data.narrow(0, offset, size).copy_(loaded)
+
+
+class QKVLinear(PackedLinear):
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False) -> None:
+        q, kv = num_heads * head_dim, num_kv_heads * head_dim
+        super().__init__(hidden, {"q": q, "k": kv, "v": kv}, bias)
+        self.q_size, self.kv_size = q, kv
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+class GateUpLinear(PackedLinear):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
+        super().__init__(hidden, {0: intermediate, 1: intermediate}, bias)

@@ -1,0 +1,222 @@
+"""The Llama family: Llama, Mistral (sliding window) and Qwen2 (qkv bias) differ only in their arguments.
+
+Module names follow the Hugging Face checkpoints (model.layers.N.self_attn...), except the packed
+qkv_proj and gate_up_proj, which `packed_modules_mapping` tells the loader about.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from tgi_backend.layers.activation import GatedActivation
+from tgi_backend.layers.attention import PagedAttention
+from tgi_backend.layers.embedding import LMHead, VocabEmbedding
+from tgi_backend.layers.linear import GateUpLinear, Linear, QKVLinear
+from tgi_backend.layers.norm import RMSNorm
+from tgi_backend.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_params: Mapping[str, Any] | None = None
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_windows: tuple[int | None, ...] = ()  # per layer; empty: none anywhere
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_windows[layer] if self.sliding_windows else None
+
+
+def _rope(hf: Mapping[str, Any]) -> tuple[float, str, dict[str, Any]]:
+    """rope_parameters (transformers >= 5) or rope_theta + rope_scaling (older checkpoints)."""
+    params = dict(hf.get("rope_parameters") or {})
+    params.update(hf.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    return theta, rope_type, params
+
+
+def llama_args(hf: Mapping[str, Any], **overrides: Any) -> LlamaArgs:
+    heads = int(hf["num_attention_heads"])
+    theta, rope_type, params = _rope(hf)
+    bias = bool(hf.get("attention_bias", False))
+    kwargs: dict[str, Any] = dict(
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_type=rope_type,
+        rope_params=params,
+        hidden_act=hf.get("hidden_act", "silu"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+    )
+    kwargs.update(overrides)
+    return LlamaArgs(**kwargs)
+
+
+def _windows_from_layer_types(hf: Mapping[str, Any]) -> tuple[int | None, ...] | None:
+    types = hf.get("layer_types")
+    window = hf.get("sliding_window")
+    if not types:
+        return None
+    return tuple(int(window) if t == "sliding_attention" and window else None for t in types)
+
+
+def mistral_args(hf: Mapping[str, Any]) -> LlamaArgs:
+    windows = _windows_from_layer_types(hf)
+    if windows is None:
+        w = hf.get("sliding_window")
+        windows = (int(w),) * int(hf["num_hidden_layers"]) if w else ()
+    return llama_args(hf, sliding_windows=windows)
+
+
+def qwen2_args(hf: Mapping[str, Any]) -> LlamaArgs:
+    # Qwen2: q/k/v carry a bias, o_proj does not; the window applies from layer max_window_layers on.
+    windows = _windows_from_layer_types(hf)
+    if windows is None:
+        w, n = hf.get("sliding_window"), int(hf["num_hidden_layers"])
+        use = bool(hf.get("use_sliding_window", False)) and w
+        start = int(hf.get("max_window_layers", n))
+        windows = tuple(int(w) if use and i >= start else None for i in range(n))
+    if not hf.get("use_sliding_window", False):
+        windows = ()
+    return llama_args(hf, qkv_bias=True, o_bias=False, sliding_windows=windows)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, args: LlamaArgs, layer: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.qkv_proj = QKVLinear(args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads, args.qkv_bias)
+        self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, args.o_bias)
+        self.attn = PagedAttention(
+            args.num_heads, args.num_kv_heads, args.head_dim, args.head_dim**-0.5, args.window(layer)
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [tokens, hidden]; cos, sin: [tokens, 1, head_dim]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
+        q = RotaryEmbedding.apply(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = RotaryEmbedding.apply(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
+        return self.o_proj(out.flatten(1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.gate_up_proj = GateUpLinear(args.hidden_size, args.intermediate_size, args.mlp_bias)
+        self.down_proj = Linear(args.intermediate_size, args.hidden_size, args.mlp_bias)
+        self.act = GatedActivation(args.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, args: LlamaArgs, layer: int) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(args, layer)
+        self.mlp = LlamaMLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: LlamaArgs, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            args.head_dim, max_positions, args.rope_theta, args.rope_type, args.rope_params
+        )
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # input_ids, positions: [tokens] -> hidden: [tokens, hidden]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)  # once per step, shared by all layers
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, args: LlamaArgs, max_positions: int) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args, max_positions)
+        self.lm_head = LMHead(args.vocab_size, args.hidden_size)
+        if args.tie_word_embeddings:
+            self.lm_head.tie(self.model.embed_tokens)
+
+    @staticmethod
+    def args_from_config(hf: Mapping[str, Any]) -> LlamaArgs:
+        return llama_args(hf)
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [rows, hidden] -> [rows, vocab]
+        return self.lm_head(hidden)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    @staticmethod
+    def args_from_config(hf: Mapping[str, Any]) -> LlamaArgs:
+        return mistral_args(hf)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    @staticmethod
+    def args_from_config(hf: Mapping[str, Any]) -> LlamaArgs:
+        return qwen2_args(hf)
