@@ -1,0 +1,188 @@
+"""`tgi-triton serve | build-repo`: TGI's launcher flags, rendered into a Triton model repository.
+
+Every flag can also be given as the upper-case environment variable of the same name (TGI does that);
+`read_env` is the one place that reads the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from tgi_backend.config import DTYPES, EngineConfig
+
+# (flag, type, default, help); the env var is the flag upper-cased with dashes as underscores.
+_ENGINE_FLAGS: tuple[tuple[str, type, object, str], ...] = (
+    ("model-id", str, "demo", 'hub id or local folder; "demo" is the built-in random-weight demo model'),
+    ("revision", str, None, "hub revision (branch, tag or commit)"),
+    ("dtype", str, "auto", f"one of {', '.join(DTYPES)}"),
+    ("max-input-tokens", int, 0, "0: max-total-tokens - 1"),
+    ("max-total-tokens", int, 0, "0: min(max_position_embeddings, 4096)"),
+    ("max-batch-prefill-tokens", int, 0, "per-step token budget; 0: derived"),
+    ("max-batch-total-tokens", int, 0, "KV pool size in tokens; 0: derived"),
+    ("max-concurrent-requests", int, 128, "requests in flight before 'Model is overloaded'"),
+    ("block-size", int, 16, "tokens per KV block"),
+    ("num-threads", int, 0, "torch intra-op threads; 0: torch's default"),
+)
+_SERVER_FLAGS: tuple[tuple[str, type, object, str], ...] = (
+    ("http-port", int, 8000, "Triton HTTP port"),
+    ("grpc-port", int, 8001, "Triton gRPC port"),
+    ("metrics-port", int, 8002, "Triton metrics port"),
+    ("log-verbose", int, 0, "tritonserver --log-verbose level"),
+    ("exit-timeout-secs", int, 10, "tritonserver --exit-timeout-secs"),
+    ("ready-timeout-secs", int, 600, "how long to wait for the models to load"),
+)
+ENV_TRITONSERVER = "TGI_TRITON_SERVER"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_verbose: int
+    exit_timeout_secs: int
+    ready_timeout_secs: int
+    tritonserver: str | None
+
+
+def env_name(flag: str) -> str:
+    return flag.replace("-", "_").upper()
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The flags' values found in the environment, keyed by flag name (the only env read of the CLI)."""
+    environ = os.environ if environ is None else environ
+    found: dict[str, str] = {}
+    for flag, *_ in _ENGINE_FLAGS + _SERVER_FLAGS + (("model-repository",),):
+        value = environ.get(env_name(flag))
+        if value not in (None, ""):
+            found[flag] = value
+    if environ.get(ENV_TRITONSERVER):
+        found["tritonserver"] = environ[ENV_TRITONSERVER]
+    return found
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tgi-triton", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="render the model repository and run tritonserver on it")
+    build = sub.add_parser("build-repo", help="only write the model repository")
+    for p, server in ((serve, True), (build, False)):
+        flags = _ENGINE_FLAGS + (_SERVER_FLAGS if server else ())
+        for flag, kind, default, text in flags:
+            value = kind(env[flag]) if flag in env else default
+            p.add_argument(f"--{flag}", type=kind, default=value, help=f"{text} [env {env_name(flag)}]")
+        repo = env.get("model-repository")
+        p.add_argument(
+            "--model-repository",
+            default=repo,
+            required=not server and repo is None,
+            help="where to write the repository (serve: a temp dir by default) [env MODEL_REPOSITORY]",
+        )
+    serve.add_argument(
+        "--tritonserver",
+        default=env.get("tritonserver"),
+        help=f"tritonserver binary [env {ENV_TRITONSERVER}; else PATH; else nvidia-pytriton's]",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    env = read_env(environ)
+    try:
+        return build_parser(env).parse_args(argv)
+    except ValueError as exc:  # a malformed env value: say which one
+        raise SystemExit(f"tgi-triton: bad environment value: {exc}") from exc
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    values = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag, *_ in _ENGINE_FLAGS}
+    config = EngineConfig(**values)
+    if config.dtype not in DTYPES:
+        raise SystemExit(f"tgi-triton: --dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    return config
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    return ServerOptions(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        log_verbose=args.log_verbose,
+        exit_timeout_secs=args.exit_timeout_secs,
+        ready_timeout_secs=args.ready_timeout_secs,
+        tritonserver=args.tritonserver,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = engine_config(args)
+    if args.command == "build-repo":
+        return _build_repo(config, args.model_repository)
+    return _serve(config, server_options(args), args.model_repository)
+
+
+def _build_repo(config: EngineConfig, repo_dir: str) -> int:
+    from tgi_backend.launcher.repository import render_repository, resolve_model_for_render
+
+    config = resolve_model_for_render(config, download=False)
+    render_repository(repo_dir, config)
+    print(f"model repository written to {repo_dir} (model_id={config.model_id})")
+    print(f"run: tritonserver --model-repository {repo_dir}")
+    return 0
+
+
+def _serve(config: EngineConfig, options: ServerOptions, repo_dir: str | None) -> int:
+    from tgi_backend.launcher.repository import render_repository, resolve_model_for_render
+    from tgi_backend.launcher.tritonserver import TritonServer, find_tritonserver
+
+    binary = find_tritonserver(options.tritonserver)
+    config = resolve_model_for_render(config, download=True)
+    with tempfile.TemporaryDirectory(prefix="tgi-triton-") as workdir:
+        repo_dir = repo_dir or os.path.join(workdir, "model_repository")
+        render_repository(repo_dir, config)
+        server = TritonServer(binary, repo_dir, options, workdir=workdir)
+        stop = threading.Event()
+        _on_signals(stop)
+        server.start()
+        try:
+            if not server.wait_ready(options.ready_timeout_secs, stop):
+                print("tgi-triton: tritonserver did not become ready", file=sys.stderr)
+                return 1
+            _print_endpoints(options)
+            while not stop.wait(0.5):
+                if server.poll() is not None:
+                    print(f"tgi-triton: tritonserver exited with {server.poll()}", file=sys.stderr)
+                    return 1
+            return 0
+        finally:
+            server.stop()
+
+
+def _on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _print_endpoints(options: ServerOptions) -> None:
+    print(
+        "tgi-triton ready:\n"
+        f"  HTTP    http://127.0.0.1:{options.http_port}/v2/models/tgi_llm/generate_stream\n"
+        f"  gRPC    127.0.0.1:{options.grpc_port} (models: tgi_llm, ensemble)\n"
+        f"  metrics http://127.0.0.1:{options.metrics_port}/metrics",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The engine thread and the response thread, with no Triton import (testable alone).
+
+`EngineLoop.submit` is called from Triton's execute() and returns at once. The engine thread admits jobs,
+polls cancellation, runs `engine.step()` while there is work and turns outputs into `Chunk`s; the response
+thread hands them to each job's `ResponseSink` in order, so a slow send never stalls a step.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tgi_backend.engine.request import SamplingParams
+from tgi_backend.errors import GenerationError, TGIError, ValidationError
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+@dataclass(slots=True)
+class Job:
+    """One inference request as the adapter parsed it."""
+
+    prompt_text: str | None = None
+    prompt_token_ids: list[int] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False
+    exclude_input_in_output: bool = False
+    decode_window: bool = False  # ensemble mode: every chunk carries context/unread ids
+    kv_stats: bool = False  # final chunk carries the KV pool's free/total blocks
+
+    @property
+    def is_stats_query(self) -> bool:
+        return self.kv_stats and self.prompt_text is None and self.prompt_token_ids is None
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One response's content. `finish_reason` is "" until the request ends."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    num_input_tokens: int = 0
+    num_output_tokens: int = 0
+    context_ids: list[int] | None = None
+    unread_ids: list[int] | None = None
+    kv_blocks: tuple[int, int] | None = None  # (free, total)
+
+
+class ResponseSink(Protocol):
+    """Where a job's responses go. Called from the response thread only, except is_cancelled."""
+
+    def send(self, chunk: Chunk | None, final: bool) -> None: ...  # None + final: flag-only end
+
+    def send_error(self, error: Exception) -> None: ...  # also ends the request
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class _Active:
+    job: Job
+    sink: ResponseSink
+    prompt_ids: list[int]
+    texts: list[str] = field(default_factory=list)  # non-streaming: the whole completion
+    output_ids: list[int] = field(default_factory=list)
+    window: Any = None  # IncrementalDetokenizer for decode windows
+
+
+class EngineLoop:
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._active: dict[str, _Active] = {}  # engine thread only
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._engine_thread = threading.Thread(target=self._run_engine, name="tgi-engine", daemon=True)
+        self._response_thread = threading.Thread(target=self._run_responses, name="tgi-responses", daemon=True)
+
+    # ---- called by the adapter ----------------------------------------------------------------
+    def start(self) -> None:
+        self._response_thread.start()
+        self._engine_thread.start()
+
+    def submit(self, job: Job, sink: ResponseSink) -> None:
+        if self._stopping.is_set():
+            sink.send_error(GenerationError("the server is shutting down"))
+            return
+        self._jobs.put((job, sink))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends every request (error "shutting down") and joins both threads."""
+        self._stopping.set()
+        self._jobs.put(_STOP)
+        self._engine_thread.join(timeout)
+        self._responses.put(_STOP)
+        self._response_thread.join(timeout)
+
+    # ---- engine thread ------------------------------------------------------------------------
+    def _run_engine(self) -> None:
+        while not self._stopping.is_set():
+            busy = bool(self._active) or self.engine.has_unfinished_requests()
+            self._admit(block=not busy)
+            self._poll_cancellation()
+            if self.engine.has_unfinished_requests():
+                self._step()
+        self._shutdown_requests()
+
+    def _admit(self, block: bool) -> None:
+        try:
+            item = self._jobs.get(timeout=0.1) if block else self._jobs.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            if item is _STOP:
+                return
+            self._admit_one(*item)
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                item = None
+
+    def _admit_one(self, job: Job, sink: ResponseSink) -> None:
+        try:
+            if job.is_stats_query:
+                self._emit(sink, Chunk(kv_blocks=self._kv_blocks()), final=True)
+                return
+            prompt_ids = self._prompt_ids(job)
+            request_id = str(next(self._ids))
+            self.engine.add_request(request_id, prompt_ids, job.params)
+        except Exception as exc:  # a bad request must never take the loop down
+            self._responses.put((sink, _as_user_error(exc)))
+            return
+        active = _Active(job=job, sink=sink, prompt_ids=prompt_ids)
+        if job.decode_window and job.stream:
+            from tgi_backend.tokenizer.detokenizer import IncrementalDetokenizer
+
+            active.window = IncrementalDetokenizer(self.engine.tokenizer, prompt_ids)
+        self._active[request_id] = active
+
+    def _prompt_ids(self, job: Job) -> list[int]:
+        if job.prompt_token_ids is not None:
+            ids = list(job.prompt_token_ids)
+        elif job.prompt_text is None:
+            raise ValidationError("Input validation error: give `text_input` or `input_ids`")
+        elif job.prompt_text == "":
+            raise ValidationError("Input validation error: `inputs` cannot be empty")
+        else:
+            ids = self.engine.tokenize(job.prompt_text)
+        if not ids:
+            raise ValidationError("Input validation error: `inputs` cannot be empty")
+        return ids
+
+    def _poll_cancellation(self) -> None:
+        for request_id, active in list(self._active.items()):
+            try:
+                cancelled = active.sink.is_cancelled()
+            except Exception:  # the request is gone: treat as cancelled
+                cancelled = True
+            if cancelled:
+                self.engine.abort_request(request_id)
+                del self._active[request_id]
+                self._emit(active.sink, None, final=True)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            log.exception("engine step failed")
+            self._fail_all(GenerationError(f"Request failed during generation: {exc}"))
+            return
+        for out in outputs:
+            active = self._active.get(out.request_id)
+            if active is None:
+                continue
+            try:
+                self._deliver(active, out)
+            except Exception as exc:  # e.g. detokenizing failed: end this request only
+                log.exception("request %s failed", out.request_id)
+                self._drop(out.request_id, GenerationError(f"Request failed during generation: {exc}"))
+                continue
+            if out.finished:
+                del self._active[out.request_id]
+
+    def _deliver(self, active: _Active, out: Any) -> None:
+        job = active.job
+        active.output_ids.extend(out.new_token_ids)
+        if not job.stream:
+            active.texts.append(out.text)
+            if out.finished:
+                self._emit(active.sink, self._whole(active, out), final=True)
+            return
+        chunk = self._chunk(out, out.text, list(out.new_token_ids))
+        if active.window is not None:
+            _, chunk.context_ids, chunk.unread_ids = active.window.push_with_window(list(out.new_token_ids))
+        if out.finished and job.kv_stats:
+            chunk.kv_blocks = self._kv_blocks()
+        self._emit(active.sink, chunk, final=out.finished)
+
+    def _whole(self, active: _Active, out: Any) -> Chunk:
+        """The one non-streaming response: prompt + completion unless exclude_input_in_output."""
+        job = active.job
+        text = "".join(active.texts)
+        if not job.exclude_input_in_output:
+            text = self._prompt_text(active) + text
+        chunk = self._chunk(out, text, list(active.output_ids))
+        if job.decode_window:
+            chunk.context_ids = []
+            prefix = [] if job.exclude_input_in_output else list(active.prompt_ids)
+            chunk.unread_ids = prefix + list(active.output_ids)
+        if job.kv_stats:
+            chunk.kv_blocks = self._kv_blocks()
+        return chunk
+
+    def _prompt_text(self, active: _Active) -> str:
+        if active.job.prompt_text is not None:
+            return active.job.prompt_text
+        return self.engine.tokenizer.decode(active.prompt_ids, skip_special_tokens=True)
+
+    @staticmethod
+    def _chunk(out: Any, text: str, token_ids: list[int]) -> Chunk:
+        return Chunk(
+            text=text,
+            token_ids=token_ids,
+            finish_reason=(out.finish_reason or "") if out.finished else "",
+            num_input_tokens=out.num_input_tokens,
+            num_output_tokens=out.num_output_tokens,
+        )
+
+    def _kv_blocks(self) -> tuple[int, int]:
+        pool = self.engine.block_pool
+        return pool.num_free_blocks, pool.num_total_blocks
+
+    def _drop(self, request_id: str, error: Exception) -> None:
+        active = self._active.pop(request_id, None)
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:
+            log.exception("abort of %s failed", request_id)
+        if active is not None:
+            self._responses.put((active.sink, error))
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._active):
+            self._drop(request_id, error)
+
+    def _shutdown_requests(self) -> None:
+        error = GenerationError("the server is shutting down")
+        self._fail_all(error)
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP:
+                self._responses.put((item[1], error))
+
+    def _emit(self, sink: ResponseSink, chunk: Chunk | None, final: bool) -> None:
+        self._responses.put((sink, chunk, final))
+
+    # ---- response thread ----------------------------------------------------------------------
+    def _run_responses(self) -> None:
+        while True:
+            item = self._responses.get()
+            if item is _STOP:
+                return
+            try:
+                if len(item) == 2:
+                    item[0].send_error(item[1])
+                else:
+                    item[0].send(item[1], item[2])
+            except Exception:  # the client is gone; cancellation polling ends the request
+                log.warning("sending a response failed", exc_info=True)
+
+
+def _as_user_error(exc: Exception) -> Exception:
+    if isinstance(exc, TGIError):
+        return exc
+    log.exception("request rejected by an unexpected error", exc_info=exc)
+    return GenerationError(f"Request failed during generation: {exc}")

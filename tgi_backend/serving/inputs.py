@@ -1,0 +1,129 @@
+"""Request tensors -> Job, and Chunk -> output arrays. numpy only (no Triton), so it is testable alone."""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from tgi_backend.errors import ValidationError
+from tgi_backend.serving.engine_loop import Chunk, Job
+
+GetInput = Callable[[str], "np.ndarray | None"]
+BOOL_INPUTS = ("stream", "exclude_input_in_output", "return_num_input_tokens", "return_num_output_tokens",
+               "return_kv_stats", "return_decode_window")
+
+
+def parse_job(get: GetInput, request_parameters: str | Mapping[str, Any] | None = None) -> tuple[Job, dict[str, bool]]:
+    """Builds a Job from the tgi_llm inputs; returns it with the flags that choose optional outputs."""
+    flags = {name: _bool(get, name) for name in BOOL_INPUTS}
+    text = _string(get, "text_input")
+    ids = get("input_ids")
+    token_ids = None
+    if ids is not None:
+        if ids.dtype.kind not in "iu":
+            raise ValidationError(f"Input validation error: `input_ids` must be integers, got {ids.dtype}")
+        token_ids = [int(i) for i in ids.reshape(-1)]
+    if text is not None and token_ids is not None:
+        raise ValidationError("Input validation error: give either `text_input` or `input_ids`, not both")
+    params = _sampling(get, request_parameters) if (text is not None or token_ids is not None) else None
+    job = Job(
+        prompt_text=text,
+        prompt_token_ids=token_ids,
+        stream=flags["stream"],
+        exclude_input_in_output=flags["exclude_input_in_output"],
+        decode_window=flags["return_decode_window"],
+        kv_stats=flags["return_kv_stats"],
+    )
+    if params is not None:
+        job.params = params
+    elif not job.kv_stats:
+        raise ValidationError("Input validation error: give `text_input` or `input_ids`")
+    return job, flags
+
+
+def _sampling(get: GetInput, request_parameters: str | Mapping[str, Any] | None) -> Any:
+    from tgi_backend.sampling.params import parse_sampling_parameters
+
+    merged = _request_parameters(request_parameters)
+    raw = _string(get, "sampling_parameters")
+    if raw is not None and raw.strip():
+        try:
+            given = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(f"Input validation error: `sampling_parameters` is not valid JSON: {exc}") from exc
+        if not isinstance(given, dict):
+            raise ValidationError("Input validation error: `sampling_parameters` must be a JSON object")
+        merged.update(given)
+    plain: dict[str, Any] = {}
+    max_tokens = get("max_tokens")
+    if max_tokens is not None:
+        if max_tokens.dtype.kind not in "iu" or max_tokens.size != 1:
+            raise ValidationError("Input validation error: `max_tokens` must be one integer")
+        plain["max_tokens"] = int(max_tokens.reshape(-1)[0])
+    return parse_sampling_parameters(merged, **plain)
+
+
+def _request_parameters(raw: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Triton request parameters (HTTP generate's non-input keys); Triton's own `triton_*` keys dropped."""
+    if not raw:
+        return {}
+    values = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    return {k: v for k, v in values.items() if not k.startswith("triton_")}
+
+
+def _string(get: GetInput, name: str) -> str | None:
+    array = get(name)
+    if array is None:
+        return None
+    if array.size != 1:
+        raise ValidationError(f"Input validation error: `{name}` must hold one string, got {array.size}")
+    value = array.reshape(-1)[0]
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValidationError(f"Input validation error: `{name}` is not valid UTF-8") from exc
+    if isinstance(value, str):
+        return value
+    raise ValidationError(f"Input validation error: `{name}` must be a string, got {array.dtype}")
+
+
+def _bool(get: GetInput, name: str) -> bool:
+    array = get(name)
+    if array is None or array.size == 0:
+        return False
+    if array.dtype != np.bool_:
+        raise ValidationError(f"Input validation error: `{name}` must be a boolean, got {array.dtype}")
+    return bool(array.reshape(-1)[0])
+
+
+def output_arrays(chunk: Chunk, flags: Mapping[str, bool]) -> dict[str, np.ndarray]:
+    """The output tensors of one response; the ensemble mode (decode window) always gets all of them."""
+    if chunk.kv_blocks is not None and not chunk.token_ids and not chunk.finish_reason:
+        return _kv_arrays(chunk)  # a stats query
+    everything = flags.get("return_decode_window", False)
+    out = {
+        "text_output": np.array([chunk.text.encode("utf-8")], dtype=np.object_),
+        "output_ids": np.array(chunk.token_ids, dtype=np.int32),
+        "finish_reason": np.array([chunk.finish_reason.encode("utf-8")], dtype=np.object_),
+    }
+    if everything or flags.get("return_num_input_tokens"):
+        out["num_input_tokens"] = np.array([chunk.num_input_tokens], dtype=np.int32)
+    if everything or flags.get("return_num_output_tokens"):
+        out["num_output_tokens"] = np.array([chunk.num_output_tokens], dtype=np.int32)
+    if everything:
+        out["context_ids"] = np.array(chunk.context_ids or [], dtype=np.int32)
+        out["unread_ids"] = np.array(chunk.unread_ids or [], dtype=np.int32)
+    if chunk.kv_blocks is not None:
+        out.update(_kv_arrays(chunk))
+    return out
+
+
+def _kv_arrays(chunk: Chunk) -> dict[str, np.ndarray]:
+    assert chunk.kv_blocks is not None
+    free, total = chunk.kv_blocks
+    return {
+        "kv_blocks_free": np.array([free], dtype=np.int32),
+        "kv_blocks_total": np.array([total], dtype=np.int32),
+    }
