@@ -1,0 +1,182 @@
+"""ModelRunner: loading, dtype and cache set-up, batch building, ordering, sampling state; one LLMEngine run."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tgi_backend.config import EngineConfig
+from tgi_backend.engine.model_runner import ModelRunner, resolve_dtype
+from tgi_backend.engine.request import SamplingParams
+from tgi_backend.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=128, max_position_embeddings=128, initializer_range=0.1)
+GREEDY = SamplingParams()
+
+
+def _save_llama(folder: str, dtype: torch.dtype = torch.float32, **extra) -> "torch.nn.Module":
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**TINY, **extra)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval().to(dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("runner-llama"))
+    return folder, _save_llama(folder)
+
+
+def _config(folder: str, **kw) -> EngineConfig:
+    base = dict(model_id=folder, dtype="float32", block_size=4, max_total_tokens=64, max_batch_total_tokens=512)
+    base.update(kw)
+    return EngineConfig(**base).resolve(128)
+
+
+def _chunk(rid: str, tokens: list[int], start: int, blocks: list[int], sample: bool = True,
+           params: SamplingParams = GREEDY, n_out: int = 0) -> ScheduledChunk:
+    return ScheduledChunk(rid, tokens, start, blocks, sample, params, n_out)
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*LlamaForCausalLM"):
+        ModelRunner(_config(str(tmp_path)), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "requested, stored, expected",
+    [("auto", "bfloat16", torch.bfloat16), ("auto", "float16", torch.bfloat16), ("auto", "float32", torch.float32),
+     ("auto", None, torch.float32), ("float32", "bfloat16", torch.float32), ("bfloat16", "float32", torch.bfloat16)],
+)
+def test_resolve_dtype(requested, stored, expected):
+    assert resolve_dtype(requested, {"torch_dtype": stored} if stored else {}) == expected
+
+
+def test_auto_dtype_of_a_bfloat16_checkpoint(tmp_path):
+    _save_llama(str(tmp_path), torch.bfloat16)
+    runner = ModelRunner(_config(str(tmp_path), dtype="auto"), str(tmp_path))
+    assert runner.dtype == torch.bfloat16 and runner.kv_cache.dtype == torch.bfloat16
+
+
+def test_kv_cache_shape_and_threads(llama):
+    folder, _ = llama
+    before = torch.get_num_threads()
+    try:
+        runner = ModelRunner(_config(folder, num_threads=1), folder)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    # [K/V, layers, blocks, block_size, kv_heads, head_dim]
+    assert runner.kv_cache.shape == (2, 2, 128, 4, 2, 8)
+
+
+def test_mixed_batch_logits_equal_separate_runs(llama):
+    """A prompt, a continuation with history and decode rows in one step give the logits of separate steps."""
+    folder, _ = llama
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(0, 128, (n,), generator=gen).tolist() for n in (9, 14, 6))
+    alone, mixed = ModelRunner(_config(folder), folder), ModelRunner(_config(folder), folder)
+    blocks = {"a": [5, 3, 9], "b": [7, 1, 2, 30], "c": [11, 12]}
+    # history: b's first 8 tokens and c's first 5 (both runners)
+    for r in (alone, mixed):
+        r.compute_logits(SchedulerOutput([_chunk("b", b[:8], 0, blocks["b"], False), _chunk("c", c[:5], 0, blocks["c"], False)]))
+    expected = torch.cat([
+        alone.compute_logits(SchedulerOutput([_chunk("c", c[5:], 5, blocks["c"])])),
+        alone.compute_logits(SchedulerOutput([_chunk("a", a, 0, blocks["a"])])),
+        alone.compute_logits(SchedulerOutput([_chunk("b", b[8:], 8, blocks["b"])])),
+    ])
+    got = mixed.compute_logits(SchedulerOutput([
+        _chunk("c", c[5:], 5, blocks["c"]), _chunk("a", a, 0, blocks["a"]), _chunk("b", b[8:], 8, blocks["b"]),
+    ]))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_execute_order_and_unsampled_chunks(llama):
+    folder, model = llama
+    runner = ModelRunner(_config(folder), folder)
+    p, q = [3, 4, 5, 6, 7], [9, 8, 7]
+    out = runner.execute(SchedulerOutput([
+        _chunk("p", p, 0, [1, 2]), _chunk("x", [1, 2, 3, 4], 0, [3], sample=False), _chunk("q", q, 0, [4]),
+    ]))
+    assert out.request_ids == ["p", "q"]
+    with torch.no_grad():
+        ref = [int(model(torch.tensor([t])).logits[0, -1].argmax()) for t in (p, q)]
+    assert out.sampled_token_ids == ref
+    # then a decode row for q placed before p's decode: the order follows the chunks
+    out2 = runner.execute(SchedulerOutput([_chunk("q", [ref[1]], 3, [4]), _chunk("p", [ref[0]], 5, [1, 2])]))
+    assert out2.request_ids == ["q", "p"]
+    assert runner.execute(SchedulerOutput()).request_ids == []
+
+
+def test_seeded_sampling_independent_of_batch_and_released(llama):
+    folder, _ = llama
+    runner = ModelRunner(_config(folder), folder)
+    seeded = SamplingParams(do_sample=True, seed=7, temperature=1.5)
+    prompt = [5, 6, 7, 8]
+    alone = runner.execute(SchedulerOutput([_chunk("s1", prompt, 0, [1], params=seeded)])).sampled_token_ids
+    crowd = runner.execute(SchedulerOutput([
+        _chunk("o", [1, 2, 3], 0, [2], params=SamplingParams(do_sample=True)),
+        _chunk("s2", prompt, 0, [3], params=seeded),
+    ])).sampled_token_ids
+    assert alone[0] == crowd[1]
+    assert "s1" in runner.sampler._generators
+    runner.execute(SchedulerOutput(finished_request_ids=["s1", "s2"]))
+    assert not runner.sampler._generators
+
+
+def test_chunk_beyond_its_blocks_fails(llama):
+    folder, _ = llama
+    runner = ModelRunner(_config(folder), folder)
+    with pytest.raises(ValueError, match="blocks"):
+        runner.execute(SchedulerOutput([_chunk("a", [1] * 5, 0, [1])]))
+
+
+def _copy_checkpoint(src: str, dst: str, edit) -> None:
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = f.read()
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        f.write(cfg)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+
+
+def test_loader_rejects_missing_and_unknown_tensors(llama, tmp_path):
+    folder, _ = llama
+    missing, unknown = str(tmp_path / "missing"), str(tmp_path / "unknown")
+    _copy_checkpoint(folder, missing, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    _copy_checkpoint(folder, unknown, lambda t: t.__setitem__("model.extra.weight", torch.zeros(2)))
+    with pytest.raises(ValueError, match="qkv_proj.*shards.*k"):
+        ModelRunner(_config(missing), missing)
+    with pytest.raises(ValueError, match="model.extra.weight"):
+        ModelRunner(_config(unknown), unknown)
+
+
+def test_llm_engine_greedy_matches_transformers(tiny_llama_dir):
+    """The whole engine (tokenizer, scheduler, runner) on the shared tiny checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from tgi_backend.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model_id=tiny_llama_dir, dtype="float32", max_batch_prefill_tokens=16,
+                                    block_size=4), model_path=tiny_llama_dir)
+    prompts = [engine.tokenize(t) for t in ("Hello there", "a b c d e f g h i j k l m n o p q r s t", "x")]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    got = engine.generate(prompts, params)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    for prompt, tokens in zip(prompts, got):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert tokens == ids[len(prompt):]
