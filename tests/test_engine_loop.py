@@ -1,0 +1,154 @@
+"""The engine loop with a real tiny engine: streaming, whole responses, errors, cancellation, shutdown."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tgi_backend.config import EngineConfig
+from tgi_backend.engine.request import SamplingParams
+from tgi_backend.errors import GenerationError, ValidationError
+from tgi_backend.serving.engine_loop import Chunk, EngineLoop, Job
+from tgi_backend.tokenizer.detokenizer import decode_window
+
+WAIT = 120.0  # a generous bound for a stuck loop, not a timing assertion
+
+
+class ListSink:
+    """Collects responses; `cancel_after` chunks, it reports itself cancelled."""
+
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.chunks: list[Chunk | None] = []
+        self.error: Exception | None = None
+        self.finals = 0
+        self.done = threading.Event()
+        self.cancel_after = cancel_after
+
+    def send(self, chunk: Chunk | None, final: bool) -> None:
+        assert not self.done.is_set(), "response after the final one"
+        self.chunks.append(chunk)
+        if final:
+            self.finals += 1
+            self.done.set()
+
+    def send_error(self, error: Exception) -> None:
+        assert not self.done.is_set(), "error after the final response"
+        self.error = error
+        self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.chunks) >= self.cancel_after
+
+    def wait(self) -> "ListSink":
+        assert self.done.wait(WAIT), "the request never finished"
+        return self
+
+    @property
+    def text(self) -> str:
+        return "".join(c.text for c in self.chunks if c is not None)
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for c in self.chunks if c is not None for i in c.token_ids]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir: str):
+    from tgi_backend.engine.engine import LLMEngine
+
+    config = EngineConfig(model_id=tiny_llama_dir, dtype="float32", max_total_tokens=64,
+                          max_batch_total_tokens=512, max_concurrent_requests=8)
+    return LLMEngine(config)
+
+
+@pytest.fixture()
+def loop(engine):
+    loop = EngineLoop(engine)
+    loop.start()
+    yield loop
+    loop.stop()
+
+
+def _stats(loop: EngineLoop) -> tuple[int, int]:
+    sink = ListSink()
+    loop.submit(Job(kv_stats=True), sink)
+    chunk = sink.wait().chunks[-1]
+    assert chunk is not None and chunk.kv_blocks is not None
+    return chunk.kv_blocks
+
+
+def test_stream_and_whole_response_agree(loop: EngineLoop):
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    streamed, whole, bare = ListSink(), ListSink(), ListSink()
+    loop.submit(Job(prompt_text="Hello world", params=params, stream=True), streamed)
+    loop.submit(Job(prompt_text="Hello world", params=params), whole)
+    loop.submit(Job(prompt_text="Hello world", params=params, exclude_input_in_output=True), bare)
+    for sink in (streamed, whole, bare):
+        sink.wait()
+        assert sink.error is None and sink.finals == 1
+    assert len(streamed.chunks) == 12 and len(whole.chunks) == 1
+    assert streamed.ids == whole.ids == bare.ids and len(whole.ids) == 12
+    assert whole.chunks[0].text == "Hello world" + streamed.text and bare.chunks[0].text == streamed.text
+    last = streamed.chunks[-1]
+    assert last.finish_reason == "length" and last.num_output_tokens == 12 and last.num_input_tokens > 0
+    assert all(c.finish_reason == "" for c in streamed.chunks[:-1])
+
+
+def test_bad_requests_get_errors_and_the_loop_keeps_serving(loop: EngineLoop, engine):
+    bad = [
+        Job(),  # no prompt
+        Job(prompt_text=""),
+        Job(prompt_token_ids=[]),
+        Job(prompt_text="x " * 200),  # longer than max_input_tokens
+        Job(prompt_text="hi", params=SamplingParams(max_new_tokens=100)),  # over max_total_tokens
+        Job(prompt_text="hi", params=SamplingParams(max_new_tokens=0)),
+    ]
+    sinks = [ListSink() for _ in bad]
+    for job, sink in zip(bad, sinks):
+        loop.submit(job, sink)
+    for sink in sinks:
+        assert isinstance(sink.wait().error, ValidationError), sink.error
+        assert str(sink.error).startswith("Input validation error")
+    good = ListSink()
+    loop.submit(Job(prompt_token_ids=engine.tokenize("ok"), params=SamplingParams(max_new_tokens=3)), good)
+    assert good.wait().error is None and len(good.ids) == 3
+
+
+def test_cancellation_aborts_and_frees_the_blocks(loop: EngineLoop):
+    free_before, total = _stats(loop)
+    assert free_before == total
+    cancelled = ListSink(cancel_after=2)
+    loop.submit(Job(prompt_text="a long story " * 3, params=SamplingParams(max_new_tokens=40, ignore_eos=True),
+                    stream=True), cancelled)
+    cancelled.wait()
+    assert cancelled.error is None and cancelled.chunks[-1] is None  # flag-only final
+    assert 2 <= len(cancelled.ids) < 40
+    assert _stats(loop) == (total, total)
+
+
+def test_decode_windows_rebuild_the_full_text(loop: EngineLoop, engine):
+    sink = ListSink()
+    prompt = "Grüße 你好 🙂 and more"
+    loop.submit(Job(prompt_text=prompt, params=SamplingParams(max_new_tokens=30, ignore_eos=True), stream=True,
+                    decode_window=True), sink)
+    sink.wait()
+    pieces = [decode_window(engine.tokenizer, c.context_ids, c.unread_ids, final=bool(c.finish_reason))
+              for c in sink.chunks]
+    assert "".join(pieces) == sink.text
+    prompt_ids = engine.tokenize(prompt)
+    full = engine.tokenizer.decode(prompt_ids + sink.ids, skip_special_tokens=True)
+    assert full == engine.tokenizer.decode(prompt_ids, skip_special_tokens=True) + sink.text
+
+
+def test_stop_ends_requests_in_flight(engine):
+    loop = EngineLoop(engine)
+    loop.start()
+    sink = ListSink()
+    loop.submit(Job(prompt_text="x", params=SamplingParams(max_new_tokens=50, ignore_eos=True), stream=True), sink)
+    loop.stop()
+    sink.wait()
+    assert sink.finals == 1 or isinstance(sink.error, GenerationError)
+    late = ListSink()
+    loop.submit(Job(prompt_text="x"), late)
+    assert isinstance(late.wait().error, GenerationError)
+    assert not engine.has_unfinished_requests()
