@@ -32,7 +32,9 @@ def test_corpus_is_deterministic_and_multi_byte() -> None:
 
 
 @pytest.mark.parametrize("style", ["byte_level", "metaspace"])
-def test_tokenizer_training_is_deterministic(style, tmp_path, byte_level_tokenizer_dir, metaspace_tokenizer_dir) -> None:
+def test_tokenizer_training_is_deterministic(
+    style, tmp_path, byte_level_tokenizer_dir, metaspace_tokenizer_dir
+) -> None:
     saved = byte_level_tokenizer_dir if style == "byte_level" else metaspace_tokenizer_dir
     train_tokenizer(str(tmp_path), vocab_size=512, style=style)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -66,7 +68,8 @@ def test_metaspace_tokenizer_is_llama_like(metaspace_tokenizer_dir) -> None:
 
 def test_tiny_llama_checkpoint(tiny_llama_dir) -> None:
     files = set(os.listdir(tiny_llama_dir))
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    expected = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert expected <= files
     cfg = read_json(tiny_llama_dir, "config.json")
     assert cfg["model_type"] == "llama" and cfg["hidden_size"] == 64 and cfg["num_key_value_heads"] == 2
     assert cfg["vocab_size"] == len(load_tokenizer(tiny_llama_dir)) == 512

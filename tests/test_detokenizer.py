@@ -10,7 +10,9 @@ from tgi_backend.tokenizer.loader import load_tokenizer
 PROMPTS = ["Hello world", "The café is", "東京 and 日本語", "A 😀 emoji:", "x"]
 PIECES = list("abc xyz.,\n") + [" the", " world", "é", "ü", "ñ", "日", "本", "語", "😀", "🚀", "👍🏽", "€", "Ω", "🦀"]
 REAL_TEXT = st.lists(st.sampled_from(PIECES), max_size=30).map("".join)
-HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+HYPOTHESIS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +123,8 @@ def random_ids(data, tokenizer, byte_level: bool) -> list[int]:
         return data.draw(st.lists(any_id, min_size=1, max_size=30))
     byte_ids = {i for t, i in tokenizer.get_vocab().items() if t.startswith("<0x")}
     piece = st.integers(0, len(tokenizer) - 1).filter(lambda i: i not in byte_ids).map(lambda i: [i])
-    char = st.sampled_from("🦀Ω€ü日").map(lambda c: [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in c.encode()])
+    to_bytes = lambda c: [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in c.encode()]  # noqa: E731
+    char = st.sampled_from("🦀Ω€ü日").map(to_bytes)
     units = data.draw(st.lists(st.one_of(piece, char), min_size=1, max_size=20))
     return [i for unit in units for i in unit]
 
