@@ -100,6 +100,12 @@ def test_other_architectures_and_eos_lists(arch, tmp_path) -> None:
     assert str(next(iter(load_file(os.path.join(out, "model.safetensors")).values())).dtype) == "torch.bfloat16"
 
 
+def test_llama2_style_checkpoint(tmp_path) -> None:
+    out = build_random_checkpoint(str(tmp_path), tokenizer_style="metaspace", **TINY)
+    assert load_tokenizer(out).convert_ids_to_tokens(3) == "<0x00>"
+    assert read_json(out, "config.json")["vocab_size"] == 512
+
+
 def test_unknown_architecture(tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown architecture"):
         build_random_checkpoint(str(tmp_path), arch="gpt9", tokenizer=False)

@@ -107,6 +107,17 @@ def test_byte_fallback_characters_arrive_whole(meta_tok) -> None:
     assert not any(REPLACEMENT_CHAR in delta for delta in stateful)
 
 
+def test_tokenizers_that_clean_up_spaces_take_the_transformers_path(byte_level_tokenizer_dir) -> None:
+    tok = load_tokenizer(byte_level_tokenizer_dir)
+    tok.clean_up_tokenization_spaces = True  # decode must then go through transformers, whatever it does
+    calls = []
+    original = tok.decode
+    tok.decode = lambda ids, **kw: calls.append(ids) or original(ids, **kw)
+    prompt, generated = continuation(tok, "Hello", " world , again .")
+    stateful, stateless = stream(tok, prompt, generated)
+    assert calls and "".join(stateful) == "".join(stateless) == expected_text(tok, prompt, generated)
+
+
 def test_multi_token_pushes(byte_tok) -> None:
     prompt = byte_tok.encode("Start")
     generated = byte_tok.encode(" naïve 東京 😀 done.", add_special_tokens=False)

