@@ -133,3 +133,23 @@ def test_demo_model_is_built_once_into_the_cache(tmp_path, monkeypatch) -> None:
     stamp = os.stat(os.path.join(folder, "model.safetensors")).st_mtime_ns
     assert ensure_demo_model(str(tmp_path)) == folder
     assert os.stat(os.path.join(folder, "model.safetensors")).st_mtime_ns == stamp
+
+
+def test_demo_model_replaces_an_incomplete_leftover(tmp_path) -> None:
+    leftover = tmp_path / DEMO_FOLDER
+    leftover.mkdir()
+    (leftover / "config.json").write_text("{}")
+    folder = ensure_demo_model(str(tmp_path))
+    assert read_json(folder, "config.json")["demo"] is True
+    assert sorted(os.listdir(str(tmp_path))) == [DEMO_FOLDER]
+
+
+def test_concurrent_builds_agree(tmp_path) -> None:
+    # Triton loads the preprocessing and LLM models at once: both may build the demo at the same time.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: ensure_demo_model(str(tmp_path)), range(2)))
+    assert folders[0] == folders[1] == os.path.join(str(tmp_path), DEMO_FOLDER)
+    assert os.listdir(str(tmp_path)) == [DEMO_FOLDER]
+    assert load_tokenizer(folders[0]).encode("hi")[0] == 1

@@ -79,7 +79,7 @@ def build_random_checkpoint(
     )
     with torch.random.fork_rng(devices=[]):  # do not disturb the caller's random state
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config)  # float32: torch's default dtype
     model = model.to(getattr(torch, dtype))
     model.config.dtype = dtype
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -131,13 +131,14 @@ def ensure_demo_model(cache_dir: str | None = None) -> str:
         )
         _add_legacy_config_keys(staging, "bfloat16", demo=True)
         _write_readme(staging)
+        if is_complete_checkpoint(target):
+            return target  # another process (Triton loads models in parallel) finished first
         if os.path.isdir(target):
-            shutil.rmtree(target)  # an incomplete leftover from an older layout
+            shutil.rmtree(target)  # an incomplete leftover: renames are atomic, so nobody is writing it
         os.rename(staging, target)
     except OSError:
         if not is_complete_checkpoint(target):
             raise
-        # Another process won the race and renamed its copy first: use that one.
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
