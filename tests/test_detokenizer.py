@@ -168,3 +168,17 @@ def test_real_text_streams_back_exactly(style, byte_tok, meta_tok, prompt_text, 
     assert not any(d.endswith(REPLACEMENT_CHAR) for d in stateful[:-1])
     if style == "byte":
         assert "".join(stateful) == text
+
+
+def test_loader_errors_name_the_folder(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="tokenizer folder not found"):
+        load_tokenizer(str(tmp_path / "absent"))
+    with pytest.raises(FileNotFoundError, match=f"no tokenizer in {tmp_path}"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=f"cannot load the tokenizer in {tmp_path}"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_loader_returns_a_fast_tokenizer(byte_tok) -> None:
+    assert byte_tok.is_fast and byte_tok.backend_tokenizer is not None
