@@ -166,6 +166,12 @@ def test_plain_inputs_override_json() -> None:
     assert (sp.do_sample, sp.temperature, sp.ignore_eos) == (True, 0.5, True)
 
 
+def test_tensors_must_hold_one_value() -> None:
+    assert parse_sampling_parameters({}, max_tokens=np.array([[7]], dtype=np.int64)).max_new_tokens == 7
+    with pytest.raises(ValidationError, match="`max_tokens` must be an integer"):
+        parse_sampling_parameters({}, max_tokens=np.array([1, 2]))
+
+
 def test_disagreeing_aliases() -> None:
     rejects("`max_tokens` and `max_new_tokens` are the same parameter and disagree",
             {"max_tokens": 4, "max_new_tokens": 5})

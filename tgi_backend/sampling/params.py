@@ -53,7 +53,10 @@ class RequestParameters:
 
 # ---- types: raw value -> typed value, or a message --------------------------------------------------------------
 def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") and callable(value.item) else value  # numpy scalars
+    """numpy scalars and one-element arrays (Triton tensors) -> Python values; anything else as is."""
+    if callable(getattr(value, "item", None)) and getattr(value, "size", 1) == 1:
+        return value.item()
+    return value
 
 
 def _as_float(name: str, value: Any) -> float:
