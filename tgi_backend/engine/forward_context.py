@@ -59,14 +59,14 @@ class DecodeBatch:
     max_ctx: int  # max_blocks * block_size
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """[rows, 1, 1, max_ctx] bool: key j is seen by a row at position p when p - window < j <= p."""
+    def hidden(self, window: int | None) -> torch.Tensor:
+        """[rows, 1, 1, max_ctx] bool, True = masked out: a row at position p sees p - window < j <= p."""
         if window not in self._masks:
             k_pos = torch.arange(self.max_ctx).unsqueeze(0)
             p = self.positions.unsqueeze(1)
-            m = k_pos <= p
+            m = k_pos > p
             if window is not None:
-                m &= k_pos > p - window
+                m |= k_pos <= p - window
             self._masks[window] = m[:, None, None, :]
         return self._masks[window]
 

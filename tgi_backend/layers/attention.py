@@ -50,13 +50,16 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, dec: DecodeBatch, scale: float,
     window: int | None,
 ) -> torch.Tensor:
+    """Two matmuls in float32, not SDPA: for one query row SDPA is 1.5x (fp32) to 5x (bf16) slower here."""
     # q: [rows, heads, dim] -> [rows, heads, dim]
-    kh = gather_blocks(k_cache, dec.block_table)  # [rows, kv_heads, max_ctx, dim]
-    vh = gather_blocks(v_cache, dec.block_table)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), kh, vh, attn_mask=dec.mask(window), scale=scale, enable_gqa=True
-    )
-    return out.squeeze(2)
+    rows, heads, dim = q.shape
+    kh = gather_blocks(k_cache, dec.block_table).float()  # [rows, kv_heads, max_ctx, dim]
+    vh = gather_blocks(v_cache, dec.block_table).float()
+    qg = q.reshape(rows, kh.shape[1], -1, dim).float()  # [rows, kv_heads, group, dim]
+    scores = torch.matmul(qg, kh.transpose(-1, -2)).mul_(scale)  # [rows, kv_heads, group, max_ctx]
+    scores.masked_fill_(dec.hidden(window), float("-inf"))
+    out = torch.matmul(scores.softmax(dim=-1), vh)
+    return out.view(rows, heads, dim).to(q.dtype)
 
 
 class PagedAttention(nn.Module):

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgi_backend.layers.linear import bf16_upcast_min_rows, linear
+
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden: int) -> None:
@@ -22,10 +24,11 @@ class LMHead(nn.Module):
     def __init__(self, vocab_size: int, hidden: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden), requires_grad=False)
+        self.upcast_rows = bf16_upcast_min_rows()
 
     def tie(self, embedding: VocabEmbedding) -> None:
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [rows, hidden] -> [rows, vocab]
-        return F.linear(hidden, self.weight)
+        return linear(hidden, self.weight, None, self.upcast_rows)

@@ -119,10 +119,13 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [tokens, hidden]; cos, sin: [tokens, 1, head_dim]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(x))
-        q = RotaryEmbedding.apply(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = RotaryEmbedding.apply(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim))
+        qkv = self.qkv_proj(x)  # [tokens, (heads + 2 * kv_heads) * head_dim]
+        n_qk = self.num_heads + self.num_kv_heads
+        # q and k rotated together: half the rotary ops
+        qk = RotaryEmbedding.apply(qkv[:, : n_qk * self.head_dim].view(-1, n_qk, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, n_qk * self.head_dim :].view(-1, self.num_kv_heads, self.head_dim)
+        out = self.attn(q, k, v)
         return self.o_proj(out.flatten(1))
 
 
