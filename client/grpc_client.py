@@ -73,28 +73,28 @@ class TGITritonClient:
         self.model = model
         self.timeout = timeout
 
-    def generate_stream(self, prompt: str, **kwargs: Any) -> Iterator[StreamDelta]:
-        """Yields one delta per streamed response; breaking out of the loop cancels the request."""
-        responses: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+    def generate_stream(self, prompt: str, *, stream: bool = True, **kwargs: Any) -> Iterator[StreamDelta]:
+        """Yields one delta per response (one in all when stream=False); leaving the loop cancels."""
+        for result in self.responses(build_inputs(prompt, stream=stream, **kwargs)):
+            delta = _delta(result)
+            if delta is not None:
+                yield delta
+
+    def responses(self, inputs: list[grpcclient.InferInput]) -> Iterator[Any]:
+        """Raw InferResult objects of one request over a gRPC stream (decoupled models refuse unary calls)."""
+        results: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
         client = grpcclient.InferenceServerClient(self.url)
         finished = False
         try:
-            client.start_stream(callback=lambda result, error: responses.put((result, error)))
-            client.async_stream_infer(
-                self.model, build_inputs(prompt, stream=True, **kwargs), enable_empty_final_response=True
-            )
-            while True:
-                result, error = responses.get(timeout=self.timeout)
+            client.start_stream(callback=lambda result, error: results.put((result, error)))
+            client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+            while not finished:
+                result, error = results.get(timeout=self.timeout)
                 if error is not None:
                     finished = True  # the server ended the request with this error
                     raise error
-                final = _is_final(result)
-                delta = _delta(result)
-                if delta is not None:
-                    yield delta
-                if final:
-                    finished = True
-                    return
+                finished = _is_final(result)
+                yield result
         finally:
             client.stop_stream(cancel_requests=not finished)
             client.close()

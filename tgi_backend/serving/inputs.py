@@ -26,7 +26,7 @@ def parse_job(get: GetInput, request_parameters: str | Mapping[str, Any] | None 
         token_ids = [int(i) for i in ids.reshape(-1)]
     if text is not None and token_ids is not None:
         raise ValidationError("Input validation error: give either `text_input` or `input_ids`, not both")
-    params = _sampling(get, request_parameters) if (text is not None or token_ids is not None) else None
+    params = _sampling(get, request_parameters, flags["stream"]) if (text is not None or token_ids is not None) else None
     job = Job(
         prompt_text=text,
         prompt_token_ids=token_ids,
@@ -42,7 +42,7 @@ def parse_job(get: GetInput, request_parameters: str | Mapping[str, Any] | None 
     return job, flags
 
 
-def _sampling(get: GetInput, request_parameters: str | Mapping[str, Any] | None) -> Any:
+def _sampling(get: GetInput, request_parameters: str | Mapping[str, Any] | None, stream: bool) -> Any:
     from tgi_backend.sampling.params import parse_sampling_parameters
 
     merged = _request_parameters(request_parameters)
@@ -61,7 +61,7 @@ def _sampling(get: GetInput, request_parameters: str | Mapping[str, Any] | None)
         if max_tokens.dtype.kind not in "iu" or max_tokens.size != 1:
             raise ValidationError("Input validation error: `max_tokens` must be one integer")
         plain["max_tokens"] = int(max_tokens.reshape(-1)[0])
-    return parse_sampling_parameters(merged, **plain)
+    return parse_sampling_parameters(merged, stream=stream, **plain)
 
 
 def _request_parameters(raw: str | Mapping[str, Any] | None) -> dict[str, Any]:
