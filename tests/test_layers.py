@@ -94,14 +94,15 @@ def _slots(blocks, positions):
     return [blocks[p // BS] * BS + p % BS for p in positions]
 
 
-@pytest.mark.parametrize("window", [None, 3, 6])
+@pytest.mark.parametrize("window", [None, 3, 6, 13])
 def test_paged_attention_mixed_batch_matches_dense(window):
     torch.manual_seed(0)
     k_cache = torch.randn(NUM_BLOCKS, BS, KVH, D)
     v_cache = torch.randn(NUM_BLOCKS, BS, KVH, D)
     free = torch.randperm(NUM_BLOCKS - 1).add(1).tolist()  # scattered blocks; 0 is only padding
     # (history in cache, new tokens): decode rows first, then prompt chunks, as the runner orders them
-    requests = [(9, 1), (3, 1), (0, 1), (0, 7), (5, 6)]
+    requests = [(9, 1), (3, 1), (0, 1), (29, 1), (0, 7), (5, 6)]
+    n_dec = 4
     full_k, full_v, tables = [], [], []
     for hist, new in requests:
         n_blocks = -(-(hist + new) // BS)
@@ -113,19 +114,19 @@ def test_paged_attention_mixed_batch_matches_dense(window):
         v_cache.view(-1, KVH, D)[slots] = full_v[-1][:hist]
     q_list = [torch.randn(new, H, D) for _, new in requests]
 
-    slot_mapping, prefills, row = [], [], 3
+    slot_mapping, prefills, row = [], [], n_dec
     for (hist, new), table in zip(requests, tables):
         slot_mapping += _slots(table, range(hist, hist + new))
-    for (hist, new), table in list(zip(requests, tables))[3:]:
+    for (hist, new), table in list(zip(requests, tables))[n_dec:]:
         bt = None if hist == 0 else torch.tensor(table)
         prefills.append(PrefillSegment(row, row + new, hist, bt))
         row += new
-    width = max(len(t) for t in tables[:3])
+    width = max(len(t) for t in tables[:n_dec])
     decode = DecodeBatch(
-        num_rows=3,
-        block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables[:3]]),
-        positions=torch.tensor([h for h, _ in requests[:3]]),
-        max_ctx=width * BS,
+        num_rows=n_dec,
+        block_table=torch.tensor([t + [0] * (width - len(t)) for t in tables[:n_dec]]),
+        positions=torch.tensor([h for h, _ in requests[:n_dec]]),
+        block_size=BS,
     )
     ctx = ForwardContext(torch.tensor(slot_mapping), decode, prefills, BS)
     attn = PagedAttention(H, KVH, D, D**-0.5, sliding_window=window)

@@ -180,3 +180,16 @@ def test_llm_engine_greedy_matches_transformers(tiny_llama_dir):
             for _ in range(6):
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
         assert tokens == ids[len(prompt):]
+
+
+def test_sharded_checkpoint_and_stray_safetensors(llama, tmp_path):
+    """Shards listed by model.safetensors.index.json load; a stray consolidated.safetensors is ignored."""
+    folder, model = llama
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(str(sharded), safe_serialization=True, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    save_file({"junk": torch.zeros(1)}, str(sharded / "consolidated.safetensors"))
+    a = ModelRunner(_config(folder), folder)
+    b = ModelRunner(_config(str(sharded)), str(sharded))
+    for (name, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(pa, pb), name

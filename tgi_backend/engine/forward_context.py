@@ -56,19 +56,37 @@ class DecodeBatch:
     num_rows: int
     block_table: torch.Tensor  # [rows, max_blocks], padded with block 0 (masked out)
     positions: torch.Tensor  # [rows]
-    max_ctx: int  # max_blocks * block_size
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    block_size: int
+    _views: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def hidden(self, window: int | None) -> torch.Tensor:
-        """[rows, 1, 1, max_ctx] bool, True = masked out: a row at position p sees p - window < j <= p."""
-        if window not in self._masks:
-            k_pos = torch.arange(self.max_ctx).unsqueeze(0)
-            p = self.positions.unsqueeze(1)
-            m = k_pos > p
+    @property
+    def max_ctx(self) -> int:
+        return self.block_table.shape[1] * self.block_size
+
+    def view(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_table, hidden) for a layer with this window.
+
+        block_table: [rows, width] blocks to gather; hidden: [rows, 1, 1, width * block_size] bool, True =
+        masked out (a row at position p sees p - window < j <= p). With a window only the blocks it reaches
+        are gathered, so a long context costs a windowed layer no more than the window.
+        """
+        if window is not None and window >= self.max_ctx:
+            window = None
+        if window not in self._views:
+            p = self.positions.unsqueeze(1)  # [rows, 1]
+            if window is None:
+                table, first_pos = self.block_table, torch.zeros_like(p)
+            else:
+                first_block = (p - window + 1).clamp(min=0) // self.block_size  # [rows, 1]
+                width = int((p // self.block_size - first_block).max()) + 1
+                cols = (first_block + torch.arange(width)).clamp(max=self.block_table.shape[1] - 1)
+                table, first_pos = self.block_table.gather(1, cols), first_block * self.block_size
+            k_pos = first_pos + torch.arange(table.shape[1] * self.block_size)  # [rows, ctx]
+            hidden = k_pos > p
             if window is not None:
-                m |= k_pos <= p - window
-            self._masks[window] = m[:, None, None, :]
-        return self._masks[window]
+                hidden |= k_pos <= p - window
+            self._views[window] = (table, hidden[:, None, None, :])
+        return self._views[window]
 
 
 @dataclass(slots=True)

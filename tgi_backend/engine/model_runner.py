@@ -149,7 +149,7 @@ class ModelRunner:
             num_rows=len(decode),
             block_table=torch.tensor(table, dtype=torch.long),
             positions=torch.tensor([c.start_pos for c in decode], dtype=torch.long),
-            max_ctx=width * bs,
+            block_size=bs,
         )
 
     def _prefill_segments(self, prefill: list[ScheduledChunk], offset: int) -> list[PrefillSegment]:

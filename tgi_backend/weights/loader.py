@@ -7,6 +7,7 @@ tied LM head; anything missing or unknown raises, so a wrong checkpoint fails lo
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import torch
@@ -24,6 +25,19 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
 
 
 def safetensors_files(path: str) -> list[str]:
+    """The checkpoint's shards: the index's files, else model.safetensors, else every *.safetensors.
+
+    Hub folders may hold other safetensors too (Mistral's consolidated.safetensors, adapters): the index
+    or the standard name wins over the glob.
+    """
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, n) for n in names]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
