@@ -21,8 +21,10 @@ def test_greedy_is_argmax():
 def test_greedy_rows_unchanged_next_to_sampled_rows():
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(2))
     rows = _rows(SamplingParams(), SamplingParams(do_sample=True, temperature=5.0), SamplingParams())
-    out = Sampler(seed=0)(logits.clone(), rows)
+    before = logits.clone()
+    out = Sampler(seed=0)(logits, rows)
     assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
+    assert torch.equal(logits, before)  # the caller's logits are left alone
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():

@@ -41,7 +41,8 @@ class Temperature:
         return params.do_sample and params.temperature != 1.0
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        t = torch.tensor([r.params.temperature for r in rows], dtype=logits.dtype).unsqueeze(1)
+        # temperature 0 means greedy and is resolved before us (sampling.params); the floor only avoids inf
+        t = torch.tensor([max(r.params.temperature, 1e-6) for r in rows], dtype=logits.dtype).unsqueeze(1)
         return logits / t
 
 
@@ -101,7 +102,7 @@ class Sampler:
         sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
         if not sampled and not any(active):
             return logits.argmax(dim=-1).tolist()
-        logits = logits.float()
+        logits = logits.to(torch.float32, copy=True)  # processors write rows in place: not the caller's
         for proc, idx in zip(self.processors, active):
             if idx:
                 index = torch.tensor(idx)
