@@ -26,6 +26,9 @@ ARCHS = {
     )),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=8)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    # layer 0 full attention, layer 1 a window of 8
+    "qwen2-window": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=8,
+                                                              max_window_layers=1)),
 }
 PROMPT_LENGTHS = [1, 2, 5, 8, 13, 21, 33, 40]
 NEW_TOKENS = 12
