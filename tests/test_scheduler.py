@@ -1,7 +1,7 @@
 """The scheduler and block manager alone, driven by a fake model that returns fixed tokens."""
 from __future__ import annotations
 
-import dataclasses
+import collections
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -16,7 +16,7 @@ from tgi_backend.errors import OverloadedError
 EOS = 0
 
 
-def make_scheduler(blocks=64, block_size=4, budget=32, max_concurrent=128, max_num_seqs=256):
+def make_scheduler(blocks=64, block_size=4, budget=32, max_concurrent=128, max_num_seqs=256, prefix=True):
     config = EngineConfig(
         model_id="none",
         block_size=block_size,
@@ -25,6 +25,7 @@ def make_scheduler(blocks=64, block_size=4, budget=32, max_concurrent=128, max_n
         max_total_tokens=min(64, blocks * block_size),
         max_concurrent_requests=max_concurrent,
         max_num_seqs=max_num_seqs,
+        enable_prefix_caching=prefix,
     ).resolve(4096)
     return Scheduler(config, BlockPool(config.num_blocks))
 
@@ -162,10 +163,11 @@ def test_max_num_seqs_bounds_running():
     ),
     st.integers(4, 40),
     st.sampled_from([1, 2, 4, 8]),
+    st.booleans(),
 )
-def test_random_traffic_never_leaks_blocks(specs, budget, block_size):
+def test_random_traffic_never_leaks_blocks(specs, budget, block_size, prefix):
     blocks = -(-64 // block_size) + 2
-    s = make_scheduler(blocks=blocks, block_size=block_size, budget=budget)
+    s = make_scheduler(blocks=blocks, block_size=block_size, budget=budget, prefix=prefix)
     pending = list(enumerate(specs))
     aborts = {}
     for step in range(2000):
@@ -183,12 +185,76 @@ def test_random_traffic_never_leaks_blocks(specs, budget, block_size):
         if not pending and not s.has_unfinished_requests():
             break
         out = s.schedule()
-        held = sum(len(r.block_ids) for r in s.running)
-        assert held == s.kv.pool.num_used_blocks
+        holders = collections.Counter(b for r in s.running for b in r.block_ids)
+        assert len(holders) == s.kv.pool.num_used_blocks
+        assert all(s.kv.pool.refcount(b) == n for b, n in holders.items())
         for c in out.chunks:
             r = s.requests[c.request_id]
             assert r.status is RequestStatus.RUNNING
             assert len(r.block_ids) * block_size >= c.start_pos + len(c.token_ids)
         s.forget(s.update_from_output(out, fake_run(out)))
     assert not s.has_unfinished_requests()
+    assert s.kv.pool.num_free_blocks == s.kv.pool.num_total_blocks
+
+
+def test_prefix_hit_reuses_full_blocks_and_leaves_the_last_token():
+    s = make_scheduler(block_size=4)
+    a = make_request("a", 10, max_new=2)
+    s.add_request(a)
+    run_to_end(s)
+    # 10 prompt tokens + 1 computed output token: blocks [0-3], [4-7] are full and cached
+    b = make_request("b", 10, max_new=2)
+    s.add_request(b)
+    out = s.schedule()
+    assert [(c.start_pos, len(c.token_ids)) for c in out.chunks] == [(8, 2)]
+    assert b.num_cached_tokens == 8 and s.num_cached_tokens == 8
+    s.forget(s.update_from_output(out, fake_run(out)))
+    # a full hit still computes the last prompt token
+    c = make_request("c", 8, max_new=1)
+    s.add_request(c)
+    out = s.schedule()
+    assert [(ch.start_pos, len(ch.token_ids)) for ch in out.chunks if ch.request_id == "c"] == [(4, 4)]
+    run_to_end(s)
+    assert s.kv.pool.num_free_blocks == s.kv.pool.num_total_blocks
+
+
+def test_prefix_cache_off_computes_everything():
+    s = make_scheduler(block_size=4, prefix=False)
+    s.add_request(make_request("a", 10, max_new=2))
+    run_to_end(s)
+    s.add_request(b := make_request("b", 10, max_new=2))
+    out = s.schedule()
+    assert [(c.start_pos, len(c.token_ids)) for c in out.chunks] == [(0, 10)] and b.num_cached_tokens == 0
+
+
+def test_cached_free_blocks_are_evicted_lru_when_the_pool_needs_them():
+    s = make_scheduler(blocks=8, block_size=4)
+    s.add_request(make_request("a", 16, max_new=1))
+    run_to_end(s)
+    assert s.kv.pool.num_cached_blocks == 4 and s.kv.pool.num_free_blocks == 8
+    other = make_request("b", 24, max_new=1)
+    other.token_ids = [100 + t for t in other.token_ids]
+    s.add_request(other)
+    run_to_end(s)
+    assert s.kv.pool.num_evictions >= 2 and s.kv.pool.num_free_blocks == 8
+
+
+def test_fork_shares_blocks_and_copies_the_partial_one_on_write():
+    s = make_scheduler(block_size=4)
+    parent = make_request("p", 6, max_new=3)
+    s.add_request(parent)
+    s.update_from_output(out := s.schedule(), fake_run(out))
+    child = make_request("c", 6, max_new=3)
+    child.token_ids = list(parent.token_ids)
+    child.num_prompt_tokens = parent.num_prompt_tokens
+    s.kv.fork(parent, child)
+    s.add_request(child)
+    assert child.block_ids == parent.block_ids and s.kv.pool.refcount(parent.block_ids[1]) == 2
+    shared = parent.block_ids[1]
+    out = s.schedule()
+    # both write position 6, inside the shared partial block 1: the first writer copies it, the other keeps it
+    assert len(out.block_copies) == 1 and out.block_copies[0][0] == shared
+    assert child.block_ids[0] == parent.block_ids[0] and child.block_ids[1] != parent.block_ids[1]
+    assert shared in (child.block_ids[1], parent.block_ids[1])
+    run_to_end(s)
     assert s.kv.pool.num_free_blocks == s.kv.pool.num_total_blocks

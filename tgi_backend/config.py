@@ -26,6 +26,7 @@ class EngineConfig:
     max_concurrent_requests: int = 128
     max_num_seqs: int = 256  # running requests at once
     block_size: int = 16
+    enable_prefix_caching: bool = True
     num_threads: int = 0  # torch intra-op threads; 0: leave torch's default
     trust_remote_code: bool = False
     extra: Mapping[str, str] = field(default_factory=dict)

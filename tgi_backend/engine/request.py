@@ -54,6 +54,12 @@ class Request:
     num_prompt_tokens: int = -1
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # prefix cache: hashes of full blocks (chained), how many of block_ids are registered, tokens reused
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    num_cached_tokens: int = 0
+    use_prefix_cache: bool = True  # off where reuse would change what is returned (prompt logprobs)
+    cache_salt: str = ""  # keeps caches apart where the same tokens give other K/V (e.g. a LoRA adapter)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     first_token_time: float | None = None

@@ -22,12 +22,14 @@ from tgi_backend.errors import OverloadedError
 class Scheduler:
     def __init__(self, config: EngineConfig, pool: BlockPool) -> None:
         self.config = config
-        self.kv = KVCacheManager(pool, config.block_size)
+        self.kv = KVCacheManager(pool, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._left: list[str] = []  # ids that finished or were aborted since the last schedule()
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # prompt tokens admitted, and how many of them the prefix cache supplied
+        self.num_cached_tokens = 0
 
     # ---- queue ----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -71,6 +73,7 @@ class Scheduler:
         budget -= out.num_tokens
         if not preempted:
             self._schedule_waiting(out, budget)
+        out.block_copies, self.kv.pending_copies = self.kv.pending_copies, []
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> bool:
@@ -93,9 +96,17 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(request, n):
-                break
+            cached = self.kv.find_cached_blocks(request)
+            n = request.num_tokens - request.num_computed_tokens - len(cached) * self.config.block_size
+            n = min(n, budget)
+            if request.block_ids:  # a forked request comes with its parent's blocks
+                if not self.kv.allocate_slots(request, n):
+                    break
+            else:
+                if not self.kv.admit(request, cached, n):
+                    break
+                self.num_prompt_tokens += request.num_tokens
+                self.num_cached_tokens += request.num_cached_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -128,6 +139,7 @@ class Scheduler:
             request = self.requests.get(chunk.request_id)
             if request is not None:
                 request.num_computed_tokens += len(chunk.token_ids)
+                self.kv.register_computed_blocks(request)
         finished: list[Request] = []
         for request_id, token_id in zip(result.request_ids, result.sampled_token_ids):
             request = self.requests.get(request_id)

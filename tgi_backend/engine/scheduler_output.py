@@ -29,6 +29,8 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     # Requests that left since the last step (finished, aborted, preempted): the runner drops their state.
     finished_request_ids: list[str] = field(default_factory=list)
+    # (src, dst) KV blocks to copy before the forward pass: copy on write of a block shared by forked requests
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
