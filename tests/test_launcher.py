@@ -139,6 +139,7 @@ def test_server_env_and_command(tmp_path: Path):
     libs = env["LD_LIBRARY_PATH"].split(os.pathsep)
     assert sysconfig.get_config_var("LIBDIR") in libs and libs[-1] == "/keep"
     assert any(p.endswith("nvidia_pytriton.libs") for p in libs)
+    assert tritonserver.server_env(False, {"LD_LIBRARY_PATH": "/ngc"})["LD_LIBRARY_PATH"] == "/ngc"
     options = cli.server_options(cli.parse_args(["serve", "--http-port", "1", "--grpc-port", "2",
                                                  "--metrics-port", "3"], environ={}))
     binary = tritonserver.TritonBinary("/bin/tritonserver", "/b")

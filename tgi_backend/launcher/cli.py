@@ -154,7 +154,9 @@ def _serve(config: EngineConfig, options: ServerOptions, repo_dir: str | None) -
         server.start()
         try:
             if not server.wait_ready(options.ready_timeout_secs, stop):
-                print("tgi-triton: tritonserver did not become ready", file=sys.stderr)
+                if stop.is_set():  # asked to stop while loading: not a failure
+                    return 0
+                print("tgi-triton: tritonserver did not become ready (see its log above)", file=sys.stderr)
                 return 1
             _print_endpoints(options)
             while not stop.wait(0.5):

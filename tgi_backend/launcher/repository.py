@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -11,7 +12,6 @@ from tgi_backend.config import EngineConfig
 
 MODELS = ("tgi_llm", "preprocessing", "postprocessing", "ensemble")
 PARAMETERS_MARK = "# {{PARAMETERS}}"
-TEMPLATES_ENV_HINT = "model_repository"
 
 
 def templates_dir() -> Path:
@@ -20,10 +20,10 @@ def templates_dir() -> Path:
     beside = package_root.parent / "model_repository"
     if (beside / "tgi_llm" / "config.pbtxt").is_file():
         return beside
-    bundled = package_root / "model_repository"  # wheels map the folder here (see pyproject)
-    if (bundled / "tgi_llm" / "config.pbtxt").is_file():
-        return bundled
-    raise FileNotFoundError(f"model repository templates not found in {beside} or {bundled}")
+    installed = Path(sys.prefix) / "share" / "tgi-triton" / "model_repository"  # wheels: pyproject data-files
+    if (installed / "tgi_llm" / "config.pbtxt").is_file():
+        return installed
+    raise FileNotFoundError(f"model repository templates not found in {beside} or {installed}")
 
 
 def pbtxt_parameters(values: Mapping[str, str]) -> str:

@@ -84,16 +84,19 @@ def prepare_bundle(bundle: Path, workdir: str) -> TritonBinary:
 
 
 def server_env(bundled: bool, environ: Mapping[str, str]) -> dict[str, str]:
-    """The stub finds its Python by PATH and needs the interpreter's libpython (and the bundle's libs)."""
+    """The stub finds its Python by PATH; the bundled one also needs the bundle's libs and our libpython."""
     env = dict(environ)
     env["PATH"] = os.pathsep.join(p for p in (os.path.dirname(sys.executable), env.get("PATH")) if p)
-    libs = [sysconfig.get_config_var("LIBDIR") or ""]
     if bundled:
         import pytriton
 
-        libs.insert(0, str(Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"))
-    libs.append(env.get("LD_LIBRARY_PATH", ""))
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+        # Without the interpreter's LIBDIR the stub loads the system libpython of the same minor version.
+        libs = [
+            str(Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"),
+            sysconfig.get_config_var("LIBDIR") or "",
+            env.get("LD_LIBRARY_PATH", ""),
+        ]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
     return env
 
 
