@@ -7,7 +7,7 @@ import pytest
 
 from tgi_backend.config import EngineConfig
 from tgi_backend.engine.request import SamplingParams
-from tgi_backend.errors import GenerationError, ValidationError
+from tgi_backend.errors import GenerationError, OverloadedError, ValidationError
 from tgi_backend.serving.engine_loop import Chunk, EngineLoop, Job
 from tgi_backend.tokenizer.detokenizer import decode_window
 
@@ -152,3 +152,17 @@ def test_stop_ends_requests_in_flight(engine):
     loop.submit(Job(prompt_text="x"), late)
     assert isinstance(late.wait().error, GenerationError)
     assert not engine.has_unfinished_requests()
+
+
+def test_overload_refuses_past_max_concurrent_requests(loop: EngineLoop):
+    total = _stats(loop)[1]
+    sinks = [ListSink() for _ in range(10)]  # the engine admits 8
+    for sink in sinks:
+        loop.submit(Job(prompt_text="busy", params=SamplingParams(max_new_tokens=40, ignore_eos=True),
+                        stream=True), sink)
+    for sink in sinks:
+        sink.wait()
+    refused = [s.error for s in sinks if s.error is not None]
+    assert len(refused) == 2 and all(isinstance(e, OverloadedError) for e in refused)
+    assert str(refused[0]) == "Model is overloaded"
+    assert _stats(loop) == (total, total)

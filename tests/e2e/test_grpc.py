@@ -138,3 +138,27 @@ def test_prompt_errors_and_wrong_types(server):
         flag.set_data_from_numpy(np.array([False]))
         infer([flag])
     assert len(client.generate("still alive", max_tokens=3).token_ids) <= 3
+
+
+def test_overload_is_refused_clearly_then_cancelled_requests_free_the_pool(server):
+    total = _kv_stats(server.grpc_url)[1]
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    responses: queue.SimpleQueue = queue.SimpleQueue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    for i in range(20):  # the server admits 16 (--max-concurrent-requests)
+        client.async_stream_infer("tgi_llm", build_inputs(f"load {i}", stream=True, max_tokens=400,
+                                                          sampling_parameters={"ignore_eos": True}),
+                                  request_id=str(i), enable_empty_final_response=True)
+    refused = set()
+    while len(refused) < 4:
+        result, error = responses.get(timeout=WAIT)
+        if error is not None:
+            assert "Model is overloaded" in str(error)
+            refused.add(error)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    deadline = time.monotonic() + WAIT
+    while _kv_stats(server.grpc_url)[0] != total:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert len(TGITritonClient(server.grpc_url).generate("after the storm", max_tokens=2).token_ids) <= 2
