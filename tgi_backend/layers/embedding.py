@@ -30,5 +30,6 @@ class LMHead(nn.Module):
         self.weight = embedding.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: [rows, hidden] -> [rows, vocab]
-        return linear(hidden, self.weight, None, self.upcast_rows)
+        # hidden: [rows, hidden] -> [rows, vocab] float32
+        # float32 logits: sampling wants them, and argmax over bf16 is 2x slower on CPU
+        return linear(hidden, self.weight, None, self.upcast_rows, torch.float32)

@@ -7,6 +7,7 @@ Parameters are created empty: the loader fills every one of them (and checks it 
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +30,27 @@ def bf16_upcast_min_rows() -> int:
     return 1 << 62 if native else 16
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, upcast_rows: int) -> torch.Tensor:
+_SCRATCH = threading.local()
+
+
+def upcast_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight as float32 in a reused buffer: a fresh allocation page-faults and costs twice the copy."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < weight.numel():
+        buf = _SCRATCH.buf = torch.empty(weight.numel(), dtype=torch.float32)
+    return buf[: weight.numel()].view(weight.shape).copy_(weight)
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, upcast_rows: int,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     # x: [tokens, in] -> [tokens, out]; big bf16 batches computed in float32 where bf16 GEMM is emulated
+    out_dtype = out_dtype or x.dtype
     if x.dtype is torch.bfloat16 and x.shape[0] >= upcast_rows:
         b = None if bias is None else bias.float()
-        return F.linear(x.float(), weight.float(), b).to(torch.bfloat16)
-    return F.linear(x, weight, bias)
+        return F.linear(x.float(), upcast_weight(weight), b).to(out_dtype)
+    return F.linear(x, weight, bias).to(out_dtype)
 
 
 class Linear(nn.Module):
