@@ -193,3 +193,22 @@ def test_sharded_checkpoint_and_stray_safetensors(llama, tmp_path):
     b = ModelRunner(_config(str(sharded)), str(sharded))
     for (name, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(pa, pb), name
+
+
+def test_args_from_older_config_keys():
+    """Checkpoints saved before transformers 5 use rope_theta / rope_scaling and torch_dtype."""
+    from tgi_backend.models.llama import llama_args, mistral_args, qwen2_args
+
+    base = dict(vocab_size=10, hidden_size=64, intermediate_size=8, num_hidden_layers=3, num_attention_heads=4)
+    llama31 = llama_args({**base, "rope_theta": 500000.0, "num_key_value_heads": 2, "tie_word_embeddings": True,
+                          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
+    assert (llama31.rope_theta, llama31.rope_type, llama31.num_kv_heads, llama31.head_dim) == (500000.0, "llama3", 2, 16)
+    assert llama31.tie_word_embeddings and llama31.window(0) is None
+    assert llama_args({**base, "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_type == "linear"
+    assert mistral_args({**base, "sliding_window": 4096}).sliding_windows == (4096,) * 3
+    assert mistral_args({**base, "sliding_window": None}).window(2) is None
+    qwen = {**base, "sliding_window": 32, "max_window_layers": 1}
+    assert qwen2_args({**qwen, "use_sliding_window": False}).window(2) is None
+    assert qwen2_args({**qwen, "use_sliding_window": True}).sliding_windows == (None, 32, 32)
+    assert qwen2_args(qwen).qkv_bias and not qwen2_args(qwen).o_bias
