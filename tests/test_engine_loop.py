@@ -166,3 +166,50 @@ def test_overload_refuses_past_max_concurrent_requests(loop: EngineLoop):
     assert len(refused) == 2 and all(isinstance(e, OverloadedError) for e in refused)
     assert str(refused[0]) == "Model is overloaded"
     assert _stats(loop) == (total, total)
+
+
+# ---- tensors -> Job (serving/inputs.py, what tgi_llm's execute() runs on each request) ------------------
+def _getter(**arrays):
+    return lambda name: arrays.get(name)
+
+
+def test_parse_job_reads_vllm_style_inputs():
+    import numpy as np
+
+    from tgi_backend.serving.inputs import output_arrays, parse_job
+
+    job, flags = parse_job(
+        _getter(text_input=np.array([b"hi"], dtype=object), stream=np.array([True]),
+                max_tokens=np.array([5], dtype=np.int32),
+                sampling_parameters=np.array([b'{"max_tokens": 9, "temperature": 0}'], dtype=object),
+                return_num_input_tokens=np.array([True])),
+        '{"ignore_eos": true, "triton_enable_empty_final_response": true}',
+    )
+    assert job.prompt_text == "hi" and job.stream and flags["return_num_input_tokens"]
+    assert job.params.max_new_tokens == 5 and job.params.ignore_eos and job.params.greedy
+    out = output_arrays(Chunk(text="é", token_ids=[1, 2], finish_reason="length", num_input_tokens=3), flags)
+    assert set(out) == {"text_output", "output_ids", "finish_reason", "num_input_tokens"}
+    assert out["text_output"][0].decode() == "é" and out["output_ids"].dtype == np.int32
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (dict(), "give `text_input` or `input_ids`"),
+        (dict(text_input=b"a", input_ids=[1]), "not both"),
+        (dict(text_input=b"\xff"), "not valid UTF-8"),
+        (dict(text_input=b"a", stream=1), "`stream` must be a boolean"),
+        (dict(text_input=b"a", sampling_parameters=b"[1]"), "must be a JSON object"),
+        (dict(text_input=b"a", sampling_parameters=b"{bad"), "not valid JSON"),
+        (dict(input_ids=[1.5]), "`input_ids` must be integers"),
+    ],
+)
+def test_parse_job_refuses_bad_tensors(arrays, message):
+    import numpy as np
+
+    from tgi_backend.serving.inputs import parse_job
+
+    typed = {k: np.array([v], dtype=object) if isinstance(v, bytes) else np.array(v if isinstance(v, list) else [v])
+             for k, v in arrays.items()}
+    with pytest.raises(ValidationError, match=message):
+        parse_job(_getter(**typed))

@@ -104,12 +104,19 @@ class EngineLoop:
     # ---- engine thread ------------------------------------------------------------------------
     def _run_engine(self) -> None:
         while not self._stopping.is_set():
-            busy = bool(self._active) or self.engine.has_unfinished_requests()
-            self._admit(block=not busy)
-            self._poll_cancellation()
-            if self.engine.has_unfinished_requests():
-                self._step()
+            try:
+                self._iterate()
+            except Exception as exc:  # a bug outside step(): end what is in flight, keep the thread alive
+                log.exception("engine loop iteration failed")
+                self._fail_all(GenerationError(f"Request failed during generation: {exc}"))
         self._shutdown_requests()
+
+    def _iterate(self) -> None:
+        busy = bool(self._active) or self.engine.has_unfinished_requests()
+        self._admit(block=not busy)
+        self._poll_cancellation()
+        if self.engine.has_unfinished_requests():
+            self._step()
 
     def _admit(self, block: bool) -> None:
         try:
