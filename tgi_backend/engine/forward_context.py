@@ -57,22 +57,23 @@ class DecodeBatch:
     block_table: torch.Tensor  # [rows, max_blocks], padded with block 0 (masked out)
     positions: torch.Tensor  # [rows]
     block_size: int
-    _views: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _views: dict[tuple[int | None, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def max_ctx(self) -> int:
         return self.block_table.shape[1] * self.block_size
 
-    def view(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block_table, hidden) for a layer with this window.
+    def view(self, window: int | None, kv_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_table, bias) for a layer with this window and number of KV heads.
 
-        block_table: [rows, width] blocks to gather; hidden: [rows, 1, 1, width * block_size] bool, True =
-        masked out (a row at position p sees p - window < j <= p). With a window only the blocks it reaches
-        are gathered, so a long context costs a windowed layer no more than the window.
+        block_table: [rows, width] blocks to gather. bias: [rows * kv_heads, 1, width * block_size] float32,
+        0 where a row at position p sees key j (p - window < j <= p), -inf elsewhere; laid out for baddbmm.
+        With a window only the blocks it reaches are gathered: a long context costs it no more than the window.
         """
         if window is not None and window >= self.max_ctx:
             window = None
-        if window not in self._views:
+        key = (window, kv_heads)
+        if key not in self._views:
             p = self.positions.unsqueeze(1)  # [rows, 1]
             if window is None:
                 table, first_pos = self.block_table, torch.zeros_like(p)
@@ -85,8 +86,10 @@ class DecodeBatch:
             hidden = k_pos > p
             if window is not None:
                 hidden |= k_pos <= p - window
-            self._views[window] = (table, hidden[:, None, None, :])
-        return self._views[window]
+            bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
+            bias = bias.repeat_interleave(kv_heads, dim=0).unsqueeze(1)
+            self._views[key] = (table, bias)
+        return self._views[key]
 
 
 @dataclass(slots=True)
