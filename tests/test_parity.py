@@ -154,3 +154,31 @@ def test_bfloat16_logits_close_to_transformers(llama_checkpoint, prompts):
     scale = ref.abs().max().item()
     assert (logits - ref).abs().max().item() < 0.05 * scale
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
+
+
+def test_greedy_parity_with_prefix_cache_hits(llama_checkpoint):
+    """Prompts sharing a long prefix, in two waves: the second wave starts from cached blocks (start_pos > 0)."""
+    folder, model = llama_checkpoint
+    gen = torch.Generator().manual_seed(7)
+    prefix = torch.randint(0, 256, (21,), generator=gen).tolist()
+    prompts = [prefix + torch.randint(0, 256, (n,), generator=gen).tolist() for n in (1, 3, 9)]
+    config = _config(folder, 4096)
+    runner = ModelRunner(config, folder)
+    scheduler = Scheduler(config, BlockPool(config.num_blocks))
+    got: dict[str, list[int]] = {}
+
+    def drain() -> None:
+        while scheduler.has_unfinished_requests():
+            out = scheduler.schedule()
+            result = runner.execute(out)
+            for rid, tok in zip(result.request_ids, result.sampled_token_ids):
+                got.setdefault(rid, []).append(tok)
+            scheduler.forget(scheduler.update_from_output(out, result))
+
+    for wave in ([0], [1, 2]):
+        for i in wave:
+            scheduler.add_request(Request(f"p{i}", list(prompts[i]), SamplingParams(), max_new_tokens=NEW_TOKENS))
+        drain()
+    assert scheduler.num_cached_tokens >= 2 * 20  # both later prompts reused the prefix's full blocks
+    for i, prompt in enumerate(prompts):
+        assert got[f"p{i}"] == reference_greedy(model, prompt), f"prompt {i}"
