@@ -212,3 +212,15 @@ def test_args_from_older_config_keys():
     assert qwen2_args({**qwen, "use_sliding_window": False}).window(2) is None
     assert qwen2_args({**qwen, "use_sliding_window": True}).sliding_windows == (None, 32, 32)
     assert qwen2_args(qwen).qkv_bias and not qwen2_args(qwen).o_bias
+
+
+def test_block_copies_are_applied_before_the_forward(tiny_llama_dir):
+    from tgi_backend.config import EngineConfig
+    from tgi_backend.engine.model_runner import ModelRunner
+    from tgi_backend.engine.scheduler_output import SchedulerOutput
+
+    runner = ModelRunner(EngineConfig(model_id=tiny_llama_dir, max_batch_total_tokens=256, max_total_tokens=64),
+                         tiny_llama_dir)
+    runner.kv_cache[:, :, 3].normal_()
+    runner.execute(SchedulerOutput(block_copies=[(3, 5)]))
+    assert torch.equal(runner.kv_cache[:, :, 5], runner.kv_cache[:, :, 3])

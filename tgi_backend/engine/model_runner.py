@@ -76,6 +76,12 @@ class ModelRunner:
         for i, attn in enumerate(self.model.attention_layers()):
             attn.bind_kv_cache(self.kv_cache[0, i], self.kv_cache[1, i])
 
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        # copy on write: a forked request's partly filled block, in every layer, K and V
+        src = torch.tensor([s for s, _ in copies], dtype=torch.long)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.long)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
     def release(self, request_ids: list[str]) -> None:
         self.sampler.release(request_ids)
 
@@ -84,6 +90,8 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         if out.finished_request_ids:
             self.release(out.finished_request_ids)
+        if out.block_copies:
+            self._copy_blocks(out.block_copies)
         if out.is_empty:
             return ModelRunnerOutput()
         batch = self._prepare(out.chunks)
