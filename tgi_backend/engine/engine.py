@@ -16,6 +16,28 @@ from tgi_backend.errors import ValidationError
 
 
 @dataclass(slots=True)
+class EngineStats:
+    """A snapshot for metrics: queue, batch, KV pool and prefix cache."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    prompt_tokens: int  # prompt tokens admitted so far (recomputed ones included)
+    cached_tokens: int  # of which the prefix cache supplied
+    preemptions: int
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_free
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request: new token ids and the text they complete."""
 
@@ -100,6 +122,19 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def stats(self) -> EngineStats:
+        s, pool = self.scheduler, self.block_pool
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_blocks_total=pool.num_total_blocks,
+            kv_blocks_free=pool.num_free_blocks,
+            kv_blocks_cached=pool.num_cached_blocks,
+            prompt_tokens=s.num_prompt_tokens,
+            cached_tokens=s.num_cached_tokens,
+            preemptions=s.num_preemptions,
+        )
+
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
@@ -181,4 +216,4 @@ def _eos_token_ids(model_path: str, hf_config: dict, tokenizer: Any) -> frozense
     return frozenset(ids)
 
 
-__all__ = ["LLMEngine", "RequestOutput", "FinishReason"]
+__all__ = ["EngineStats", "LLMEngine", "RequestOutput", "FinishReason"]

@@ -62,6 +62,7 @@ class Request:
     cache_salt: str = ""  # keeps caches apart where the same tokens give other K/V (e.g. a LoRA adapter)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
+    scheduled_time: float | None = None  # first admission to the running batch: queue time ends here
     first_token_time: float | None = None
 
     def __post_init__(self) -> None:

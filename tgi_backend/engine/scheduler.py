@@ -9,6 +9,7 @@ recomputed from its tokens later.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from tgi_backend.config import EngineConfig
@@ -109,6 +110,8 @@ class Scheduler:
                 self.num_cached_tokens += request.num_cached_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            if request.scheduled_time is None:
+                request.scheduled_time = time.monotonic()
             self.running.append(request)
             out.chunks.append(self._chunk(request, n))
             budget -= n
