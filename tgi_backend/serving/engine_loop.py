@@ -6,15 +6,18 @@ thread hands them to each job's `ResponseSink` in order, so a slow send never st
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tgi_backend.engine.request import SamplingParams
-from tgi_backend.errors import GenerationError, TGIError, ValidationError
+from tgi_backend.errors import GenerationError, OverloadedError, TGIError, ValidationError
+from tgi_backend.serving.observer import EngineObserver, RequestTimings
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -69,11 +72,17 @@ class _Active:
     texts: list[str] = field(default_factory=list)  # non-streaming: the whole completion
     output_ids: list[int] = field(default_factory=list)
     window: Any = None  # IncrementalDetokenizer for decode windows
+    request: Any = None  # the engine's Request (timings, token counts)
+    arrival_time: float = 0.0  # submitted to the loop
+    last_token_time: float | None = None
+    inter_token: list[float] = field(default_factory=list)
 
 
 class EngineLoop:
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, observer: EngineObserver | None = None) -> None:
         self.engine = engine
+        self.observer = observer  # metrics: called on the response thread
+        self._last_stats: Any = None
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}  # engine thread only
@@ -91,7 +100,7 @@ class EngineLoop:
         if self._stopping.is_set():
             sink.send_error(GenerationError("the server is shutting down"))
             return
-        self._jobs.put((job, sink))
+        self._jobs.put((job, sink, time.monotonic()))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ends every request (error "shutting down") and joins both threads."""
@@ -117,6 +126,7 @@ class EngineLoop:
         self._poll_cancellation()
         if self.engine.has_unfinished_requests():
             self._step()
+        self._observe_stats()
 
     def _admit(self, block: bool) -> None:
         try:
@@ -132,18 +142,20 @@ class EngineLoop:
             except queue.Empty:
                 item = None
 
-    def _admit_one(self, job: Job, sink: ResponseSink) -> None:
+    def _admit_one(self, job: Job, sink: ResponseSink, arrival_time: float) -> None:
         try:
             if job.is_stats_query:
                 self._emit(sink, Chunk(kv_blocks=self._kv_blocks()), final=True)
                 return
             prompt_ids = self._prompt_ids(job)
             request_id = str(next(self._ids))
-            self.engine.add_request(request_id, prompt_ids, job.params)
+            request = self.engine.add_request(request_id, prompt_ids, job.params)
         except Exception as exc:  # a bad request must never take the loop down
-            self._responses.put((sink, _as_user_error(exc)))
+            error = _as_user_error(exc)
+            self._responses.put((sink, error))
+            self._notify("on_reject", _failure_kind(error))
             return
-        active = _Active(job=job, sink=sink, prompt_ids=prompt_ids)
+        active = _Active(job=job, sink=sink, prompt_ids=prompt_ids, request=request, arrival_time=arrival_time)
         if job.decode_window and job.stream:
             from tgi_backend.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -173,6 +185,7 @@ class EngineLoop:
                 self.engine.abort_request(request_id)
                 del self._active[request_id]
                 self._emit(active.sink, None, final=True)
+                self._report_finish(active, "cancelled")
 
     def _step(self) -> None:
         try:
@@ -181,10 +194,14 @@ class EngineLoop:
             log.exception("engine step failed")
             self._fail_all(GenerationError(f"Request failed during generation: {exc}"))
             return
+        now = time.monotonic()
         for out in outputs:
             active = self._active.get(out.request_id)
             if active is None:
                 continue
+            if active.last_token_time is not None:
+                active.inter_token.append(now - active.last_token_time)
+            active.last_token_time = now
             try:
                 self._deliver(active, out)
             except Exception as exc:  # e.g. detokenizing failed: end this request only
@@ -193,6 +210,7 @@ class EngineLoop:
                 continue
             if out.finished:
                 del self._active[out.request_id]
+                self._report_finish(active, out.finish_reason or "length")
 
     def _deliver(self, active: _Active, out: Any) -> None:
         job = active.job
@@ -251,6 +269,7 @@ class EngineLoop:
             log.exception("abort of %s failed", request_id)
         if active is not None:
             self._responses.put((active.sink, error))
+            self._report_finish(active, "error")
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._active):
@@ -270,6 +289,30 @@ class EngineLoop:
     def _emit(self, sink: ResponseSink, chunk: Chunk | None, final: bool) -> None:
         self._responses.put((sink, chunk, final))
 
+    # ---- metrics (the observer runs on the response thread) -------------------------------------
+    def _notify(self, method: str, *args: Any) -> None:
+        if self.observer is not None:
+            self._responses.put(functools.partial(getattr(self.observer, method), *args))
+
+    def _observe_stats(self) -> None:
+        if self.observer is None:
+            return
+        stats = self.engine.stats()
+        if stats != self._last_stats:
+            self._last_stats = stats
+            self._notify("on_step", stats)
+
+    def _report_finish(self, active: _Active, reason: str) -> None:
+        if self.observer is None or active.request is None:
+            return
+        r = active.request
+        self._notify("on_finish", RequestTimings(
+            arrival_time=active.arrival_time, finish_time=time.monotonic(), scheduled_time=r.scheduled_time,
+            first_token_time=r.first_token_time, num_prompt_tokens=r.num_prompt_tokens,
+            num_cached_tokens=r.num_cached_tokens, num_generated_tokens=len(active.output_ids),
+            max_new_tokens=r.max_new_tokens, finish_reason=reason, inter_token_latencies=active.inter_token,
+        ))
+
     # ---- response thread ----------------------------------------------------------------------
     def _run_responses(self) -> None:
         while True:
@@ -277,12 +320,20 @@ class EngineLoop:
             if item is _STOP:
                 return
             try:
-                if len(item) == 2:
+                if callable(item):  # a metrics update
+                    item()
+                elif len(item) == 2:
                     item[0].send_error(item[1])
                 else:
                     item[0].send(item[1], item[2])
-            except Exception:  # the client is gone; cancellation polling ends the request
-                log.warning("sending a response failed", exc_info=True)
+            except Exception:  # the client is gone (cancellation polling ends the request), or a metric failed
+                log.warning("sending a response or a metric failed", exc_info=True)
+
+
+def _failure_kind(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        return "validation"
+    return "overloaded" if isinstance(error, OverloadedError) else "generation"
 
 
 def _as_user_error(exc: Exception) -> Exception:

@@ -14,6 +14,7 @@ from tgi_backend.config import EngineConfig
 from tgi_backend.errors import OverloadedError, ValidationError
 from tgi_backend.serving.engine_loop import Chunk, EngineLoop
 from tgi_backend.serving.inputs import output_arrays, parse_job
+from tgi_backend.serving.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -68,7 +69,10 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("tgi_llm must be decoupled (model_transaction_policy)")
         config = EngineConfig.from_strings(model_parameters(model_config))
         self.engine = LLMEngine(config)
-        self.loop = EngineLoop(self.engine)
+        labels = {"model": args.get("model_name", "tgi_llm"), "version": args.get("model_version", "1")}
+        # An attribute: the metric families must outlive initialize() (see PLATFORM-NOTES).
+        self.metrics = EngineMetrics(pb_utils, labels, self.engine.config.max_total_tokens)
+        self.loop = EngineLoop(self.engine, observer=self.metrics)
         self.loop.start()
         c = self.engine.config
         log.warning(
