@@ -144,9 +144,13 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, args: LlamaArgs, layer: int) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(args, layer)
-        self.mlp = LlamaMLP(args)
+        self.mlp = self.build_mlp(args, layer)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def build_mlp(self, args: LlamaArgs, layer: int) -> nn.Module:
+        """The feed-forward block; MoE architectures override it (per layer: some keep a dense MLP)."""
+        return LlamaMLP(args)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
@@ -161,10 +165,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_cls: type[nn.Module] = LlamaDecoderLayer  # other families swap the decoder layer
+
     def __init__(self, args: LlamaArgs, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(args, i) for i in range(args.num_layers))
+        self.layers = nn.ModuleList(self.layer_cls(args, i) for i in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
             args.head_dim, max_positions, args.rope_theta, args.rope_type, args.rope_params
@@ -190,10 +196,12 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
+    model_cls: type[nn.Module] = LlamaModel  # other families swap the base model
+
     def __init__(self, args: LlamaArgs, max_positions: int) -> None:
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args, max_positions)
+        self.model = self.model_cls(args, max_positions)
         self.lm_head = LMHead(args.vocab_size, args.hidden_size)
         if args.tie_word_embeddings:
             self.lm_head.tie(self.model.embed_tokens)

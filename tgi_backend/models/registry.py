@@ -9,6 +9,8 @@ MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("tgi_backend.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("tgi_backend.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("tgi_backend.models.llama", "Qwen2ForCausalLM"),
+    "MixtralForCausalLM": ("tgi_backend.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("tgi_backend.models.qwen2_moe", "Qwen2MoeForCausalLM"),
 }
 
 
