@@ -110,6 +110,8 @@ class LLMEngine:
             sampling=params,
             max_new_tokens=max_new,
             eos_token_ids=self.eos_token_ids,
+            # Prompt logprobs need every prompt token computed: a cache hit would skip them.
+            use_prefix_cache=not getattr(params, "decoder_input_details", False),
         )
         self.scheduler.add_request(request)
         self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
