@@ -29,6 +29,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int = 0  # torch intra-op threads; 0: leave torch's default
     trust_remote_code: bool = False
+    # quantization and LoRA (TGI's --quantize names; --lora-adapters "name=path,..." or "path,...")
+    quantize: str | None = None  # None: plain, or what config.json's quantization_config says
+    lora_adapters: str | None = None
+    lora_root: str | None = None  # adapters under this folder load on first use (adapter_id = subfolder)
+    max_loras: int = 8  # adapters loaded at once; past it, the least recently used idle one is unloaded
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -13,6 +13,7 @@ import torch
 from tgi_backend.config import EngineConfig
 from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, forward_context
 from tgi_backend.engine.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from tgi_backend.layers.quantization import strategy_for
 from tgi_backend.models.registry import architecture_of, get_model_class
 from tgi_backend.sampling.sampler import Sampler, SamplingRow
 from tgi_backend.weights.loader import load_weights
@@ -64,6 +65,9 @@ class ModelRunner:
         max_pos = config.max_total_tokens  # positions never reach past it: a smaller rotary table
         with _default_dtype(self.dtype):
             self.model = model_cls(args, max_pos)
+        quantization = strategy_for(config.quantize, self.hf_config)
+        if quantization is not None:  # drop-in quantized linears; they convert themselves after loading
+            quantization.apply(self.model)
         load_weights(self.model, model_path)
         self.model.eval()
         self._allocate_kv_cache(args.num_layers, args.num_kv_heads, args.head_dim)

@@ -71,6 +71,10 @@ def load_weights(model: nn.Module, path: str) -> None:
                     loader(param, f.get_tensor(name), shard_id)
                 loaded.add((param_name, shard_id))
     _check_complete(model, params, loaded, packed)
+    for module in model.modules():  # quantized layers convert checkpoint tensors to their compute format
+        process = getattr(module, "process_weights_after_loading", None)
+        if process is not None:
+            process()
 
 
 def _check_complete(
@@ -78,7 +82,10 @@ def _check_complete(
 ) -> None:
     loaded_ids = {id(params[n]) for n, _ in loaded}
     # a tied parameter (lm_head <- embed_tokens) counts as loaded through its twin
-    missing = [name for name, param in params.items() if id(param) not in loaded_ids]
+    missing = [
+        name for name, param in params.items()
+        if id(param) not in loaded_ids and not getattr(param, "optional", False)  # e.g. GPTQ's g_idx
+    ]
     shards_of: dict[str, set[str | int]] = {}
     for param_key, shard_id in packed.values():
         shards_of.setdefault(param_key, set()).add(shard_id)

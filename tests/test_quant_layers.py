@@ -1,0 +1,128 @@
+"""Quantized linears: packers round-trip, each format's layer equals its dequantized float reference, packed
+q/k/v shards land in the right columns, and format detection follows config.json / --quantize."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tgi_backend.layers.linear import Linear, QKVLinear
+from tgi_backend.layers.quantization import strategy_for
+from tgi_backend.layers.quantization.checkpoint import PACKERS, quantization_config
+from tgi_backend.layers.quantization.packing import (
+    AWQ_ORDER, pack_cols, pack_rows, quantize_groups, dequantize, unpack_cols, unpack_rows,
+)
+
+
+def test_pack_unpack_round_trip():
+    g = torch.Generator().manual_seed(0)
+    for bits in (4, 8):
+        v = torch.randint(0, 1 << bits, (16, 24), generator=g)
+        assert torch.equal(unpack_rows(pack_rows(v, bits), bits), v.to(torch.int32))
+        assert torch.equal(unpack_cols(pack_cols(v, bits), bits), v.to(torch.int32))
+    v = torch.randint(0, 16, (4, 16), generator=g)
+    words = pack_cols(v, 4, AWQ_ORDER)
+    assert torch.equal(unpack_cols(words, 4, AWQ_ORDER), v.to(torch.int32))
+    # AutoAWQ's description: nibble i of a word holds column AWQ_ORDER[i]
+    assert int(words[0, 0]) & 0xF == int(v[0, 0]) and (int(words[0, 0]) >> 4) & 0xF == int(v[0, 2])
+
+
+def test_round_to_nearest_error_is_bounded():
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    for sym in (True, False):
+        q, zeros, scales, g_idx = quantize_groups(w, 4, 32, sym=sym)
+        err = (dequantize(q, zeros, scales, g_idx).T - w).abs()
+        # half a step, or one step where the rounded zero point pushes an extreme past the grid
+        assert float((err - scales[g_idx.long()] * (1.0 if not sym else 0.5) * 1.01).max()) < 1e-6
+
+
+def _qkv_base() -> QKVLinear:
+    layer = QKVLinear(hidden=64, head_dim=16, num_heads=4, num_kv_heads=2)  # q 64, k 32, v 32
+    layer.weight.data.normal_()
+    return layer
+
+
+FORMATS = [
+    ("gptq", dict(bits=4, group_size=32, sym=True), "int4"),
+    ("gptq", dict(bits=4, group_size=32, sym=False, desc_act=True), "int4"),
+    ("gptq", dict(bits=8, group_size=32, sym=True), "dense"),
+    ("gptq", dict(bits=4, group_size=16, sym=True), "dense"),  # group size the int4 op does not take
+    ("awq", dict(group_size=32), "int4"),
+    ("fp8", dict(per_channel=False), "dense"),
+    ("fp8", dict(per_channel=True), "dense"),
+]
+
+
+@pytest.mark.parametrize("fmt,opts,compute", FORMATS, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(FORMATS)])
+def test_packed_layer_equals_dequantized_reference(fmt, opts, compute):
+    torch.manual_seed(0)
+    base = _qkv_base()
+    layer = strategy_for(None, {"quantization_config": quantization_config(fmt, opts)}).build(base)
+    params = dict(layer.named_parameters())
+    reference = []
+    for shard, (offset, size) in base.shard_offsets.items():
+        tensors, deq = PACKERS[fmt](f"{shard}_proj", base.weight.data[offset : offset + size], opts)
+        reference.append(deq)
+        for name, t in tensors.items():
+            params[name].weight_loader(params[name], t, shard)
+    layer.process_weights_after_loading()
+    assert layer.weight_format == compute and layer.bias is None
+    x = torch.randn(5, 64)
+    ref = x @ torch.cat(reference).T
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+    assert [t.shape[-1] for t in layer.split(layer(x))] == [64, 32, 32]
+
+
+@pytest.mark.parametrize("quantize,fmt", [("eetq", "int8"), ("bitsandbytes", "int8"), ("bitsandbytes-nf4", "int4")])
+def test_on_the_fly_quantization(quantize, fmt):
+    torch.manual_seed(0)
+    base = Linear(128, 48)
+    base.weight.data.normal_()
+    layer = strategy_for(quantize, {}).build(base)
+    layer.weight.weight_loader(layer.weight, base.weight.data)
+    layer.process_weights_after_loading()
+    assert layer.weight_format == fmt
+    x = torch.randn(3, 128)
+    exact = x @ base.weight.data.T
+    err = (layer(x) - exact).abs().max() / exact.abs().max()
+    assert err < (0.02 if fmt == "int8" else 0.2)
+    ref = x @ layer.dequantized_weight().T  # and it computes exactly what it stores
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fp8_on_the_fly_from_float_checkpoint():
+    base = Linear(32, 16)
+    base.weight.data.normal_()
+    layer = strategy_for("fp8", {}).build(base)
+    layer.weight.weight_loader(layer.weight, base.weight.data)
+    layer.process_weights_after_loading()
+    torch.testing.assert_close(layer.dequantized_weight(), base.weight.data, rtol=0.07, atol=1e-3)
+
+
+def test_gptq_checkpoint_bias_is_kept_when_nonzero():
+    base = Linear(64, 16)
+    layer = strategy_for(None, {"quantization_config": quantization_config("gptq", {"group_size": 32})}).build(base)
+    tensors, deq = PACKERS["gptq"]("x", torch.randn(16, 64), {"group_size": 32})
+    for name, t in {**tensors, "bias": torch.arange(16.0)}.items():
+        getattr(layer, name).weight_loader(getattr(layer, name), t)
+    layer.process_weights_after_loading()
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), x @ deq.T + torch.arange(16.0), rtol=1e-4, atol=1e-4)
+
+
+def test_format_detection_and_errors():
+    assert strategy_for(None, {}) is None
+    assert strategy_for(None, {"quantization_config": {"quant_method": "awq", "group_size": 64}}).name == "awq"
+    assert strategy_for("gptq", {"quantization_config": {"quant_method": "gptq", "bits": 4}}).name == "gptq"
+    ct = {"quant_method": "compressed-tensors",
+          "config_groups": {"g": {"weights": {"type": "float", "num_bits": 8, "strategy": "channel"}}}}
+    assert strategy_for(None, {"quantization_config": ct}).name == "fp8"
+    with pytest.raises(ValueError, match="--quantize must be one of"):
+        strategy_for("int3", {})
+    with pytest.raises(ValueError, match="does not apply"):
+        strategy_for("eetq", {"quantization_config": {"quant_method": "gptq"}})
+    with pytest.raises(ValueError, match="needs a GPTQ checkpoint"):
+        strategy_for("gptq", {})
+    with pytest.raises(ValueError, match="not supported"):
+        strategy_for(None, {"quantization_config": {"quant_method": "gptq", "bits": 3}})
+    with pytest.raises(ValueError, match="unsupported quantization format"):
+        strategy_for(None, {"quantization_config": {"quant_method": "hqq"}})

@@ -1,0 +1,113 @@
+"""Compute formats on the CPU: PyTorch's weight-only int4 and int8 matmul operators, or a dense float weight.
+
+Every format's strategy ends in one of these. int4 (torch._weight_int4pack_mm_for_cpu) takes contiguous
+groups of 32..256 input rows with a float scale and zero per group: w = (q - 8) * scale + zero, so an
+integer zero point z maps to zero = (8 - z) * scale exactly. Act-order (GPTQ g_idx) groups become
+contiguous by permuting the input rows once at load and the activations' columns at each call.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tgi_backend.layers.quantization.base import QuantizedLinear
+from tgi_backend.layers.quantization.packing import dequantize
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _buffer(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def int4_layout(g_idx: torch.Tensor, n_in: int) -> tuple[int, torch.Tensor | None] | None:
+    """(group size, input permutation or None) for the int4 op, or None if the groups cannot fit it."""
+    counts = torch.bincount(g_idx.long())
+    gs = int(counts[0])
+    if gs not in INT4_GROUP_SIZES or not bool(torch.all(counts == gs)) or gs * counts.numel() != n_in:
+        return None
+    order = torch.argsort(g_idx.long(), stable=True)
+    if bool(torch.all(order == torch.arange(n_in))):
+        return gs, None
+    return gs, order
+
+
+def set_int4(
+    layer: QuantizedLinear, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor
+) -> bool:
+    """q [in, out] in 0..15, zeros/scales [groups, out] -> the int4 op's format on `layer`; False: unsupported."""
+    layout = int4_layout(g_idx, q.shape[0])
+    if layout is None or layer.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    gs, perm = layout
+    if perm is not None:
+        q, g_idx = q[perm], g_idx[perm]
+    groups = scales.shape[0]
+    order = torch.stack([g_idx[i * gs] for i in range(groups)]).long()  # group of each contiguous block
+    s, z = scales.float()[order], zeros.float()[order]
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous().to(torch.int32), 8)
+    except RuntimeError:
+        return False
+    layer.int4_weight = _buffer(packed)
+    layer.int4_scale_zeros = _buffer(torch.stack([s, (8 - z) * s], dim=-1).to(layer.dtype).contiguous())
+    layer.int4_group_size = gs
+    layer.int4_perm = None if perm is None else _buffer(perm)
+    layer.weight_format = "int4"
+    return True
+
+
+def int4_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    # x: [tokens, in] -> [tokens, out]
+    if layer.int4_perm is not None:
+        x = x.index_select(-1, layer.int4_perm)
+    x = x.to(layer.dtype).contiguous()
+    return torch._weight_int4pack_mm_for_cpu(x, layer.int4_weight, layer.int4_group_size, layer.int4_scale_zeros)
+
+
+def set_int8(layer: QuantizedLinear, weight: torch.Tensor) -> None:
+    """weight [out, in] float -> symmetric per-output-channel int8 (what EETQ / bitsandbytes int8 store)."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+    layer.int8_weight = _buffer(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
+    layer.int8_scale = _buffer(scale.to(layer.dtype))
+    layer.weight_format = "int8"
+
+
+def int8_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    return torch._weight_int8pack_mm(x.to(layer.dtype).contiguous(), layer.int8_weight, layer.int8_scale)
+
+
+def set_dense(layer: QuantizedLinear, weight: torch.Tensor) -> None:
+    # weight: [out, in]; dequantize-on-load where no CPU kernel takes the format
+    layer.dense_weight = _buffer(weight.to(layer.dtype).contiguous())
+    layer.weight_format = "dense"
+
+
+def dense_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x.to(layer.dtype), layer.dense_weight)
+
+
+MATMULS = {"int4": int4_matmul, "int8": int8_matmul, "dense": dense_matmul}
+
+
+class IntGroupLinear(QuantizedLinear):
+    """Shared by GPTQ and AWQ: unpacked ints -> int4 op when it fits, else a dequantized float weight."""
+
+    weight_format = ""
+
+    def finish_groups(
+        self, q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int
+    ) -> None:
+        if not (bits == 4 and set_int4(self, q, zeros, scales, g_idx)):
+            set_dense(self, dequantize(q, zeros, scales, g_idx))
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return MATMULS[self.weight_format](self, x)
+
+
+def drop(layer: nn.Module, *names: str) -> None:
+    """Frees the checkpoint-format tensors once converted."""
+    for name in names:
+        if hasattr(layer, name):
+            delattr(layer, name)
