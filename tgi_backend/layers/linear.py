@@ -82,7 +82,12 @@ class PackedLinear(Linear):
         for p in self.parameters():
             p.weight_loader = self.weight_loader
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str | int | None = None) -> None:
+        if shard_id is None:  # the checkpoint stores it packed already (Phi-3's qkv_proj, gate_up_proj)
+            if loaded.shape != param.shape:
+                raise ValueError(f"packed: expected {tuple(param.shape)}, checkpoint has {tuple(loaded.shape)}")
+            param.data.copy_(loaded)
+            return
         offset, size = self.shard_offsets[shard_id]
         if loaded.shape[0] != size:
             raise ValueError(f"shard {shard_id!r}: expected {size} rows, checkpoint has {loaded.shape[0]}")

@@ -44,7 +44,7 @@ class RouterSpec:
 def route(logits: torch.Tensor, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """weights: [tokens, k] float32, experts: [tokens, k] int64, from logits: [tokens, experts].
 
-    Ties go to the lower expert index (torch.topk's order on the CPU), the same choice transformers makes.
+    Ties are broken by torch.topk, as in transformers (which expert wins is unspecified; weights are equal).
     """
     scores = SCORINGS[spec.scoring](logits)
     weights, experts = torch.topk(scores, spec.top_k, dim=-1)

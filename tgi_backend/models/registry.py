@@ -11,6 +11,9 @@ MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("tgi_backend.models.llama", "Qwen2ForCausalLM"),
     "MixtralForCausalLM": ("tgi_backend.models.mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("tgi_backend.models.qwen2_moe", "Qwen2MoeForCausalLM"),
+    "GemmaForCausalLM": ("tgi_backend.models.gemma", "GemmaForCausalLM"),
+    "Gemma2ForCausalLM": ("tgi_backend.models.gemma", "Gemma2ForCausalLM"),
+    "Phi3ForCausalLM": ("tgi_backend.models.phi3", "Phi3ForCausalLM"),
 }
 
 
@@ -23,6 +26,11 @@ def architecture_of(hf_config: dict[str, Any]) -> str:
     if not archs:
         raise ValueError(
             "config.json names no `architectures`; supported: " + ", ".join(supported_architectures())
+        )
+    if archs[0] not in MODELS:
+        raise ValueError(
+            f"Unsupported model architecture {archs[0]!r} (model_type {hf_config.get('model_type')!r}); "
+            f"supported: {', '.join(supported_architectures())}"
         )
     return archs[0]
 
