@@ -128,9 +128,7 @@ def test_seeded_sampling_independent_of_batch_and_released(llama):
         _chunk("s2", prompt, 0, [3], params=seeded),
     ])).sampled_token_ids
     assert alone[0] == crowd[1]
-    assert "s1" in runner.sampler._generators
-    runner.execute(SchedulerOutput(finished_request_ids=["s1", "s2"]))
-    assert not runner.sampler._generators
+    runner.execute(SchedulerOutput(finished_request_ids=["s1", "s2"]))  # seeds are stateless: nothing to leak
 
 
 def test_chunk_beyond_its_blocks_fails(llama):

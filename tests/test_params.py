@@ -88,8 +88,8 @@ def test_when_sampling_is_on(given, sampling) -> None:
         ({"top_n_tokens": -1}, "`top_n_tokens` must be >= 0 and <= 5. Given: -1"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "`stop` supports up to 4 stop sequences. Given: 5"),
         ({"grammar": {"type": "json", "value": {}}}, "grammar is not supported"),
-        ({"n": 2}, "`n` > 1 is not supported; send one request per sequence"),
-        ({"n": 0}, "`n` must be strictly positive"),
+        ({"n": 2}, "you must use sampling when `best_of` is > 1"),  # vLLM's n is best_of
+        ({"n": 0}, "`best_of` must be > 0 and <= 2. Given: 0"),
         ({"min_p": 1.5}, "`min_p` must be >= 0.0 and <= 1.0"),
         ({"seed": -1}, "`seed` must be >= 0 and < 2^64"),
         ({"min_new_tokens": 5, "max_new_tokens": 2}, "`min_new_tokens` must be <= `max_new_tokens`"),
@@ -108,7 +108,7 @@ def test_limits_change_the_messages() -> None:
     ok = parse_request_parameters(
         {"truncate": 100, "top_n_tokens": 10, "best_of": 4, "do_sample": True}, limits=limits
     )
-    assert ok.options == {"truncate": 100, "top_n_tokens": 10, "best_of": 4}
+    assert (ok.sampling.truncate, ok.sampling.top_n_tokens, ok.sampling.best_of) == (100, 10, 4)
 
 
 def test_limits_from_engine_config() -> None:
@@ -123,7 +123,10 @@ def test_streaming_refusals() -> None:
     rejects("`best_of` != 1 is not supported when streaming tokens", {"best_of": 2, "do_sample": True}, stream=True)
     rejects("`decoder_input_details` == true is not supported when streaming tokens",
             {"decoder_input_details": True}, stream=True)
-    assert parse_request_parameters({"decoder_input_details": True}).options == {"decoder_input_details": True}
+    rejects("`decoder_input_details` == true is not supported: prefill logprobs are disabled "
+            "(start the server with --enable-prefill-logprobs)", {"decoder_input_details": True})
+    limits = ValidationLimits(enable_prefill_logprobs=True)
+    assert parse_sampling_parameters({"decoder_input_details": True}, limits=limits).decoder_input_details
 
 
 def test_unknown_key_is_named() -> None:
@@ -177,7 +180,7 @@ def test_disagreeing_aliases() -> None:
             {"max_tokens": 4, "max_new_tokens": 5})
 
 
-def test_unimplemented_parameters_are_kept_as_options() -> None:
+def test_generation_parameters_reach_sampling_params() -> None:
     given = {
         "repetition_penalty": 1.1, "frequency_penalty": 0.5, "presence_penalty": -0.5, "typical_p": 0.9,
         "stop": "end", "truncate": 8, "watermark": True, "details": True, "return_full_text": False,
@@ -185,10 +188,15 @@ def test_unimplemented_parameters_are_kept_as_options() -> None:
         "logprobs": 1, "skip_special_tokens": False,
     }
     result = parse_request_parameters(given)
-    assert result.sampling.do_sample  # typical_p < 1 switches sampling on, as in TGI
-    assert result.options["stop"] == ["end"]
-    assert result.options["min_new_tokens"] == 1 and result.options["adapter_id"] == "ad"
-    assert set(result.options) == {FIELDS[k].canonical or k for k in given}
+    sp = result.sampling
+    assert sp.do_sample  # typical_p < 1 switches sampling on, as in TGI
+    assert sp.stop == ("end",) and sp.min_new_tokens == 1 and sp.stop_token_ids == (5,)
+    assert (sp.repetition_penalty, sp.frequency_penalty, sp.presence_penalty) == (1.1, 0.5, -0.5)
+    assert (sp.typical_p, sp.min_p, sp.truncate, sp.top_n_tokens) == (0.9, 0.1, 8, 2)
+    assert sp.watermark and sp.details and sp.return_full_text is False and sp.wants_details
+    # what SamplingParams has no field for stays in options
+    assert sp.adapter_id == "ad"  # lora_name is TGI's adapter_id
+    assert result.options == {"logprobs": 1, "skip_special_tokens": False}
 
 
 def test_field_registry_is_consistent() -> None:

@@ -34,6 +34,13 @@ class EngineConfig:
     lora_adapters: str | None = None
     lora_root: str | None = None  # adapters under this folder load on first use (adapter_id = subfolder)
     max_loras: int = 8  # adapters loaded at once; past it, the least recently used idle one is unloaded
+    # generation contract (TGI's launcher flags and defaults)
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_best_of: int = 2
+    watermark_gamma: float = 0.5
+    watermark_delta: float = 2.0
+    enable_prefill_logprobs: bool = False
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -99,6 +106,8 @@ def _coerce(type_name: Any, raw: Any) -> Any:
         return text.lower() in ("1", "true", "yes", "on")
     if kind.startswith("int"):
         return int(text)
+    if kind.startswith("float"):
+        return float(text)
     if "None" in kind and text.lower() in ("", "none", "null"):
         return None
     return text

@@ -1,18 +1,23 @@
 """The engine: add_request / abort_request / step, where step = schedule, execute, update. Single-threaded."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from tgi_backend.config import EngineConfig
+from tgi_backend.engine.best_of import Group
 from tgi_backend.engine.block_pool import BlockPool
 from tgi_backend.engine.request import FinishReason, Request, SamplingParams
 from tgi_backend.engine.scheduler import Scheduler
 from tgi_backend.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from tgi_backend.errors import ValidationError
+from tgi_backend.errors import OverloadedError, ValidationError
+from tgi_backend.sampling import details as D
+from tgi_backend.sampling.stop import StopMatcher
 
 
 @dataclass(slots=True)
@@ -48,6 +53,18 @@ class RequestOutput:
     finish_reason: str | None
     num_input_tokens: int
     num_output_tokens: int
+    details: dict[str, Any] | None = None  # TGI's details for these tokens (sampling.details), if asked
+
+
+@dataclass(slots=True)
+class _State:
+    """The engine's side of a request: detokenizer, stop strings, prompt logprobs, best_of group."""
+
+    request: Request
+    detok: Any  # IncrementalDetokenizer
+    stop: StopMatcher | None = None
+    prompt_logprobs: dict[int, float] | None = None  # position -> logprob (decoder_input_details)
+    group: Group | None = None
 
 
 class LLMEngine:
@@ -65,9 +82,13 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = _eos_token_ids(self.model_path, hf_config, self.tokenizer)
         self.runner = ModelRunner(self.config, self.model_path)
+        self.runner.sampler.set_eos_token_ids(self.eos_token_ids)
         self.block_pool = BlockPool(self.config.num_blocks)
         self.scheduler = Scheduler(self.config, self.block_pool)
-        self._detokenizers: dict[str, Any] = {}
+        self._states: dict[str, _State] = {}
+        self._groups: dict[str, Group] = {}  # best_of parent id -> its group, until the group's response
+        self._special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", None) or ())
+        self._seeds = random.Random()  # seeds for sampled requests that gave none (reported in details)
 
     # ---- requests -------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -94,32 +115,55 @@ class LLMEngine:
                 f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
                 f"Given: {n} `inputs` tokens and {max_new} `max_new_tokens`"
             )
+        if params.decoder_input_details and not cfg.enable_prefill_logprobs:
+            raise ValidationError(
+                "Input validation error: `decoder_input_details` == true is not supported: prefill logprobs are "
+                "disabled (start the server with --enable-prefill-logprobs)"
+            )
         return max_new
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None
     ) -> Request:
         """Validates and queues a request. Raises ValidationError or OverloadedError; nothing is queued then."""
-        from tgi_backend.tokenizer.detokenizer import IncrementalDetokenizer
-
         params = params or SamplingParams()
-        max_new = self.validate(prompt_token_ids, params)
+        prompt = list(prompt_token_ids)
+        if params.truncate and len(prompt) > params.truncate:
+            prompt = prompt[-params.truncate :]  # TGI keeps the last `truncate` tokens
+        max_new = self.validate(prompt, params)
+        if params.do_sample and params.seed is None:  # TGI draws one and reports it in details
+            params = dataclasses.replace(params, seed=self._new_seed())
         request = Request(
             request_id=request_id,
-            token_ids=list(prompt_token_ids),
+            token_ids=prompt,
             sampling=params,
             max_new_tokens=max_new,
             eos_token_ids=self.eos_token_ids,
-            # Prompt logprobs need every prompt token computed: a cache hit would skip them.
-            use_prefix_cache=not getattr(params, "decoder_input_details", False),
+            use_prefix_cache=not params.decoder_input_details,  # a cache hit would skip prompt positions
         )
         self.scheduler.add_request(request)
-        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
+        state = self._new_state(request)
+        if params.decoder_input_details:
+            state.prompt_logprobs = {}
+        if params.best_of > 1:
+            state.group = self._groups[request_id] = Group(request_id, params.best_of)
+        self._states[request_id] = state
         return request
 
+    def _new_state(self, request: Request) -> _State:
+        from tgi_backend.tokenizer.detokenizer import IncrementalDetokenizer
+
+        stop = StopMatcher(request.sampling.stop) if request.sampling.stop else None
+        return _State(request, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids), stop)
+
+    def _new_seed(self) -> int:
+        return self._seeds.getrandbits(63)
+
     def abort_request(self, request_id: str) -> None:
-        self.scheduler.abort_request(request_id)
-        self._detokenizers.pop(request_id, None)
+        group = self._groups.pop(request_id, None)
+        for rid in group.member_ids if group is not None else [request_id]:
+            self.scheduler.abort_request(rid)
+            self._states.pop(rid, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -144,39 +188,185 @@ class LLMEngine:
             if scheduled.finished_request_ids:
                 self.runner.release(scheduled.finished_request_ids)
             return []
+        self._annotate(scheduled)
         runner_output = self.runner.execute(scheduled)
         return self._update(scheduled, runner_output)
 
-    def _update(self, scheduled: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
-        finished = self.scheduler.update_from_output(scheduled, runner_output)
+    def _annotate(self, scheduled: SchedulerOutput) -> None:
+        """Hands the runner what the scheduler does not carry: histories (penalties, watermark), prompt logprobs."""
+        for chunk in scheduled.chunks:
+            state = self._states.get(chunk.request_id)
+            if state is None:
+                continue
+            request, sp = state.request, state.request.sampling
+            chunk.num_prompt_tokens = request.num_prompt_tokens
+            if chunk.sample and (sp.penalized or sp.watermark):
+                chunk.history = request.token_ids
+            if state.prompt_logprobs is not None and chunk.start_pos < request.num_prompt_tokens - 1:
+                chunk.prompt_logprobs = True
+                chunk.history = request.token_ids
+
+    def _update(self, scheduled: SchedulerOutput, out: ModelRunnerOutput) -> list[RequestOutput]:
+        for request_id, values in out.prompt_logprobs.items():
+            state = self._states.get(request_id)
+            if state is not None and state.prompt_logprobs is not None:
+                state.prompt_logprobs.update(values)
+        deltas = [self._before_append(rid, tok) for rid, tok in zip(out.request_ids, out.sampled_token_ids)]
+        finished = self.scheduler.update_from_output(scheduled, out)
         outputs: list[RequestOutput] = []
         now = time.monotonic()
-        for request_id, token_id in zip(runner_output.request_ids, runner_output.sampled_token_ids):
-            request = self.scheduler.get_request(request_id)
-            if request is None:
+        for i, (request_id, token_id) in enumerate(zip(out.request_ids, out.sampled_token_ids)):
+            state = self._states.get(request_id)
+            if deltas[i] is None or state is None:
                 continue
+            request = state.request
             if request.first_token_time is None:
                 request.first_token_time = now
-            detok = self._detokenizers.get(request_id)
-            text = detok.push([token_id]) if detok is not None else ""
-            done = request.is_finished
-            if done:
-                if detok is not None:
-                    text += detok.flush()
-                self._detokenizers.pop(request_id, None)
-            outputs.append(
-                RequestOutput(
-                    request_id=request_id,
-                    new_token_ids=[token_id],
-                    text=text,
-                    finished=done,
-                    finish_reason=request.finish_reason.value if request.finish_reason else None,
-                    num_input_tokens=request.num_prompt_tokens,
-                    num_output_tokens=request.num_output_tokens,
-                )
-            )
+            output = self._output(state, token_id, deltas[i], out, i)
+            if request.is_finished:
+                self._states.pop(request_id, None)
+            if state.group is None:
+                outputs.append(output)
+            else:
+                outputs.extend(self._collect(state, output))
         self.scheduler.forget(finished)
         return outputs
+
+    def _before_append(self, request_id: str, token_id: int) -> str | None:
+        """Detokenizes the new token and checks stop strings before the scheduler appends it (and finishes)."""
+        state = self._states.get(request_id)
+        request = self.scheduler.get_request(request_id)
+        if state is None or request is None or request.is_finished:
+            return None
+        if state.group is not None and not state.group.forked and request.request_id == state.group.parent_id:
+            self._fork(state)
+        text = state.detok.push([token_id])
+        if state.stop is not None and state.stop.push(text) is not None:
+            request.pending_finish = FinishReason.STOP_SEQUENCE
+        return text
+
+    def _output(self, state: _State, token_id: int, text: str, out: ModelRunnerOutput, i: int) -> RequestOutput:
+        request = state.request
+        done = request.is_finished
+        if done:
+            text += state.detok.flush()
+        details = None
+        if request.sampling.wants_details:
+            details = self._token_details(state, token_id, text, out.logprobs[i], out.top_tokens[i])
+            if done:
+                self._final_details(state, details)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=[token_id],
+            text=text,
+            finished=done,
+            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            num_input_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            details=details,
+        )
+
+    # ---- details --------------------------------------------------------------------------------
+    def _text_of(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _token_details(
+        self, state: _State, token_id: int, text: str, logprob: float | None, top: list[tuple[int, float]] | None
+    ) -> dict[str, Any]:
+        special = token_id in self._special_ids
+        entry = D.token(token_id, self._text_of(token_id) if special else text, logprob, special)
+        result: dict[str, Any] = {"tokens": [entry]}
+        if state.request.sampling.top_n_tokens > 0:
+            alternatives = [
+                D.token(i, self._text_of(i), lp, i in self._special_ids) for i, lp in (top or [])
+            ]
+            result["top_tokens"] = [alternatives]
+        return result
+
+    def _final_details(self, state: _State, details: dict[str, Any]) -> None:
+        request = state.request
+        details["finish_reason"] = request.finish_reason.value if request.finish_reason else None
+        details["generated_tokens"] = request.num_output_tokens
+        details["seed"] = request.sampling.seed if request.sampling.do_sample else None
+        if request.sampling.decoder_input_details:
+            details["prefill"] = self._prefill(state)
+
+    def _prefill(self, state: _State) -> list[dict[str, Any]]:
+        """The prompt tokens with their logprobs (TGI: the first has none)."""
+        logprobs = state.prompt_logprobs or {}
+        return [
+            D.prefill_token(t, self._text_of(t), logprobs.get(p) if p else None)
+            for p, t in enumerate(state.request.prompt_token_ids)
+        ]
+
+    # ---- best_of --------------------------------------------------------------------------------
+    def _fork(self, parent_state: _State) -> None:
+        """The parent's prompt is computed: each child shares its blocks and recomputes only the last token."""
+        group, parent = parent_state.group, parent_state.request
+        assert group is not None
+        group.forked = True
+        for k in range(1, group.size):
+            child = Request(
+                request_id=f"{parent.request_id}/{k}",
+                token_ids=list(parent.prompt_token_ids),
+                sampling=dataclasses.replace(parent.sampling, seed=self._new_seed(), decoder_input_details=False),
+                max_new_tokens=parent.max_new_tokens,
+                eos_token_ids=parent.eos_token_ids,
+                use_prefix_cache=parent.use_prefix_cache,
+            )
+            self.scheduler.kv.fork(parent, child)
+            child.num_computed_tokens = parent.num_prompt_tokens - 1  # its own logits for its own first token
+            try:
+                self.scheduler.add_request(child)
+            except OverloadedError:  # no room: the group runs with fewer sequences
+                self.scheduler.kv.free(child)
+                continue
+            group.child_ids.append(child.request_id)
+            state = self._new_state(child)
+            state.group = group
+            self._states[child.request_id] = state
+
+    def _collect(self, state: _State, output: RequestOutput) -> list[RequestOutput]:
+        """Holds a group member's output back; returns the group's one response once all have finished."""
+        group = state.group
+        assert group is not None
+        res = group.result(output.request_id)
+        res.token_ids.extend(output.new_token_ids)
+        res.text += output.text
+        details = output.details or {}
+        res.tokens.extend(details.get("tokens", []))
+        res.top_tokens.extend(details.get("top_tokens", []))
+        if output.finished:
+            res.finished, res.finish_reason = True, output.finish_reason or ""
+            res.seed = state.request.sampling.seed
+            if output.request_id == group.parent_id and "prefill" in details:
+                group.prefill = details["prefill"]
+        if not group.done:
+            return []
+        self._groups.pop(group.parent_id, None)
+        return [self._group_output(group, state.request.num_prompt_tokens)]
+
+    def _group_output(self, group: Group, num_input_tokens: int) -> RequestOutput:
+        best, *others = group.ranked()
+        details: dict[str, Any] = {"tokens": best.tokens}
+        if best.top_tokens:
+            details["top_tokens"] = best.top_tokens
+        details.update(finish_reason=best.finish_reason, generated_tokens=len(best.token_ids), seed=best.seed)
+        if group.prefill is not None:
+            details["prefill"] = group.prefill
+        details["best_of_sequences"] = [
+            D.best_of_sequence(s.text, s.finish_reason, s.tokens, s.top_tokens, s.seed, group.prefill) for s in others
+        ]
+        return RequestOutput(
+            request_id=group.parent_id,
+            new_token_ids=list(best.token_ids),
+            text=best.text,
+            finished=True,
+            finish_reason=best.finish_reason,
+            num_input_tokens=num_input_tokens,
+            num_output_tokens=len(best.token_ids),
+            details=details,
+        )
 
     # ---- in-process convenience ------------------------------------------------------------------
     def generate(

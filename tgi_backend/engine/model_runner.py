@@ -19,6 +19,7 @@ from tgi_backend.sampling.sampler import Sampler, SamplingRow
 from tgi_backend.weights.loader import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROMPT_LOGPROB_SLICE = 256  # prompt positions per LM-head call: bounds the [rows, vocab] logits in memory
 
 
 def resolve_dtype(requested: str, hf_config: dict[str, Any]) -> torch.dtype:
@@ -46,6 +47,10 @@ class _Batch:
     context: ForwardContext
     sample_rows: torch.Tensor  # [rows]: index in the flat batch of each sampled chunk's last token
     sampling: list[SamplingRow]
+    # prompt logprobs (decoder_input_details): flat rows, the prompt token each predicts, (request, position)
+    prompt_rows: list[int] = dataclasses.field(default_factory=list)
+    prompt_targets: list[int] = dataclasses.field(default_factory=list)
+    prompt_owners: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
 
 class ModelRunner:
@@ -71,7 +76,7 @@ class ModelRunner:
         load_weights(self.model, model_path)
         self.model.eval()
         self._allocate_kv_cache(args.num_layers, args.num_kv_heads, args.head_dim)
-        self.sampler = Sampler()
+        self.sampler = Sampler(watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
 
     def _allocate_kv_cache(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         # zeros, not empty: padded decode rows read block 0, and NaN garbage would leak through softmax @ V
@@ -99,21 +104,39 @@ class ModelRunner:
         if out.is_empty:
             return ModelRunnerOutput()
         batch = self._prepare(out.chunks)
-        logits = self._logits(batch)
-        tokens = self.sampler(logits, batch.sampling) if batch.sampling else []
-        return ModelRunnerOutput([r.request_id for r in batch.sampling], tokens)
+        logits, prompt_logprobs = self._logits(batch)
+        result = ModelRunnerOutput([r.request_id for r in batch.sampling], prompt_logprobs=prompt_logprobs)
+        if batch.sampling:
+            sampled = self.sampler.sample(logits, batch.sampling)
+            result.sampled_token_ids = sampled.token_ids
+            result.logprobs, result.top_tokens = sampled.logprobs, sampled.top_tokens
+        return result
 
     @torch.inference_mode()
     def compute_logits(self, out: SchedulerOutput) -> torch.Tensor:
         """Runs the step and returns the logits of the sampled chunks ([rows, vocab]) without sampling."""
-        return self._logits(self._prepare(out.chunks))
+        return self._logits(self._prepare(out.chunks))[0]
 
-    def _logits(self, batch: _Batch) -> torch.Tensor:
+    def _logits(self, batch: _Batch) -> tuple[torch.Tensor, dict[str, list[tuple[int, float]]]]:
         with forward_context(batch.context):
             hidden = self.model(batch.input_ids, batch.positions)
+        prompt = self._prompt_logprobs(hidden, batch) if batch.prompt_rows else {}
         if batch.sample_rows.numel() == 0:
-            return hidden.new_empty((0, 0))
-        return self.model.compute_logits(hidden.index_select(0, batch.sample_rows))
+            return hidden.new_empty((0, 0)), prompt
+        return self.model.compute_logits(hidden.index_select(0, batch.sample_rows)), prompt
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: _Batch) -> dict[str, list[tuple[int, float]]]:
+        """log_softmax of the raw logits at prompt positions, gathered at the next prompt token (as TGI)."""
+        values: list[float] = []
+        for i in range(0, len(batch.prompt_rows), PROMPT_LOGPROB_SLICE):
+            rows = torch.tensor(batch.prompt_rows[i : i + PROMPT_LOGPROB_SLICE], dtype=torch.long)
+            targets = torch.tensor(batch.prompt_targets[i : i + PROMPT_LOGPROB_SLICE], dtype=torch.long)
+            logp = self.model.compute_logits(hidden.index_select(0, rows)).float().log_softmax(dim=-1)
+            values.extend(logp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist())
+        out: dict[str, list[tuple[int, float]]] = {}
+        for (request_id, position), value in zip(batch.prompt_owners, values):
+            out.setdefault(request_id, []).append((position, value))
+        return out
 
     # ---- batch building -------------------------------------------------------------------------
     def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
@@ -131,6 +154,7 @@ class ModelRunner:
             slots.extend(self._slots(c))
             last_row[id(c)] = len(ids) - 1
         sampled = [c for c in chunks if c.sample]
+        prompt_rows, prompt_targets, prompt_owners = _prompt_positions(chunks, last_row)
         context = ForwardContext(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             decode=self._decode_batch(decode) if decode else None,
@@ -142,7 +166,13 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long),
             context=context,
             sample_rows=torch.tensor([last_row[id(c)] for c in sampled], dtype=torch.long),
-            sampling=[SamplingRow(c.request_id, c.sampling, c.num_output_tokens) for c in sampled],
+            sampling=[
+                SamplingRow(c.request_id, c.sampling, c.num_output_tokens, c.history, c.num_prompt_tokens)
+                for c in sampled
+            ],
+            prompt_rows=prompt_rows,
+            prompt_targets=prompt_targets,
+            prompt_owners=prompt_owners,
         )
 
     def _slots(self, c: ScheduledChunk) -> list[int]:
@@ -175,3 +205,21 @@ class ModelRunner:
             segments.append(PrefillSegment(offset, offset + n, c.start_pos, table))
             offset += n
         return segments
+
+
+def _prompt_positions(
+    chunks: list[ScheduledChunk], last_row: dict[int, int]
+) -> tuple[list[int], list[int], list[tuple[str, int]]]:
+    """For chunks asking prompt logprobs: each position p whose next token p + 1 is a prompt token."""
+    rows: list[int] = []
+    targets: list[int] = []
+    owners: list[tuple[str, int]] = []
+    for c in chunks:
+        if not c.prompt_logprobs or c.history is None:
+            continue
+        first = last_row[id(c)] - len(c.token_ids) + 1
+        for p in range(c.start_pos, min(c.start_pos + len(c.token_ids), c.num_prompt_tokens - 1)):
+            rows.append(first + p - c.start_pos)
+            targets.append(c.history[p + 1])
+            owners.append((c.request_id, p + 1))
+    return rows, targets, owners

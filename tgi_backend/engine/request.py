@@ -22,7 +22,10 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(slots=True)
 class SamplingParams:
-    """What a request asks of the sampler. Validated and resolved by `sampling.params.parse_*`."""
+    """What a request asks of the sampler and of the output. Validated and resolved by `sampling.params`.
+
+    Every field's default is "off": a request with default parameters costs the sampler nothing beyond argmax.
+    """
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -31,10 +34,40 @@ class SamplingParams:
     seed: int | None = None
     max_new_tokens: int | None = None  # None: up to max_total_tokens - prompt length (TGI's default)
     ignore_eos: bool = False
+    typical_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # 0.0: off (vLLM)
+    repetition_penalty: float = 1.0  # 1.0: off (prompt and generated tokens, as TGI / transformers)
+    frequency_penalty: float = 0.0  # 0.0: off (TGI: count / number of tokens so far, times the penalty)
+    presence_penalty: float = 0.0  # 0.0: off (vLLM: generated tokens only)
+    watermark: bool = False
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    truncate: int | None = None  # keep the last N prompt tokens
+    return_full_text: bool | None = None  # None: not given (the adapter's exclude_input_in_output decides)
+    details: bool = False
+    decoder_input_details: bool = False
+    top_n_tokens: int = 0
+    best_of: int = 1
+    adapter_id: str | None = None  # LoRA adapter (TGI adapter_id / vLLM lora_name); None: the base model
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample
+
+    @property
+    def wants_details(self) -> bool:
+        """The request's responses carry the `details` JSON."""
+        return self.details or self.decoder_input_details or self.top_n_tokens > 0 or self.best_of > 1
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """The sampler returns the chosen tokens' logprobs (details, and best_of ranks by them)."""
+        return self.wants_details
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +97,7 @@ class Request:
     finish_reason: FinishReason | None = None
     scheduled_time: float | None = None  # first admission to the running batch: queue time ends here
     first_token_time: float | None = None
+    pending_finish: FinishReason | None = None  # set by the engine (stop string on decoded text) before append
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -94,8 +128,14 @@ class Request:
 
     def check_stop(self) -> FinishReason | None:
         """Finish reason after the last appended token, or None to go on."""
-        if not self.sampling.ignore_eos and self.token_ids[-1] in self.eos_token_ids:
-            return FinishReason.EOS_TOKEN
+        if self.pending_finish is not None:
+            return self.pending_finish
+        last = self.token_ids[-1]
+        if self.num_output_tokens >= self.sampling.min_new_tokens:
+            if last in self.sampling.stop_token_ids:
+                return FinishReason.EOS_TOKEN
+            if not self.sampling.ignore_eos and last in self.eos_token_ids:
+                return FinishReason.EOS_TOKEN
         if self.num_output_tokens >= self.max_new_tokens:
             return FinishReason.LENGTH
         return None

@@ -22,6 +22,10 @@ class ScheduledChunk:
     sample: bool  # the chunk reaches the last known token: sample the next one
     sampling: SamplingParams
     num_output_tokens: int = 0  # tokens generated so far (seeded sampling keys on it)
+    # set by the engine, not the scheduler: what the sampler and the prompt logprobs need
+    history: list[int] | None = None  # the request's tokens (penalties, watermark): its own list, not a copy
+    num_prompt_tokens: int = 0
+    prompt_logprobs: bool = False  # logprobs of this chunk's prompt tokens (decoder_input_details)
 
 
 @dataclass(slots=True)
@@ -47,3 +51,8 @@ class ModelRunnerOutput:
 
     request_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)
+    # per sampled chunk: the token's logprob and top-n (id, logprob) alternatives, None unless asked
+    logprobs: list[float | None] = field(default_factory=list)
+    top_tokens: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    # request id -> logprobs of the prompt tokens this step computed ({position: logprob of token at position})
+    prompt_logprobs: dict[str, list[tuple[int, float]]] = field(default_factory=dict)

@@ -2,8 +2,9 @@
 
 Accepts TGI's `parameters` names (do_sample, max_new_tokens, ...) and the JSON of Triton's vLLM backend
 `sampling_parameters` input (max_tokens, ignore_eos, n, ...), in one dict. Differences from TGI, on purpose:
-temperature 0 means greedy (vLLM / OpenAI), top_p 1.0 means off, top_k -1 means off (vLLM). Parameters the
-engine does not implement yet are validated and returned in `RequestParameters.options`.
+temperature 0 means greedy (vLLM / OpenAI), top_p 1.0 means off, top_k -1 means off (vLLM), `n` is `best_of`.
+Validated values SamplingParams has no field for (vLLM's logprobs, ...) are returned in
+`RequestParameters.options`.
 """
 from __future__ import annotations
 
@@ -26,15 +27,20 @@ class ValidationLimits:
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
     max_input_tokens: int | None = None  # None: `truncate` is only checked to be positive
+    enable_prefill_logprobs: bool = False  # TGI: prompt logprobs only behind --enable-prefill-logprobs
 
     @classmethod
     def from_config(cls, config: Any) -> "ValidationLimits":
-        """From an EngineConfig: max_input_tokens, and TGI's other limits from its `extra` strings if given."""
+        """From an EngineConfig: its fields (launcher flags), else its `extra` strings, else TGI's defaults."""
         extra = getattr(config, "extra", None) or {}
 
-        def pick(name: str, default: int) -> int:
+        def pick(name: str, default: Any) -> Any:
+            if hasattr(config, name):
+                return getattr(config, name)
             raw = extra.get(name, extra.get(name.replace("_", "-")))
-            return int(raw) if raw not in (None, "") else default
+            if raw in (None, ""):
+                return default
+            return str(raw).lower() in ("1", "true", "yes", "on") if isinstance(default, bool) else int(raw)
 
         tgi = cls()
         return cls(
@@ -42,6 +48,7 @@ class ValidationLimits:
             max_stop_sequences=pick("max_stop_sequences", tgi.max_stop_sequences),
             max_top_n_tokens=pick("max_top_n_tokens", tgi.max_top_n_tokens),
             max_input_tokens=getattr(config, "max_input_tokens", 0) or None,
+            enable_prefill_logprobs=pick("enable_prefill_logprobs", tgi.enable_prefill_logprobs),
         )
 
 
@@ -137,7 +144,7 @@ FIELDS: dict[str, _Field] = {
     "min_tokens": _Field(_as_int, "min_new_tokens"),
     "truncate_prompt_tokens": _Field(_as_int, "truncate"),
     "lora_name": _Field(_as_str, "adapter_id"),
-    "n": _Field(_as_int),
+    "n": _Field(_as_int, "best_of"),  # one request, several sequences: best first, the rest in best_of_sequences
     "ignore_eos": _Field(_as_bool),
     "stop_token_ids": _Field(_as_int_list),
     "logprobs": _Field(_as_int),
@@ -205,8 +212,6 @@ def _check_ranges(p: Mapping[str, Any], limits: ValidationLimits) -> None:
     require("max_new_tokens", lambda v: v > 0, "`max_new_tokens` must be strictly positive")
     require("min_new_tokens", lambda v: v >= 0, "`min_new_tokens` must be >= 0")
     require("seed", lambda v: 0 <= v < 2**64, "`seed` must be >= 0 and < 2^64")
-    require("n", lambda v: v > 0, "`n` must be strictly positive")
-    require("n", lambda v: v == 1, "`n` > 1 is not supported; send one request per sequence")
     require("logprobs", lambda v: v >= 0, "`logprobs` must be >= 0")
     require("prompt_logprobs", lambda v: v >= 0, "`prompt_logprobs` must be >= 0")
     require("stop_token_ids", lambda v: all(i >= 0 for i in v), "`stop_token_ids` must be >= 0")
@@ -250,7 +255,7 @@ def _wants_sampling(p: Mapping[str, Any]) -> bool:
     )
 
 
-def _check_combinations(p: Mapping[str, Any], sampling: bool, stream: bool) -> None:
+def _check_combinations(p: Mapping[str, Any], sampling: bool, stream: bool, limits: ValidationLimits) -> None:
     best_of = p.get("best_of", 1)
     if best_of > 1 and not sampling:
         raise _error("you must use sampling when `best_of` is > 1")
@@ -260,6 +265,9 @@ def _check_combinations(p: Mapping[str, Any], sampling: bool, stream: bool) -> N
         raise _error("`best_of` != 1 is not supported when streaming tokens")
     if stream and p.get("decoder_input_details"):
         raise _error("`decoder_input_details` == true is not supported when streaming tokens")
+    if p.get("decoder_input_details") and not limits.enable_prefill_logprobs:
+        raise _error("`decoder_input_details` == true is not supported: prefill logprobs are disabled "
+                     "(start the server with --enable-prefill-logprobs)")
     if p.get("min_new_tokens", 0) > p.get("max_new_tokens", math.inf):
         raise _error("`min_new_tokens` must be <= `max_new_tokens`")
 
@@ -278,23 +286,51 @@ def parse_request_parameters(
     """
     params = _canonical(_load(raw))
     params.update(_canonical({k: v for k, v in plain_inputs.items() if v is not None}))
-    _check_ranges(params, limits or ValidationLimits())
+    limits = limits or ValidationLimits()
+    _check_ranges(params, limits)
     sampling = _wants_sampling(params)
-    _check_combinations(params, sampling, stream)
-    greedy_by_temperature = params.get("temperature") == 0
-    top_k = params.get("top_k", 0)
-    sp = SamplingParams(
-        do_sample=sampling,
-        temperature=1.0 if greedy_by_temperature else params.get("temperature", 1.0),
-        top_k=max(top_k, 0),
-        top_p=params.get("top_p", 1.0),
-        seed=params.get("seed"),
-        max_new_tokens=params.get("max_new_tokens"),
-        ignore_eos=params.get("ignore_eos", False),
-    )
-    stored = {"do_sample", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "ignore_eos"}
-    options = {k: v for k, v in params.items() if k not in stored}
+    _check_combinations(params, sampling, stream, limits)
+    sp = _sampling_params(params, sampling)
+    options = {k: v for k, v in params.items() if k not in _STORED}
     return RequestParameters(sampling=sp, options=options)
+
+
+# canonical names SamplingParams holds; the rest stays in RequestParameters.options
+_STORED = frozenset({
+    "do_sample", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "ignore_eos", "typical_p", "min_p",
+    "repetition_penalty", "frequency_penalty", "presence_penalty", "watermark", "min_new_tokens", "stop",
+    "stop_token_ids", "truncate", "return_full_text", "details", "decoder_input_details", "top_n_tokens", "best_of",
+    "adapter_id",
+})
+
+
+def _sampling_params(p: Mapping[str, Any], sampling: bool) -> SamplingParams:
+    greedy_by_temperature = p.get("temperature") == 0
+    return SamplingParams(
+        do_sample=sampling,
+        temperature=1.0 if greedy_by_temperature else p.get("temperature", 1.0),
+        top_k=max(p.get("top_k", 0), 0),
+        top_p=p.get("top_p", 1.0),
+        seed=p.get("seed"),
+        max_new_tokens=p.get("max_new_tokens"),
+        ignore_eos=p.get("ignore_eos", False),
+        typical_p=p.get("typical_p", 1.0),
+        min_p=p.get("min_p", 0.0),
+        repetition_penalty=p.get("repetition_penalty", 1.0),
+        frequency_penalty=p.get("frequency_penalty", 0.0),
+        presence_penalty=p.get("presence_penalty", 0.0),
+        watermark=p.get("watermark", False),
+        min_new_tokens=p.get("min_new_tokens", 0),
+        stop=tuple(s for s in p.get("stop", ()) if s),  # an empty stop string would stop at once
+        stop_token_ids=tuple(p.get("stop_token_ids", ())),
+        truncate=p.get("truncate"),
+        return_full_text=p.get("return_full_text"),
+        details=p.get("details", False),
+        decoder_input_details=p.get("decoder_input_details", False),
+        top_n_tokens=p.get("top_n_tokens", 0),
+        best_of=p.get("best_of", 1),
+        adapter_id=p.get("adapter_id") or None,
+    )
 
 
 def parse_sampling_parameters(

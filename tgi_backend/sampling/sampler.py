@@ -1,134 +1,141 @@
-"""Batched sampling: a small pipeline of logits processors, then argmax (greedy rows) or a draw (sampled rows).
+"""Batched sampling: the logits processors (sampling.processors), then argmax (greedy rows) or a draw
+(sampled rows), then the logprobs of the rows that asked for them.
 
-Each processor says which rows it acts on (`active`) and transforms the logits of those rows only, so a row
-with default parameters costs nothing beyond the argmax. To add a step (penalties, typical_p, ...), write a
-processor and put it in the list: penalties go before temperature, as in TGI.
+A row with default parameters costs nothing beyond the argmax: processors run on the rows that ask for them
+only, and logprobs are computed only for rows that want details. Logprobs come from the processed scores, as
+TGI's do (so a greedy row's logprob is that of the model's distribution after its penalties).
 
-Seeded rows draw from their own torch.Generator, reseeded each step from (seed, tokens generated so far), so a
-seed gives the same tokens whatever shares the batch, and again after a preemption recomputes the request.
+A draw is inverse-CDF sampling with one uniform number per row. A seeded row's number is a hash of (seed,
+tokens generated so far), so a seed gives the same tokens whatever shares the batch, and again after a
+preemption recomputes the request; unseeded rows take theirs from the sampler's generator.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
-from tgi_backend.engine.request import SamplingParams
+from tgi_backend.sampling.processors import LogitsProcessor, MinNewTokens, SamplingRow, default_processors
 
 _MASK64 = (1 << 64) - 1
 
+__all__ = ["Sampler", "SamplerOutput", "SamplingRow"]
+
 
 @dataclass(slots=True)
-class SamplingRow:
-    """One row of the logits: whose it is, what it asks for, how many tokens it has generated."""
+class SamplerOutput:
+    """Per row: the token, and for rows that want logprobs its logprob and the top-n alternatives."""
 
-    request_id: str
-    params: SamplingParams
-    num_output_tokens: int = 0
-
-
-class LogitsProcessor(Protocol):
-    def active(self, params: SamplingParams) -> bool: ...
-
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """logits: [len(rows), vocab] float32, only the active rows; returns the new logits."""
-        ...
-
-
-class Temperature:
-    def active(self, params: SamplingParams) -> bool:
-        return params.do_sample and params.temperature != 1.0
-
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        # temperature 0 means greedy and is resolved before us (sampling.params); the floor only avoids inf
-        t = torch.tensor([max(r.params.temperature, 1e-6) for r in rows], dtype=logits.dtype).unsqueeze(1)
-        return logits / t
-
-
-class TopK:
-    def active(self, params: SamplingParams) -> bool:
-        return params.do_sample and params.top_k > 0
-
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        vocab = logits.shape[-1]
-        k = torch.tensor([min(r.params.top_k, vocab) for r in rows]).unsqueeze(1)
-        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, k - 1)  # [rows, 1]
-        return logits.masked_fill(logits < kth, float("-inf"))
-
-
-class TopP:
-    def active(self, params: SamplingParams) -> bool:
-        return params.do_sample and params.top_p < 1.0
-
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        # transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p, keep at least one
-        p = torch.tensor([r.params.top_p for r in rows], dtype=logits.dtype).unsqueeze(1)
-        sorted_logits, order = logits.sort(dim=-1)
-        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
-        remove[:, -1] = False
-        return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-
-
-def default_processors() -> list[LogitsProcessor]:
-    return [Temperature(), TopK(), TopP()]
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    top_tokens: list[list[tuple[int, float]] | None] = field(default_factory=list)
 
 
 def _mix_seed(seed: int, step: int) -> int:
-    """splitmix64 of (seed, step): a well-spread 63-bit seed for torch.Generator.manual_seed."""
+    """splitmix64 of (seed, step): a well-spread 64-bit value."""
     z = (seed * 0x9E3779B97F4A7C15 + step + 1) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
+    return z ^ (z >> 31)
+
+
+def seeded_uniform(seed: int, step: int) -> float:
+    """A uniform number in [0, 1) from (seed, step), 53 bits."""
+    return (_mix_seed(seed, step) >> 11) * (1.0 / (1 << 53))
 
 
 class Sampler:
-    def __init__(self, processors: list[LogitsProcessor] | None = None, seed: int | None = None) -> None:
-        self.processors = default_processors() if processors is None else processors
-        self._generators: dict[str, torch.Generator] = {}
+    def __init__(
+        self,
+        processors: list[LogitsProcessor] | None = None,
+        seed: int | None = None,
+        *,
+        watermark_gamma: float = 0.5,
+        watermark_delta: float = 2.0,
+    ) -> None:
+        self.processors = (
+            default_processors(watermark_gamma, watermark_delta) if processors is None else processors
+        )
         self._global = torch.Generator()
         if seed is None:
             self._global.seed()
         else:
             self._global.manual_seed(seed)
 
+    def set_eos_token_ids(self, ids: frozenset[int]) -> None:
+        for proc in self.processors:
+            if isinstance(proc, MinNewTokens):
+                proc.eos_token_ids = frozenset(ids)
+
     def release(self, request_ids: Sequence[str]) -> None:
-        for rid in request_ids:
-            self._generators.pop(rid, None)
+        """Per-request state would be dropped here; seeds are stateless hashes, so there is none."""
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
         # logits: [rows, vocab] -> one token id per row
+        return self.sample(logits, rows).token_ids
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        # logits: [rows, vocab]
         active = [[i for i, r in enumerate(rows) if proc.active(r.params)] for proc in self.processors]
         sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
-        if not sampled and not any(active):
-            return logits.argmax(dim=-1).tolist()
-        logits = logits.to(torch.float32, copy=True)  # processors write rows in place: not the caller's
-        for proc, idx in zip(self.processors, active):
-            if idx:
-                index = torch.tensor(idx)
-                logits[index] = proc(logits.index_select(0, index), [rows[i] for i in idx])
+        wanted = [i for i, r in enumerate(rows) if r.params.wants_logprobs]
+        if not sampled and not any(active) and not wanted:
+            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows), [None] * len(rows))
+        if any(active):
+            logits = self.process(logits, rows, active)
         tokens = logits.argmax(dim=-1)
         if sampled:
             index = torch.tensor(sampled)
-            probs = logits.index_select(0, index).softmax(dim=-1)
-            tokens[index] = self._draw(probs, [rows[i] for i in sampled])
-        return tokens.tolist()
+            tokens[index] = self._draw(logits.index_select(0, index), [rows[i] for i in sampled])
+        out = SamplerOutput(tokens.tolist(), [None] * len(rows), [None] * len(rows))
+        if wanted:
+            self._logprobs(logits, tokens, rows, wanted, out)
+        return out
 
-    def _draw(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """Exponential race (argmax of p / E, E ~ Exp(1)) = a draw from p; one noise row per seeded row."""
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(rows) if r.params.seed is None]
-        if unseeded:
-            index = torch.tensor(unseeded)
-            noise[index] = torch.empty(len(unseeded), probs.shape[1]).exponential_(generator=self._global)
+    def process(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], active: list[list[int]] | None = None
+    ) -> torch.Tensor:
+        """The processed scores ([rows, vocab] float32, a new tensor: the caller's logits are left alone)."""
+        if active is None:
+            active = [[i for i, r in enumerate(rows) if proc.active(r.params)] for proc in self.processors]
+        logits = logits.to(torch.float32, copy=True)
+        for proc, idx in zip(self.processors, active):
+            if not idx:
+                continue
+            if len(idx) == len(rows):  # every row: no gather / scatter
+                logits = proc(logits, rows)
+                continue
+            index = torch.tensor(idx)
+            logits[index] = proc(logits.index_select(0, index), [rows[i] for i in idx])
+        return logits
+
+    def _draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Inverse CDF: the first token whose cumulative probability passes u * total, one u per row."""
+        # logits: [rows, vocab]
+        u = torch.rand(len(rows), generator=self._global, dtype=torch.float64)
         for i, r in enumerate(rows):
             if r.params.seed is not None:
-                noise[i].exponential_(generator=self._generator(r))
-        return (probs / noise).argmax(dim=-1)
+                u[i] = seeded_uniform(int(r.params.seed), r.num_output_tokens)
+        cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # [rows, vocab]
+        total = cdf[:, -1:]
+        target = (u.unsqueeze(1) * total.to(torch.float64)).to(cdf.dtype)
+        target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))  # never past the last token
+        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
 
-    def _generator(self, row: SamplingRow) -> torch.Generator:
-        gen = self._generators.get(row.request_id)
-        if gen is None:
-            gen = self._generators[row.request_id] = torch.Generator()
-        gen.manual_seed(_mix_seed(int(row.params.seed), row.num_output_tokens))
-        return gen
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplingRow], wanted: list[int], out: SamplerOutput
+    ) -> None:
+        index = torch.tensor(wanted)
+        logp = logits.index_select(0, index).log_softmax(dim=-1)  # [wanted, vocab]
+        chosen = logp.gather(1, tokens.index_select(0, index).unsqueeze(1)).squeeze(1).tolist()
+        top_n = max(rows[i].params.top_n_tokens for i in wanted)
+        top = logp.topk(top_n, dim=-1) if top_n > 0 else None
+        top_values = top.values.tolist() if top is not None else None
+        top_ids = top.indices.tolist() if top is not None else None
+        for j, i in enumerate(wanted):
+            out.logprobs[i] = chosen[j]
+            n = rows[i].params.top_n_tokens
+            if n > 0 and top_ids is not None and top_values is not None:
+                out.top_tokens[i] = list(zip(top_ids[j][:n], top_values[j][:n]))
