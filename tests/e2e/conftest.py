@@ -114,12 +114,11 @@ def stop_server(server: Server, timeout: float = 60.0) -> int:
     return process.returncode
 
 
-@pytest.fixture(scope="session")
-def server(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    work = tmp_path_factory.mktemp("e2e")
+def start_server(model_dir: str, work: Path) -> Server:
+    """Starts `tgi-triton serve` on free ports with model_dir and waits until it is ready (fails the test if not)."""
     http, grpc, metrics = free_ports(3)
     cmd = launcher_command() + [
-        "serve", "--model-id", tiny_llama_dir, "--dtype", "float32",
+        "serve", "--model-id", model_dir, "--dtype", "float32",
         "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--max-input-tokens", str(MAX_INPUT_TOKENS),
         "--max-batch-total-tokens", "4096", "--max-batch-prefill-tokens", "512",
         "--max-concurrent-requests", "16", "--http-port", str(http), "--grpc-port", str(grpc),
@@ -130,15 +129,27 @@ def server(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Ser
         # Its own session, so a leftover can be killed as a group; the launcher's pid names the run.
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     srv = Server(process, f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}",
-                 tiny_llama_dir, log_path)
+                 model_dir, log_path)
     deadline = time.monotonic() + READY_TIMEOUT
     while not _ready(srv.http_url):
         if process.poll() is not None or time.monotonic() > deadline:
             stop_server(srv)
             pytest.fail(f"tgi-triton serve did not become ready:\n{srv.log_tail()}")
         time.sleep(0.25)
+    return srv
+
+
+@pytest.fixture(scope="session")
+def server(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
+    srv = start_server(tiny_llama_dir, tmp_path_factory.mktemp("e2e"))
     yield srv
     stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def launch_server() -> Any:
+    """(start_server, stop_server) for a module that serves another model on its own server."""
+    return start_server, stop_server
 
 
 @pytest.fixture(scope="session")

@@ -64,8 +64,8 @@ def align_by_expert(experts: torch.Tensor, num_experts: int, block_m: int) -> tu
     sorted_pairs = torch.full((int(padded.sum()),), num_pairs, dtype=torch.int32, device=experts.device)
     group_start = torch.cumsum(padded, 0) - padded  # where each expert's run starts
     sorted_start = torch.cumsum(counts, 0) - counts  # where it starts in `order`
-    expert_of_sorted = flat[order]
-    dest = group_start[expert_of_sorted] + torch.arange(num_pairs, device=experts.device) - sorted_start[expert_of_sorted]
+    e = flat[order]  # expert of each sorted pair
+    dest = group_start[e] + torch.arange(num_pairs, device=experts.device) - sorted_start[e]
     sorted_pairs[dest] = order.to(torch.int32)
     block_expert = torch.repeat_interleave(torch.arange(num_experts, device=experts.device), padded // block_m)
     return sorted_pairs, block_expert.to(torch.int32)

@@ -40,7 +40,7 @@ def _config_class(arch: str) -> Any:
     """Architecture name -> transformers config class (imported lazily)."""
     import transformers
 
-    registry = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}
+    registry = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "mixtral": "MixtralConfig"}
     if arch not in registry:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(registry)}")
     return getattr(transformers, registry[arch])
