@@ -188,7 +188,8 @@ def test_parse_job_reads_vllm_style_inputs():
     assert job.prompt_text == "hi" and job.stream and flags["return_num_input_tokens"]
     assert job.params.max_new_tokens == 5 and job.params.ignore_eos and job.params.greedy
     out = output_arrays(Chunk(text="é", token_ids=[1, 2], finish_reason="length", num_input_tokens=3), flags)
-    assert set(out) == {"text_output", "output_ids", "finish_reason", "num_input_tokens"}
+    assert set(out) == {"text_output", "output_ids", "finish_reason", "num_input_tokens", "details"}
+    assert out["details"][0] == b""  # filled only for requests that asked for details
     assert out["text_output"][0].decode() == "é" and out["output_ids"].dtype == np.int32
 
 

@@ -28,6 +28,12 @@ _ENGINE_FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("max-concurrent-requests", int, 128, "requests in flight before 'Model is overloaded'"),
     ("block-size", int, 16, "tokens per KV block"),
     ("num-threads", int, 0, "torch intra-op threads; 0: torch's default"),
+    ("max-stop-sequences", int, 4, "most `stop` strings in one request"),
+    ("max-top-n-tokens", int, 5, "largest `top_n_tokens`"),
+    ("max-best-of", int, 2, "largest `best_of`"),
+    ("watermark-gamma", float, 0.5, "share of the vocabulary in each step's green list (watermark)"),
+    ("watermark-delta", float, 2.0, "logit bias of green tokens (watermark)"),
+    ("enable-prefill-logprobs", bool, False, "allow `decoder_input_details` (prompt logprobs)"),
 )
 _SERVER_FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("http-port", int, 8000, "Triton HTTP port"),
@@ -76,6 +82,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     for p, server in ((serve, True), (build, False)):
         flags = _ENGINE_FLAGS + (_SERVER_FLAGS if server else ())
         for flag, kind, default, text in flags:
+            if kind is bool:  # a switch; its env var is true with 1/true/yes/on
+                on = env[flag].lower() in ("1", "true", "yes", "on") if flag in env else default
+                p.add_argument(f"--{flag}", action="store_true", default=on, help=f"{text} [env {env_name(flag)}]")
+                continue
             value = kind(env[flag]) if flag in env else default
             p.add_argument(f"--{flag}", type=kind, default=value, help=f"{text} [env {env_name(flag)}]")
         repo = env.get("model-repository")

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from tgi_backend.engine.request import SamplingParams
 from tgi_backend.errors import GenerationError, OverloadedError, TGIError, ValidationError
+from tgi_backend.sampling.details import merge as merge_details
 from tgi_backend.serving.observer import EngineObserver, RequestTimings
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Chunk:
     context_ids: list[int] | None = None
     unread_ids: list[int] | None = None
     kv_blocks: tuple[int, int] | None = None  # (free, total)
+    details: dict[str, Any] | None = None  # TGI's details (sampling.details), when the request asked for them
 
 
 class ResponseSink(Protocol):
@@ -72,6 +74,7 @@ class _Active:
     texts: list[str] = field(default_factory=list)  # non-streaming: the whole completion
     output_ids: list[int] = field(default_factory=list)
     window: Any = None  # IncrementalDetokenizer for decode windows
+    details: list[Any] = field(default_factory=list)  # non-streaming: each output's details, merged at the end
     request: Any = None  # the engine's Request (timings, token counts)
     arrival_time: float = 0.0  # submitted to the loop
     last_token_time: float | None = None
@@ -217,10 +220,12 @@ class EngineLoop:
         active.output_ids.extend(out.new_token_ids)
         if not job.stream:
             active.texts.append(out.text)
+            active.details.append(getattr(out, "details", None))
             if out.finished:
                 self._emit(active.sink, self._whole(active, out), final=True)
             return
         chunk = self._chunk(out, out.text, list(out.new_token_ids))
+        chunk.details = getattr(out, "details", None)
         if active.window is not None:
             _, chunk.context_ids, chunk.unread_ids = active.window.push_with_window(list(out.new_token_ids))
         if out.finished and job.kv_stats:
@@ -234,6 +239,7 @@ class EngineLoop:
         if not job.exclude_input_in_output:
             text = self._prompt_text(active) + text
         chunk = self._chunk(out, text, list(active.output_ids))
+        chunk.details = merge_details(active.details)
         if job.decode_window:
             chunk.context_ids = []
             prefix = [] if job.exclude_input_in_output else list(active.prompt_ids)

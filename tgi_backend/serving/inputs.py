@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from tgi_backend.errors import ValidationError
+from tgi_backend.sampling.details import dumps as dumps_details
 from tgi_backend.serving.engine_loop import Chunk, Job
 
 GetInput = Callable[[str], "np.ndarray | None"]
@@ -14,8 +15,15 @@ BOOL_INPUTS = ("stream", "exclude_input_in_output", "return_num_input_tokens", "
                "return_kv_stats", "return_decode_window")
 
 
-def parse_job(get: GetInput, request_parameters: str | Mapping[str, Any] | None = None) -> tuple[Job, dict[str, bool]]:
-    """Builds a Job from the tgi_llm inputs; returns it with the flags that choose optional outputs."""
+def parse_job(
+    get: GetInput,
+    request_parameters: str | Mapping[str, Any] | None = None,
+    limits: Any = None,
+) -> tuple[Job, dict[str, bool]]:
+    """Builds a Job from the tgi_llm inputs; returns it with the flags that choose optional outputs.
+
+    `limits` (sampling.params.ValidationLimits, from the engine's config) bound stop / top_n_tokens / best_of.
+    """
     flags = {name: _bool(get, name) for name in BOOL_INPUTS}
     text = _string(get, "text_input")
     ids = get("input_ids")
@@ -26,7 +34,8 @@ def parse_job(get: GetInput, request_parameters: str | Mapping[str, Any] | None 
         token_ids = [int(i) for i in ids.reshape(-1)]
     if text is not None and token_ids is not None:
         raise ValidationError("Input validation error: give either `text_input` or `input_ids`, not both")
-    params = _sampling(get, request_parameters, flags["stream"]) if (text is not None or token_ids is not None) else None
+    has_prompt = text is not None or token_ids is not None
+    params = _sampling(get, request_parameters, flags["stream"], limits) if has_prompt else None
     job = Job(
         prompt_text=text,
         prompt_token_ids=token_ids,
@@ -37,12 +46,14 @@ def parse_job(get: GetInput, request_parameters: str | Mapping[str, Any] | None 
     )
     if params is not None:
         job.params = params
+        if params.return_full_text is not None:  # TGI's name wins over exclude_input_in_output
+            job.exclude_input_in_output = not params.return_full_text
     elif not job.kv_stats:
         raise ValidationError("Input validation error: give `text_input` or `input_ids`")
     return job, flags
 
 
-def _sampling(get: GetInput, request_parameters: str | Mapping[str, Any] | None, stream: bool) -> Any:
+def _sampling(get: GetInput, request_parameters: str | Mapping[str, Any] | None, stream: bool, limits: Any) -> Any:
     from tgi_backend.sampling.params import parse_sampling_parameters
 
     merged = _request_parameters(request_parameters)
@@ -61,7 +72,21 @@ def _sampling(get: GetInput, request_parameters: str | Mapping[str, Any] | None,
         if max_tokens.dtype.kind not in "iu" or max_tokens.size != 1:
             raise ValidationError("Input validation error: `max_tokens` must be one integer")
         plain["max_tokens"] = int(max_tokens.reshape(-1)[0])
-    return parse_sampling_parameters(merged, stream=stream, **plain)
+    stop = get("stop")
+    if stop is not None:  # a list input, so that HTTP generate's "stop": [...] becomes a tensor
+        plain["stop"] = [_utf8("stop", v) for v in stop.reshape(-1)]
+    return parse_sampling_parameters(merged, stream=stream, limits=limits, **plain)
+
+
+def _utf8(name: str, value: Any) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValidationError(f"Input validation error: `{name}` is not valid UTF-8") from exc
+    if isinstance(value, str):
+        return value
+    raise ValidationError(f"Input validation error: `{name}` must be strings, got {type(value).__name__}")
 
 
 def _request_parameters(raw: str | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -107,6 +132,7 @@ def output_arrays(chunk: Chunk, flags: Mapping[str, bool]) -> dict[str, np.ndarr
         "text_output": np.array([chunk.text.encode("utf-8")], dtype=np.object_),
         "output_ids": np.array(chunk.token_ids, dtype=np.int32),
         "finish_reason": np.array([chunk.finish_reason.encode("utf-8")], dtype=np.object_),
+        "details": np.array([dumps_details(chunk.details).encode("utf-8")], dtype=np.object_),
     }
     if everything or flags.get("return_num_input_tokens"):
         out["num_input_tokens"] = np.array([chunk.num_input_tokens], dtype=np.int32)

@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 from tgi_backend.config import EngineConfig
 from tgi_backend.errors import OverloadedError, ValidationError
 from tgi_backend.serving.engine_loop import Chunk, EngineLoop
+from tgi_backend.sampling.params import ValidationLimits
 from tgi_backend.serving.inputs import output_arrays, parse_job
 from tgi_backend.serving.metrics import EngineMetrics
 
@@ -72,6 +73,7 @@ class TritonPythonModel:
         labels = {"model": args.get("model_name", "tgi_llm"), "version": args.get("model_version", "1")}
         # An attribute: the metric families must outlive initialize() (see PLATFORM-NOTES).
         self.metrics = EngineMetrics(pb_utils, labels, self.engine.config.max_total_tokens)
+        self.limits = ValidationLimits.from_config(self.engine.config)
         self.loop = EngineLoop(self.engine, observer=self.metrics)
         self.loop.start()
         c = self.engine.config
@@ -85,7 +87,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 job, flags = parse_job(
-                    lambda name: _as_numpy(request, name), request.parameters()
+                    lambda name: _as_numpy(request, name), request.parameters(), self.limits
                 )
             except Exception as exc:  # a bad request gets its error; the model keeps serving
                 error = exc if isinstance(exc, ValidationError) else ValidationError(f"Input validation error: {exc}")
