@@ -141,6 +141,9 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             use_prefix_cache=not params.decoder_input_details,  # a cache hit would skip prompt positions
         )
+        if params.adapter_id:
+            self._acquire_adapter(params.adapter_id)
+            request.cache_salt = params.adapter_id  # same tokens, other K/V: the prefix cache keeps them apart
         self.scheduler.add_request(request)
         state = self._new_state(request)
         if params.decoder_input_details:
@@ -167,6 +170,46 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    # ---- LoRA adapters (see layers/lora.py) -------------------------------------------------------
+    def _adapters_in_use(self) -> set[str]:
+        return {r.sampling.adapter_id for r in self.scheduler.requests.values() if r.sampling.adapter_id}
+
+    def _acquire_adapter(self, name: str) -> None:
+        lora = self.runner.lora
+        if lora is None:
+            raise ValidationError(
+                f"Input validation error: adapter `{name}` requested but LoRA is off "
+                "(start with --lora-adapters or --lora-root)"
+            )
+        try:
+            lora.acquire(name, self.config.lora_root, self._adapters_in_use())
+        except KeyError:
+            known = ", ".join(sorted(lora.slots)) or "none"
+            raise ValidationError(
+                f"Input validation error: unknown adapter `{name}` (loaded: {known})"
+            ) from None
+        except ValueError as exc:  # a broken adapter folder, or every slot busy
+            raise ValidationError(f"Input validation error: adapter `{name}`: {exc}") from exc
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Loads (or replaces) a PEFT adapter at run time; requests name it by `adapter_id`."""
+        from tgi_backend.weights.adapters import read_adapter
+
+        if self.runner.lora is None:
+            raise ValueError("LoRA is off (start with --lora-adapters or --lora-root)")
+        if name in self._adapters_in_use():
+            raise ValueError(f"adapter {name!r} is in use by running requests")
+        self.runner.lora.load(read_adapter(path, name))
+
+    def unload_adapter(self, name: str) -> None:
+        lora = self.runner.lora
+        if lora is None or name not in lora.slots:
+            raise ValueError(f"adapter {name!r} is not loaded")
+        if name in self._adapters_in_use():
+            raise ValueError(f"adapter {name!r} is in use by running requests")
+        lora.unload(name)
+        lora.pinned.discard(name)
 
     def stats(self) -> EngineStats:
         s, pool = self.scheduler, self.block_pool
@@ -313,6 +356,7 @@ class LLMEngine:
                 max_new_tokens=parent.max_new_tokens,
                 eos_token_ids=parent.eos_token_ids,
                 use_prefix_cache=parent.use_prefix_cache,
+                cache_salt=parent.cache_salt,
             )
             self.scheduler.kv.fork(parent, child)
             child.num_computed_tokens = parent.num_prompt_tokens - 1  # its own logits for its own first token

@@ -13,6 +13,7 @@ import torch
 from tgi_backend.config import EngineConfig
 from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, forward_context
 from tgi_backend.engine.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from tgi_backend.layers.lora import build_lora_manager
 from tgi_backend.layers.quantization import strategy_for
 from tgi_backend.models.registry import architecture_of, get_model_class
 from tgi_backend.sampling.sampler import Sampler, SamplingRow
@@ -75,6 +76,7 @@ class ModelRunner:
             quantization.apply(self.model)
         load_weights(self.model, model_path)
         self.model.eval()
+        self.lora = build_lora_manager(self.model, config, self.dtype)  # wraps linears by path; None: LoRA off
         self._allocate_kv_cache(args.num_layers, args.num_kv_heads, args.head_dim)
         self.sampler = Sampler(watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
 
@@ -154,6 +156,8 @@ class ModelRunner:
             slots.extend(self._slots(c))
             last_row[id(c)] = len(ids) - 1
         sampled = [c for c in chunks if c.sample]
+        if self.lora is not None:  # each token's adapter slot, in flat-batch order
+            self.lora.set_chunks(decode + prefill)
         prompt_rows, prompt_targets, prompt_owners = _prompt_positions(chunks, last_row)
         context = ForwardContext(
             slot_mapping=torch.tensor(slots, dtype=torch.long),

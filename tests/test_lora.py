@@ -1,0 +1,149 @@
+"""Multi-LoRA: logits equal peft's on the same random base and adapter; a mixed batch of adapters and the base
+equals each run alone; load, use, unload, use again; unknown names and bad folders are clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tgi_backend.config import EngineConfig
+from tgi_backend.engine.engine import LLMEngine
+from tgi_backend.engine.model_runner import ModelRunner
+from tgi_backend.engine.request import SamplingParams
+from tgi_backend.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from tgi_backend.errors import ValidationError
+from tgi_backend.weights.adapters import adapter_under_root, parse_lora_adapters, read_adapter
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=256, max_position_embeddings=256)
+PROMPT = [5, 17, 3, 99, 42, 7, 1, 250, 31, 64, 8]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {  # name -> LoraConfig arguments
+    "all": dict(r=4, lora_alpha=8, target_modules=ALL),
+    "rs": dict(r=8, lora_alpha=4, target_modules=ALL, use_rslora=True),
+    "qv": dict(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "pattern": dict(r=4, lora_alpha=8, target_modules=["k_proj", "down_proj", "gate_proj"],
+                    rank_pattern={"down_proj": 2}, alpha_pattern={"gate_proj": 32}),
+}
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tmp_path_factory):
+    """A random base Llama (transformers) and random PEFT adapters saved as peft saves them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tgi_backend.weights.demo import build_random_checkpoint
+
+    root = tmp_path_factory.mktemp("lora")
+    base_dir = build_random_checkpoint(str(root / "base"), arch="llama", seed=0, dtype="float32", **TINY)
+    references = {}
+    for i, (name, kwargs) in enumerate(ADAPTERS.items()):
+        base = LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
+        torch.manual_seed(100 + i)
+        model = get_peft_model(base, LoraConfig(init_lora_weights=False, **kwargs)).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(0.5)  # a delta the size of the weights, not larger
+            references[name] = model(torch.tensor([PROMPT])).logits[0, -1].float()
+        model.save_pretrained(str(root / "adapters" / name))
+    with torch.no_grad():
+        base = LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
+        references[None] = base(torch.tensor([PROMPT])).logits[0, -1].float()
+    return base_dir, str(root / "adapters"), references
+
+
+def _spec(adapters_dir: str, names) -> str:
+    return ",".join(f"{n}={adapters_dir}/{n}" for n in names)
+
+
+def _runner(base_dir: str, **kw) -> ModelRunner:
+    config = EngineConfig(model_id=base_dir, dtype="float32", block_size=4, max_total_tokens=64,
+                          max_batch_total_tokens=512, **kw).resolve(256)
+    return ModelRunner(config, base_dir)
+
+
+def test_logits_equal_peft(lora_setup):
+    base_dir, adapters_dir, references = lora_setup
+    runner = _runner(base_dir, lora_adapters=_spec(adapters_dir, ADAPTERS))
+    blocks = iter(range(0, 128, 3))
+    for name, ref in references.items():
+        chunk = ScheduledChunk(f"r-{name}", PROMPT, 0, [next(blocks) for _ in range(3)], True,
+                               SamplingParams(adapter_id=name))
+        logits = runner.compute_logits(SchedulerOutput([chunk]))[0]
+        torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4, msg=f"adapter {name}")
+    assert not torch.allclose(references["all"], references[None], atol=1e-2)  # the adapters matter
+
+
+def _engine(base_dir: str, **kw) -> LLMEngine:
+    config = EngineConfig(model_id=base_dir, dtype="float32", block_size=4, max_total_tokens=64,
+                          max_batch_total_tokens=1024, **kw)
+    return LLMEngine(config, model_path=base_dir)
+
+
+def _run(engine: LLMEngine, jobs: list[tuple[list[int], str | None]], max_new: int = 6) -> list[list[int]]:
+    ids = []
+    for i, (prompt, adapter) in enumerate(jobs):
+        rid = f"j{i}-{len(engine.scheduler.requests)}-{adapter}-{id(jobs)}"
+        engine.add_request(rid, prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True, adapter_id=adapter))
+        ids.append(rid)
+    out: dict[str, list[int]] = {rid: [] for rid in ids}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out[o.request_id].extend(o.new_token_ids)
+    return [out[rid] for rid in ids]
+
+
+def test_mixed_batch_equals_each_alone(lora_setup):
+    base_dir, adapters_dir, _ = lora_setup
+    names = ["all", "rs", "qv"]
+    engine = _engine(base_dir, lora_adapters=_spec(adapters_dir, names), enable_prefix_caching=False)
+    jobs = [(PROMPT[: 5 + i], n) for i, n in enumerate(names + [None])]
+    mixed = _run(engine, jobs)
+    alone = [_run(engine, [job])[0] for job in jobs]
+    assert mixed == alone
+    assert len({tuple(m) for m in mixed}) > 1  # different adapters, different continuations
+
+
+def test_load_use_unload_use_again(lora_setup, tmp_path):
+    base_dir, adapters_dir, _ = lora_setup
+    engine = _engine(base_dir, lora_root=str(tmp_path))  # LoRA on, nothing preloaded
+    base = _run(engine, [(PROMPT, None)])[0]
+    engine.load_adapter("a", f"{adapters_dir}/all")
+    with_a = _run(engine, [(PROMPT, "a")])[0]
+    assert with_a != base  # and the prefix cache, warm from the base run, was not reused for "a"
+    assert with_a == _run(_engine(base_dir, lora_adapters=_spec(adapters_dir, ["all"])), [(PROMPT, "all")])[0]
+    engine.unload_adapter("a")
+    with pytest.raises(ValidationError, match="unknown adapter `a`"):
+        engine.add_request("x", PROMPT, SamplingParams(adapter_id="a"))
+    assert _run(engine, [(PROMPT, None)])[0] == base
+    engine.load_adapter("a", f"{adapters_dir}/all")
+    assert _run(engine, [(PROMPT, "a")])[0] == with_a
+
+
+def test_adapters_load_on_first_use_from_the_root_with_lru_eviction(lora_setup):
+    base_dir, adapters_dir, _ = lora_setup
+    engine = _engine(base_dir, lora_root=adapters_dir, max_loras=1)
+    first = _run(engine, [(PROMPT, "qv")])[0]
+    assert set(engine.runner.lora.slots) == {"qv"}
+    _run(engine, [(PROMPT, "rs")])
+    assert set(engine.runner.lora.slots) == {"rs"}  # qv was idle: evicted
+    assert _run(engine, [(PROMPT, "qv")])[0] == first
+    engine.add_request("busy", PROMPT, SamplingParams(max_new_tokens=2, adapter_id="qv"))
+    with pytest.raises(ValidationError, match="in use"):
+        engine.add_request("other", PROMPT, SamplingParams(adapter_id="all"))
+    for name in ("../base", "/etc", "nope"):
+        with pytest.raises(ValidationError, match="unknown adapter"):
+            engine.add_request(f"bad-{name}", PROMPT, SamplingParams(adapter_id=name))
+
+
+def test_lora_off_and_bad_adapters(lora_setup, tmp_path):
+    base_dir, adapters_dir, _ = lora_setup
+    with pytest.raises(ValidationError, match="LoRA is off"):
+        _engine(base_dir).add_request("x", PROMPT, SamplingParams(adapter_id="a"))
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        read_adapter(str(tmp_path))
+    assert adapter_under_root(adapters_dir, "all") and adapter_under_root(adapters_dir, "../base") is None
+    assert parse_lora_adapters("org/ad, b=/x/y") == [("org/ad", "org/ad"), ("b", "/x/y")]
+    with pytest.raises(ValueError, match="given twice"):
+        parse_lora_adapters("a=/x,a=/y")
