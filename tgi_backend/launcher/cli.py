@@ -34,6 +34,11 @@ _ENGINE_FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("watermark-gamma", float, 0.5, "share of the vocabulary in each step's green list (watermark)"),
     ("watermark-delta", float, 2.0, "logit bias of green tokens (watermark)"),
     ("enable-prefill-logprobs", bool, False, "allow `decoder_input_details` (prompt logprobs)"),
+    ("quantize", str, None, "gptq, awq, marlin, exllama (from the checkpoint), eetq / bitsandbytes (int8), "
+     "bitsandbytes-nf4 / -fp4 (int4), fp8, compressed-tensors; default: the checkpoint's quantization_config"),
+    ("lora-adapters", str, None, "LoRA adapters to preload: name=path or hub id, comma-separated (TGI's syntax)"),
+    ("lora-root", str, None, "folder of PEFT adapters loaded on first use by `adapter_id` (its subfolder name)"),
+    ("max-loras", int, 8, "LoRA adapters loaded at once; past it the least recently used idle one is unloaded"),
 )
 _SERVER_FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("http-port", int, 8000, "Triton HTTP port"),
@@ -116,7 +121,29 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     config = EngineConfig(**values)
     if config.dtype not in DTYPES:
         raise SystemExit(f"tgi-triton: --dtype must be one of {', '.join(DTYPES)}, got {config.dtype!r}")
+    _check_quantize_and_lora(config)
+    if config.lora_root:  # the model's process may run elsewhere: absolute path
+        config = EngineConfig(**{**values, "lora_root": os.path.abspath(config.lora_root)})
     return config
+
+
+def _check_quantize_and_lora(config: EngineConfig) -> None:
+    """Flag syntax errors before tritonserver starts (the model loads the files later)."""
+    if config.quantize:
+        from tgi_backend.layers.quantization.base import TGI_QUANTIZE
+
+        if config.quantize not in TGI_QUANTIZE:
+            raise SystemExit(f"tgi-triton: --quantize must be one of {', '.join(sorted(TGI_QUANTIZE))}, "
+                             f"got {config.quantize!r}")
+    if config.lora_adapters:
+        from tgi_backend.weights.adapters import parse_lora_adapters
+
+        try:
+            parse_lora_adapters(config.lora_adapters)
+        except ValueError as exc:
+            raise SystemExit(f"tgi-triton: {exc}") from exc
+    if config.lora_root and not os.path.isdir(config.lora_root):
+        raise SystemExit(f"tgi-triton: --lora-root {config.lora_root!r} is not a folder")
 
 
 def server_options(args: argparse.Namespace) -> ServerOptions:
