@@ -165,3 +165,27 @@ def test_unknown_architecture_names_model_type_and_supported_list():
     for name in ("LlamaForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "GemmaForCausalLM",
                  "Gemma2ForCausalLM", "Phi3ForCausalLM"):
         assert name in msg
+
+
+def test_checkpoint_missing_an_expert_fails_loudly(tmp_path):
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from tgi_backend.models.mixtral import MixtralForCausalLM
+    from tgi_backend.weights.loader import load_weights
+
+    config = transformers.MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=16, vocab_size=64,
+                                        num_local_experts=4, num_experts_per_tok=2)
+    config.architectures = ["MixtralForCausalLM"]
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path)
+    hf = config.to_dict()
+    model = MixtralForCausalLM(MixtralForCausalLM.args_from_config(hf), 64)
+    load_weights(model, str(tmp_path))  # the whole checkpoint: every expert stacked in place
+    tensors = load_file(tmp_path / "model.safetensors")
+    ref = tensors["model.layers.0.block_sparse_moe.experts.2.w3.weight"]
+    assert torch.equal(model.model.layers[0].mlp.experts.w13.weight[2, 16:], ref)
+    del tensors["model.layers.0.block_sparse_moe.experts.2.w3.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"experts\.w13.*\(2, 1\)"):
+        load_weights(MixtralForCausalLM(MixtralForCausalLM.args_from_config(hf), 64), str(tmp_path))
