@@ -114,8 +114,9 @@ def stop_server(server: Server, timeout: float = 60.0) -> int:
     return process.returncode
 
 
-def start_server(model_dir: str, work: Path) -> Server:
-    """Starts `tgi-triton serve` on free ports with model_dir and waits until it is ready (fails the test if not)."""
+def start_server(model_dir: str, work: Path, extra_args: tuple[str, ...] = ()) -> Server:
+    """Starts `tgi-triton serve` on free ports with model_dir (and extra launcher flags) and waits until it is
+    ready (fails the test if not)."""
     http, grpc, metrics = free_ports(3)
     cmd = launcher_command() + [
         "serve", "--model-id", model_dir, "--dtype", "float32",
@@ -123,6 +124,7 @@ def start_server(model_dir: str, work: Path) -> Server:
         "--max-batch-total-tokens", "4096", "--max-batch-prefill-tokens", "512",
         "--max-concurrent-requests", "16", "--http-port", str(http), "--grpc-port", str(grpc),
         "--metrics-port", str(metrics), "--model-repository", str(work / "repo"), "--exit-timeout-secs", "5",
+        *extra_args,
     ]
     log_path = work / "server.log"
     with open(log_path, "wb") as log:
