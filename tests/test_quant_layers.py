@@ -35,6 +35,12 @@ def test_round_to_nearest_error_is_bounded():
         assert float((err - scales[g_idx.long()] * (1.0 if not sym else 0.5) * 1.01).max()) < 1e-6
 
 
+def _close(got: torch.Tensor, want: torch.Tensor, compute: str) -> None:
+    # the int ops take bfloat16 activations (compute.act_dtype): ~3 significant digits; a packing slip is O(1)
+    tol = 1e-4 if compute == "dense" else 1e-2 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
 def _qkv_base() -> QKVLinear:
     layer = QKVLinear(hidden=64, head_dim=16, num_heads=4, num_kv_heads=2)  # q 64, k 32, v 32
     layer.weight.data.normal_()
@@ -68,7 +74,7 @@ def test_packed_layer_equals_dequantized_reference(fmt, opts, compute):
     assert layer.weight_format == compute and layer.bias is None
     x = torch.randn(5, 64)
     ref = x @ torch.cat(reference).T
-    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+    _close(layer(x), ref, compute)
     assert [t.shape[-1] for t in layer.split(layer(x))] == [64, 32, 32]
 
 
@@ -85,8 +91,8 @@ def test_on_the_fly_quantization(quantize, fmt):
     exact = x @ base.weight.data.T
     err = (layer(x) - exact).abs().max() / exact.abs().max()
     assert err < (0.02 if fmt == "int8" else 0.2)
-    ref = x @ layer.dequantized_weight().T  # and it computes exactly what it stores
-    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+    ref = x @ layer.dequantized_weight().T  # and it computes what it stores
+    _close(layer(x), ref, fmt)
 
 
 def test_fp8_on_the_fly_from_float_checkpoint():
@@ -106,7 +112,7 @@ def test_gptq_checkpoint_bias_is_kept_when_nonzero():
         getattr(layer, name).weight_loader(getattr(layer, name), t)
     layer.process_weights_after_loading()
     x = torch.randn(2, 64)
-    torch.testing.assert_close(layer(x), x @ deq.T + torch.arange(16.0), rtol=1e-4, atol=1e-4)
+    _close(layer(x), x @ deq.T + torch.arange(16.0), layer.weight_format)
 
 
 def test_format_detection_and_errors():

@@ -42,7 +42,11 @@ def test_quantized_model_matches_dequantized_reference(tiny_llama_dir, tmp_path,
     runner = _runner(quantized)
     layers = [m for m in runner.model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 2 * 4 and {m.weight_format for m in layers} == {compute}
-    torch.testing.assert_close(_logits(runner), _logits(_runner(reference)), rtol=1e-3, atol=1e-3)
+    got, want = _logits(runner), _logits(_runner(reference))
+    # int4 runs on bfloat16 activations (compute.act_dtype); the dense path is float32 throughout
+    tol = 1e-3 if compute == "dense" else 1e-2 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert torch.argmax(got) == torch.argmax(want)
 
 
 @pytest.mark.parametrize("quantize", ["eetq", "bitsandbytes-nf4", "fp8"])
