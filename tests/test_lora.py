@@ -147,3 +147,36 @@ def test_lora_off_and_bad_adapters(lora_setup, tmp_path):
     assert parse_lora_adapters("org/ad, b=/x/y") == [("org/ad", "org/ad"), ("b", "/x/y")]
     with pytest.raises(ValueError, match="given twice"):
         parse_lora_adapters("a=/x,a=/y")
+
+
+def test_grouped_and_stacked_paths_equal_a_per_row_reference():
+    from tgi_backend.layers.linear import QKVLinear
+    from tgi_backend.layers.lora import LoraBatch, LoraLinear
+
+    torch.manual_seed(0)
+    base = QKVLinear(hidden=32, head_dim=8, num_heads=4, num_kv_heads=2)  # q 32, k 16, v 16
+    base.weight.data.normal_()
+
+    class Holder:
+        batch = LoraBatch()
+
+    layer = LoraLinear(base, {"q_proj": (0, 32), "k_proj": (32, 16), "v_proj": (48, 16)}, Holder)
+    adapters = {0: {"q_proj": 4, "v_proj": 2}, 1: {"k_proj": 3}, 2: {"q_proj": 1, "k_proj": 2, "v_proj": 5}}
+    pairs = {}
+    for slot, ranks in adapters.items():
+        pairs[slot] = {leaf: (torch.randn(r, 32), torch.randn(layer.shards[leaf][1], r)) for leaf, r in ranks.items()}
+        layer.set_adapter(slot, pairs[slot], torch.float32)
+    slots = [0, 0, 1, -1, 2, 2, 0, 1, -1]
+    x = torch.randn(len(slots), 32)
+    want = base(x)
+    for row, slot in enumerate(slots):
+        for leaf, (a, b) in pairs.get(slot, {}).items():
+            off, size = layer.shards[leaf]
+            want[row, off : off + size] += b @ (a @ x[row])
+    Holder.batch = LoraBatch.from_slots(slots)  # every loaded adapter present: the stacked path
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    Holder.batch = LoraBatch.from_slots([s if s != 1 else -1 for s in slots])  # a subset: the grouped path
+    for row, slot in enumerate(slots):
+        if slot == 1:
+            want[row] = base(x[row : row + 1])[0]
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent('''
     import torch
     from tgi_backend.kernels.dequant_matmul import dequant_matmul, to_kernel_layout
     from tgi_backend.kernels.lora_sgmv import lora_sgmv, segments_from_slots, stack_adapters
-    from tgi_backend.layers.lora import LoraBatch, lora_delta_
+    from tgi_backend.layers.lora import LoraBatch, LoraWeights, lora_delta_
     from tgi_backend.layers.quantization import packing
 
     def rel(got, want):
@@ -51,7 +51,8 @@ SCRIPT = textwrap.dedent('''
                     for s, r in ((0, 4), (1, 8), (3, 2))}
         x = torch.randn(len(slots), n_in, generator=g)
         y0 = torch.randn(len(slots), n_out, generator=g)
-        want = lora_delta_(y0.clone(), x, LoraBatch.from_slots(slots).groups, adapters)
+        plain = {s: LoraWeights.plain(a, b) for s, (a, b) in adapters.items()}
+        want = lora_delta_(y0.clone(), x, LoraBatch.from_slots(slots).groups, plain)
         a_stack, b_stack = stack_adapters(adapters, 4)
         got = lora_sgmv(y0.clone().to(dtype), x.to(dtype), a_stack.to(dtype), b_stack.to(dtype), slots)
         return rel(got, want)

@@ -3,8 +3,9 @@
 A batch mixes rows of several adapters and rows with none. Once per step the runner gives each token's
 adapter slot (-1: none); `LoraBatch` groups the rows by slot, and each wrapped linear adds, per group,
 (x[rows] @ A.T) @ B.T to its output rows: a segmented gather-matmul (PyTorch here; kernels/lora_sgmv.py is
-the Triton version for the GPU). Packed linears (qkv_proj, gate_up_proj) hold one block-diagonal pair per
-adapter, so q/k/v (gate/up) deltas land in their own output slices with one matmul pair.
+the Triton version for the GPU). Packed linears (qkv_proj, gate_up_proj) shrink once with the shards' A
+stacked ([r_q + r_k + r_v, in]), then expand each shard's slice of that into its own output columns, so
+q/k/v (gate/up) deltas land in their own slices and no zero block is read.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ class LoraBatch:
     """Rows of one step grouped by adapter slot; `rows` None means every row of the batch."""
 
     groups: list[tuple[int, torch.Tensor | None]] = field(default_factory=list)
+    token_slots: torch.Tensor | None = None  # [tokens] slot per token (-1: none); set when several adapters mix
+    num_tokens: int = 0
 
     @classmethod
     def from_slots(cls, slots: list[int]) -> "LoraBatch":
@@ -29,9 +32,21 @@ class LoraBatch:
         if not used:
             return cls()
         if len(used) == 1 and all(s == used[0] for s in slots):
-            return cls([(used[0], None)])
+            return cls([(used[0], None)], None, len(slots))
         index = torch.tensor(slots, dtype=torch.long)
-        return cls([(s, torch.nonzero(index == s).flatten()) for s in used])
+        return cls([(s, torch.nonzero(index == s).flatten()) for s in used], index, len(slots))
+
+
+@dataclass(frozen=True, slots=True)
+class LoraWeights:
+    """One adapter on one linear: A of every shard stacked, and (out offset, size, rank range, B) per shard."""
+
+    a: torch.Tensor  # [r_total, in]
+    parts: tuple[tuple[int, int, int, int, torch.Tensor], ...]  # (offset, size, r0, r1, B [size, r1 - r0])
+
+    @classmethod
+    def plain(cls, a: torch.Tensor, b: torch.Tensor) -> "LoraWeights":
+        return cls(a, ((0, b.shape[0], 0, a.shape[0], b),))
 
 
 class LoraLinear(nn.Module):
@@ -41,8 +56,9 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base = base
         self.shards = shards  # checkpoint module leaf name -> (output offset, size)
-        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [R, in], B [out, R])
+        self.adapters: dict[int, LoraWeights] = {}  # slot -> weights
         self._manager = [batch_ref]  # a list: not registered as a submodule
+        self._stacked: tuple[torch.Tensor, torch.Tensor, list] | None = None  # stack_lora(adapters), lazily
         for attr in ("in_features", "out_features", "shard_offsets", "q_size", "kv_size"):
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
@@ -53,46 +69,91 @@ class LoraLinear(nn.Module):
     def set_adapter(self, slot: int, parts: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> None:
         """parts: shard leaf name -> (A [r, in], B [size, r]); missing shards get no delta."""
         if not parts:
-            self.adapters.pop(slot, None)
+            self.drop(slot)
             return
-        total_r = sum(a.shape[0] for a, _ in parts.values())
-        a_cat = torch.zeros(total_r, self.base.in_features)
-        b_cat = torch.zeros(self.base.out_features, total_r)
-        r0 = 0
-        for leaf, (a, b) in parts.items():
+        self._stacked = None
+        a_parts, b_parts, r0 = [], [], 0
+        for leaf, (a, b) in sorted(parts.items(), key=lambda kv: self.shards[kv[0]][0]):
             offset, size = self.shards[leaf]
-            if a.shape[1] != self.base.in_features or b.shape[0] != size:
+            if a.shape[1] != self.base.in_features or b.shape[0] != size or b.shape[1] != a.shape[0]:
                 raise ValueError(f"LoRA {leaf}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit "
                                  f"in {self.base.in_features}, out {size}")
-            a_cat[r0 : r0 + a.shape[0]] = a
-            b_cat[offset : offset + size, r0 : r0 + a.shape[0]] = b
+            a_parts.append(a)
+            b_parts.append((offset, size, r0, r0 + a.shape[0], b.to(dtype).contiguous()))
             r0 += a.shape[0]
-        self.adapters[slot] = (a_cat.to(dtype).contiguous(), b_cat.to(dtype).contiguous())
+        self.adapters[slot] = LoraWeights(torch.cat(a_parts).to(dtype).contiguous(), tuple(b_parts))
+
+    def drop(self, slot: int) -> None:
+        self.adapters.pop(slot, None)
+        self._stacked = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, in] -> [tokens, out]
         y = self.base(x)
-        groups = self._manager[0].batch.groups
-        if not groups or not self.adapters:
+        batch = self._manager[0].batch
+        if not batch.groups or not self.adapters:
             return y
-        return lora_delta_(y, x, groups, self.adapters)
+        # a small mixed batch using every loaded adapter: one masked pass over all of them beats a pass per
+        # adapter (dispatch-bound on CPU); otherwise gather each adapter's rows
+        if batch.token_slots is not None and batch.num_tokens <= STACKED_MAX_TOKENS and all(
+            s in self.adapters for s, _ in batch.groups
+        ) and len(batch.groups) == len(self.adapters):
+            return self._stacked_delta_(y, x, batch.token_slots)
+        return lora_delta_(y, x, batch.groups, self.adapters)
+
+    def _stacked_delta_(self, y: torch.Tensor, x: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+        if self._stacked is None:
+            self._stacked = stack_lora(self.adapters)
+        col_slot, a_all, parts = self._stacked
+        shrunk = x.to(a_all.dtype) @ a_all.T  # [tokens, cols]: every adapter's shrink for every row
+        shrunk.mul_(col_slot.unsqueeze(0) == token_slots.unsqueeze(1))  # keep each row's own adapter
+        for offset, size, c0, c1, b_all in parts:
+            y.narrow(1, offset, size).add_((shrunk[:, c0:c1] @ b_all.T).to(y.dtype))
+        return y
 
 
 def lora_delta_(
     y: torch.Tensor, x: torch.Tensor, groups: list[tuple[int, torch.Tensor | None]],
-    adapters: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    adapters: dict[int, LoraWeights],
 ) -> torch.Tensor:
-    """y[rows] += (x[rows] @ A.T) @ B.T for each (slot, rows) group: the CPU segmented gather-matmul."""
+    """y[rows] += (x[rows] @ A.T) @ B.T for each (slot, rows) group, in place: the CPU segmented gather-matmul."""
     for slot, rows in groups:
-        ab = adapters.get(slot)
-        if ab is None:
+        w = adapters.get(slot)
+        if w is None:
             continue
-        a, b = ab
-        if rows is None:
-            y = y + (x.to(a.dtype) @ a.T @ b.T).to(y.dtype)
-        else:
-            y = y.index_add(0, rows, (x.index_select(0, rows).to(a.dtype) @ a.T @ b.T).to(y.dtype))
+        xs = x if rows is None else x.index_select(0, rows)
+        shrunk = xs.to(w.a.dtype) @ w.a.T  # [rows, r_total]
+        for offset, size, r0, r1, b in w.parts:
+            delta = (shrunk[:, r0:r1] @ b.T).to(y.dtype)  # [rows, size]
+            out = y.narrow(1, offset, size)
+            if rows is None:
+                out.add_(delta)
+            else:
+                out.index_add_(0, rows, delta)
     return y
+
+
+STACKED_MAX_TOKENS = 64  # past it, computing every adapter for every row costs more than gathering
+
+
+def stack_lora(adapters: dict[int, LoraWeights]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """All adapters of one linear side by side, shard-major: (slot of each shrunk column [cols], A [cols, in],
+    [(out offset, size, c0, c1, B [size, c1 - c0])]) so each shard expands with one matmul for all adapters."""
+    shards = sorted({(off, size) for w in adapters.values() for off, size, *_ in w.parts})
+    col_slot: list[int] = []
+    a_rows, parts, c0 = [], [], 0
+    for off, size in shards:
+        bs = []
+        for slot, w in sorted(adapters.items()):
+            for p_off, p_size, r0, r1, b in w.parts:
+                if (p_off, p_size) == (off, size):
+                    a_rows.append(w.a[r0:r1])
+                    bs.append(b)
+                    col_slot.extend([slot] * (r1 - r0))
+        c1 = c0 + sum(b.shape[1] for b in bs)
+        parts.append((off, size, c0, c1, torch.cat(bs, dim=1).contiguous()))
+        c0 = c1
+    return torch.tensor(col_slot, dtype=torch.long), torch.cat(a_rows).contiguous(), parts
 
 
 class LoraManager:
@@ -161,7 +222,7 @@ class LoraManager:
 
     def _clear(self, slot: int) -> None:
         for layer in self.layers.values():
-            layer.adapters.pop(slot, None)
+            layer.drop(slot)
 
     def acquire(self, name: str, root: str | None, in_use: set[str]) -> int:
         """The slot of a loaded adapter, or loads <root>/<name> (evicting the least recently used idle one).
