@@ -180,3 +180,22 @@ def test_grouped_and_stacked_paths_equal_a_per_row_reference():
         if slot == 1:
             want[row] = base(x[row : row + 1])[0]
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_phi3_stored_packed_targets_equal_peft(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=128, vocab_size=256, max_position_embeddings=256, pad_token_id=0)
+    torch.manual_seed(0)
+    Phi3ForCausalLM(config).save_pretrained(str(tmp_path / "base"), safe_serialization=True)
+    base = Phi3ForCausalLM.from_pretrained(str(tmp_path / "base"), torch_dtype=torch.float32).eval()
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj", "o_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora).eval()
+    with torch.no_grad():
+        want = model(torch.tensor([PROMPT])).logits[0, -1].float()
+    model.save_pretrained(str(tmp_path / "ad"))
+    runner = _runner(str(tmp_path / "base"), lora_adapters=f"ad={tmp_path}/ad")
+    chunk = ScheduledChunk("r", PROMPT, 0, [0, 1, 2], True, SamplingParams(adapter_id="ad"))
+    torch.testing.assert_close(runner.compute_logits(SchedulerOutput([chunk]))[0], want, rtol=1e-4, atol=1e-4)

@@ -73,7 +73,7 @@ class ModelRunner:
             self.model = model_cls(args, max_pos)
         quantization = strategy_for(config.quantize, self.hf_config)
         if quantization is not None:  # drop-in quantized linears; they convert themselves after loading
-            quantization.apply(self.model)
+            quantization.apply(self.model, model_path)
         load_weights(self.model, model_path)
         self.model.eval()
         self.lora = build_lora_manager(self.model, config, self.dtype)  # wraps linears by path; None: LoRA off

@@ -43,6 +43,7 @@ def _int32(*shape: int) -> nn.Parameter:
 @register
 class AWQStrategy(QuantStrategy):
     name = "awq"
+    markers = ("qweight",)
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)

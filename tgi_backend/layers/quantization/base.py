@@ -56,7 +56,7 @@ class QuantizedLinear(nn.Module):
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any, out_dim: int | None, pack: int
     ) -> None:
         target = param.data
-        if out_dim is not None:
+        if out_dim is not None and shard_id is not None:  # None: the whole tensor (plain, or stored packed)
             offset, size = self.shard_offsets[shard_id]
             if offset % pack or size % pack:
                 raise ValueError(f"shard {shard_id!r}: {size} columns do not pack by {pack}")
@@ -109,17 +109,6 @@ class QuantizedLinear(nn.Module):
             self.bias = bias
 
 
-class DenseWeightLinear(QuantizedLinear):
-    """Compute format: a plain float weight (dequantize-on-load, for formats without a CPU kernel)."""
-
-    def set_dense(self, weight: torch.Tensor) -> None:
-        # weight: [out, in]
-        self.weight = nn.Parameter(weight.to(self.dtype).contiguous(), requires_grad=False)
-
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
-
-
 class QuantStrategy(ABC):
     """One checkpoint format: which modules it quantizes and the linear it builds for each."""
 
@@ -132,17 +121,48 @@ class QuantStrategy(ABC):
     @abstractmethod
     def build(self, base: Linear) -> QuantizedLinear: ...
 
-    def apply(self, model: nn.Module) -> int:
-        """Replaces every Linear (the LM head and embeddings are not Linear) in place; returns how many."""
+    # checkpoint tensor names that mark a module stored quantized; empty: quantized on the fly (every Linear)
+    markers: tuple[str, ...] = ()
+    requires_markers = True  # False: a checkpoint without markers is float, quantized on the fly (fp8)
+
+    def apply(self, model: nn.Module, model_path: str | None = None) -> int:
+        """Replaces each Linear (the LM head and embeddings are not Linear) in place; returns how many.
+
+        With model_path, only the linears the checkpoint stores quantized (a MoE router, a module in
+        `modules_to_not_convert` stay float); a checkpoint with no marker at all is float: all, on the fly.
+        """
+        stored = self._quantized_modules(model_path) if model_path and self.markers else None
+        packed: dict[str, list[str]] = {}
+        for ckpt_key, (param_key, _) in getattr(model, "packed_modules_mapping", {}).items():
+            packed.setdefault(param_key, []).append(ckpt_key)
         replaced = 0
         for path, module in list(model.named_modules()):
             if not isinstance(module, Linear) or any(s and s in path for s in self.skip):
                 continue
-            parent_path, _, child = path.rpartition(".")
+            parent_path, _, leaf = path.rpartition(".")
+            names = [path] + [f"{parent_path}.{ck}" if parent_path else ck for ck in packed.get(leaf, [])]
+            if stored is not None and not any(n in stored for n in names):
+                continue
             parent = model.get_submodule(parent_path) if parent_path else model
-            setattr(parent, child, self.build(module))
+            setattr(parent, leaf, self.build(module))
             replaced += 1
         return replaced
+
+    def _quantized_modules(self, model_path: str) -> set[str] | None:
+        from safetensors import safe_open
+
+        from tgi_backend.weights.loader import safetensors_files
+
+        found: set[str] = set()
+        for file in safetensors_files(model_path):
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    module, _, tensor = name.rpartition(".")
+                    if tensor in self.markers:
+                        found.add(module)
+        if not found and self.requires_markers:
+            raise ValueError(f"the checkpoint has no {self.name} tensors ({', '.join(self.markers)})")
+        return found or None
 
 
 STRATEGIES: dict[str, type[QuantStrategy]] = {}

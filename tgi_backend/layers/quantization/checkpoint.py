@@ -18,7 +18,7 @@ from tgi_backend.layers.quantization.packing import (
     awq_pack, awq_unpack, dequantize, gptq_pack, gptq_unpack, quantize_groups,
 )
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 
 
 def _gptq(name: str, w: torch.Tensor, opts: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -71,8 +71,11 @@ def quantization_config(fmt: str, opts: dict[str, Any]) -> dict[str, Any]:
     return {"quant_method": "fp8", "activation_scheme": "dynamic"}
 
 
-def quantize_checkpoint(src: str, dst: str, fmt: str, reference_dir: str | None = None, **opts: Any) -> str:
-    """src: a float checkpoint folder (one model.safetensors) -> dst in `fmt`; reference_dir: dequantized copy."""
+def quantize_checkpoint(
+    src: str, dst: str, fmt: str, reference_dir: str | None = None, skip: tuple[str, ...] = (), **opts: Any
+) -> str:
+    """src: a float checkpoint folder (one model.safetensors) -> dst in `fmt`; reference_dir: dequantized copy;
+    skip: linears left in float (names containing one of these)."""
     os.makedirs(dst, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     reference: dict[str, torch.Tensor] = {}
@@ -80,7 +83,7 @@ def quantize_checkpoint(src: str, dst: str, fmt: str, reference_dir: str | None 
         for name in f.keys():
             w = f.get_tensor(name)
             module, _, kind = name.rpartition(".")
-            if kind == "weight" and module.rsplit(".", 1)[-1] in LINEARS:
+            if kind == "weight" and module.rsplit(".", 1)[-1] in LINEARS and not any(s in module for s in skip):
                 packed, deq = PACKERS[fmt](name, w, opts)
                 tensors.update({f"{module}.{k}": v.contiguous() for k, v in packed.items()})
                 reference[name] = deq.to(w.dtype)

@@ -46,7 +46,7 @@ class FP8Linear(QuantizedLinear):
         self.weight_format = ""
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any = None) -> None:
-        offset, size = self.shard_offsets[shard_id]
+        offset, size = self.shard_offsets.get(shard_id, (0, self.out_features))  # None: stored packed
         if loaded.dtype != FP8:  # a float checkpoint: quantize per channel now
             if self.block is not None:
                 raise ValueError("a float checkpoint cannot be loaded with block-wise fp8 scales")
@@ -75,6 +75,8 @@ class FP8Linear(QuantizedLinear):
 @register
 class FP8Strategy(QuantStrategy):
     name = "fp8"
+    markers = ("weight_scale", "weight_scale_inv")
+    requires_markers = False
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)

@@ -59,6 +59,7 @@ def _int32(*shape: int) -> nn.Parameter:
 @register
 class GPTQStrategy(QuantStrategy):
     name = "gptq"
+    markers = ("qweight",)
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__(config)
