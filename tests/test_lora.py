@@ -26,6 +26,13 @@ ADAPTERS = {  # name -> LoraConfig arguments
 }
 
 
+@pytest.fixture(autouse=True)
+def _own_rng():
+    """Seeds set here must not change the random draws of tests that run later."""
+    with torch.random.fork_rng():
+        yield
+
+
 @pytest.fixture(scope="module")
 def lora_setup(tmp_path_factory):
     """A random base Llama (transformers) and random PEFT adapters saved as peft saves them."""

@@ -16,6 +16,13 @@ from tgi_backend.layers.quantization.checkpoint import quantize_checkpoint
 PROMPT = [5, 17, 3, 99, 42, 7, 1, 250, 31, 64, 8]
 
 
+@pytest.fixture(autouse=True)
+def _own_rng():
+    """Seeds set here must not change the random draws of tests that run later."""
+    with torch.random.fork_rng():
+        yield
+
+
 def _runner(folder: str, **kw) -> ModelRunner:
     config = EngineConfig(model_id=folder, dtype="float32", block_size=4, max_total_tokens=64,
                           max_batch_total_tokens=256, **kw).resolve(512)
@@ -104,3 +111,18 @@ def test_linears_the_checkpoint_keeps_in_float_stay_float(tiny_llama_dir, tmp_pa
     gptq = strategy_for(None, {"quantization_config": {"quant_method": "gptq", "bits": 4}})
     with pytest.raises(ValueError, match="no gptq tensors"):  # a float checkpoint that claims to be GPTQ
         gptq.apply(runner.model, tiny_llama_dir)
+
+
+def test_on_the_fly_moe_keeps_routers_float(tmp_path):
+    from tgi_backend.weights.demo import build_random_checkpoint
+
+    src = build_random_checkpoint(str(tmp_path / "mixtral"), arch="mixtral", seed=0, dtype="float32", tokenizer=False,
+                                  hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, vocab_size=512,
+                                  max_position_embeddings=512)
+    runner = _runner(src, quantize="eetq", lora_root=str(tmp_path))  # LoRA on too: wraps projections only
+    layer = runner.model.model.layers[0]
+    assert type(layer.mlp.gate).__name__ == "Linear"
+    assert type(layer.self_attn.qkv_proj.base).__name__ == "OnTheFlyLinear"
+    plain = _logits(_runner(src))
+    assert torch.nn.functional.cosine_similarity(_logits(runner), plain).item() > 0.95

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tgi_backend.weights.adapters import LoraAdapter
+from tgi_backend.weights.adapters import TARGETS, LoraAdapter
 
 
 @dataclass(slots=True)
@@ -178,7 +178,9 @@ class LoraManager:
             members.setdefault(param_key, []).append((leaf, shard_id))
         for path, module in list(model.named_modules()):
             leaf = path.rpartition(".")[2]
-            if not hasattr(module, "in_features") or leaf == "lm_head" or isinstance(module, LoraLinear):
+            if not hasattr(module, "in_features") or isinstance(module, LoraLinear):
+                continue
+            if leaf not in TARGETS and leaf not in members:  # only what a PEFT adapter may target
                 continue
             offsets = getattr(module, "shard_offsets", None) or {}
             shards = {ck: offsets[sid] for ck, sid in members.get(leaf, [])} or {leaf: (0, module.out_features)}

@@ -137,9 +137,9 @@ class QuantStrategy(ABC):
             packed.setdefault(param_key, []).append(ckpt_key)
         replaced = 0
         for path, module in list(model.named_modules()):
-            if not isinstance(module, Linear) or any(s and s in path for s in self.skip):
-                continue
             parent_path, _, leaf = path.rpartition(".")
+            if not isinstance(module, Linear) or leaf in ROUTERS or any(s and s in path for s in self.skip):
+                continue
             names = [path] + [f"{parent_path}.{ck}" if parent_path else ck for ck in packed.get(leaf, [])]
             if stored is not None and not any(n in stored for n in names):
                 continue
@@ -165,6 +165,7 @@ class QuantStrategy(ABC):
         return found or None
 
 
+ROUTERS = ("gate", "shared_expert_gate")  # MoE routers stay float, as in TGI and vLLM
 STRATEGIES: dict[str, type[QuantStrategy]] = {}
 
 # TGI's --quantize names -> our strategy; None: take the format from config.json's quantization_config
