@@ -71,3 +71,17 @@ def test_unknown_adapter_is_a_validation_error(quantized_server):
     with pytest.raises(InferenceServerException, match="unknown adapter `nope`"):
         client.generate(PROMPT, max_tokens=2, sampling_parameters={"adapter_id": "nope"})
     assert len(client.generate(PROMPT, max_tokens=2).token_ids) == 2  # and the server still serves
+
+
+def test_http_generate_takes_adapter_id_as_a_request_parameter(quantized_server):
+    import json
+
+    client = TGITritonClient(quantized_server.grpc_url)
+    want = client.generate(PROMPT, max_tokens=6, sampling_parameters={"adapter_id": "b", "ignore_eos": True}).token_ids
+    body = {"text_input": PROMPT, "max_tokens": 6, "parameters": {"adapter_id": "b", "ignore_eos": True}}
+    status, text = quantized_server.post("/v2/models/tgi_llm/generate", body)
+    assert status == 200, text
+    ids = json.loads(text)["output_ids"]
+    assert (ids if isinstance(ids, list) else [ids]) == want
+    status, text = quantized_server.post("/v2/models/tgi_llm/generate", {**body, "parameters": {"adapter_id": "zz"}})
+    assert status == 400 and "unknown adapter `zz`" in text
