@@ -92,13 +92,13 @@ class MinNewTokens:
         return params.min_new_tokens > 0
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        vocab = logits.shape[-1]
+        num_rows, vocab = logits.shape
+        banned = torch.zeros(num_rows, vocab, dtype=torch.bool)
+        banned[:, [i for i in self.eos_token_ids if 0 <= i < vocab]] = True
+        own = [(i, t) for i, r in enumerate(rows) for t in r.params.stop_token_ids if 0 <= t < vocab]
+        if own:
+            banned[[i for i, _ in own], [t for _, t in own]] = True
         young = torch.tensor([r.num_output_tokens < r.params.min_new_tokens for r in rows]).unsqueeze(1)
-        ends = set(self.eos_token_ids)
-        for r in rows:
-            ends.update(r.params.stop_token_ids)
-        banned = torch.zeros(vocab, dtype=torch.bool)
-        banned[[i for i in ends if 0 <= i < vocab]] = True
         return logits.masked_fill(young & banned, NEG_INF)
 
 
