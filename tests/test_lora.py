@@ -206,3 +206,23 @@ def test_phi3_stored_packed_targets_equal_peft(tmp_path):
     runner = _runner(str(tmp_path / "base"), lora_adapters=f"ad={tmp_path}/ad")
     chunk = ScheduledChunk("r", PROMPT, 0, [0, 1, 2], True, SamplingParams(adapter_id="ad"))
     torch.testing.assert_close(runner.compute_logits(SchedulerOutput([chunk]))[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_changed_or_removed_folder_under_the_root_is_read_again(lora_setup, tmp_path):
+    import os
+    import shutil
+
+    base_dir, adapters_dir, _ = lora_setup
+    shutil.copytree(f"{adapters_dir}/qv", tmp_path / "x")
+    engine = _engine(base_dir, lora_root=str(tmp_path))
+    first = _run(engine, [(PROMPT, "x")])[0]
+    shutil.rmtree(tmp_path / "x")
+    shutil.copytree(f"{adapters_dir}/all", tmp_path / "x")  # same name, other weights: a new version
+    os.utime(tmp_path / "x" / "adapter_model.safetensors", ns=(1, 1))
+    second = _run(engine, [(PROMPT, "x")])[0]
+    assert second != first
+    assert second == _run(_engine(base_dir, lora_adapters=_spec(adapters_dir, ["all"])), [(PROMPT, "all")])[0]
+    shutil.rmtree(tmp_path / "x")
+    with pytest.raises(ValidationError, match="unknown adapter `x`"):
+        engine.add_request("gone", PROMPT, SamplingParams(adapter_id="x"))
+    assert "x" not in engine.runner.lora.slots

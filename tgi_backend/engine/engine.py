@@ -141,9 +141,8 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             use_prefix_cache=not params.decoder_input_details,  # a cache hit would skip prompt positions
         )
-        if params.adapter_id:
-            self._acquire_adapter(params.adapter_id)
-            request.cache_salt = params.adapter_id  # same tokens, other K/V: the prefix cache keeps them apart
+        if params.adapter_id:  # same tokens, other K/V: the prefix cache keeps adapters (and versions) apart
+            request.cache_salt = self._acquire_adapter(params.adapter_id)
         self.scheduler.add_request(request)
         state = self._new_state(request)
         if params.decoder_input_details:
@@ -175,7 +174,8 @@ class LLMEngine:
     def _adapters_in_use(self) -> set[str]:
         return {r.sampling.adapter_id for r in self.scheduler.requests.values() if r.sampling.adapter_id}
 
-    def _acquire_adapter(self, name: str) -> None:
+    def _acquire_adapter(self, name: str) -> str:
+        """Loads the adapter if needed; returns its prefix-cache salt."""
         lora = self.runner.lora
         if lora is None:
             raise ValidationError(
@@ -191,6 +191,7 @@ class LLMEngine:
             ) from None
         except ValueError as exc:  # a broken adapter folder, or every slot busy
             raise ValidationError(f"Input validation error: adapter `{name}`: {exc}") from exc
+        return lora.cache_salt(name)
 
     def load_adapter(self, name: str, path: str) -> None:
         """Loads (or replaces) a PEFT adapter at run time; requests name it by `adapter_id`."""
@@ -201,6 +202,7 @@ class LLMEngine:
         if name in self._adapters_in_use():
             raise ValueError(f"adapter {name!r} is in use by running requests")
         self.runner.lora.load(read_adapter(path, name))
+        self.runner.lora.pinned.add(name)  # loaded on purpose: never evicted, unloaded by unload_adapter
 
     def unload_adapter(self, name: str) -> None:
         lora = self.runner.lora

@@ -168,6 +168,8 @@ class LoraManager:
         self.layers: dict[str, LoraLinear] = {}  # our module path -> wrapper
         self.targets: dict[str, tuple[str, str]] = {}  # checkpoint module path -> (our path, shard leaf)
         self.pinned: set[str] = set()  # preloaded with --lora-adapters: never evicted
+        self.versions: dict[str, int] = {}  # name -> load counter at its last load
+        self._loads = 0
         self._lru: dict[str, None] = {}  # adapters loaded from the root, least recently used first
         self._wrap(model)
 
@@ -214,7 +216,13 @@ class LoraManager:
             raise
         self.slots[adapter.name] = slot
         self.adapters[adapter.name] = adapter
+        self._loads += 1
+        self.versions[adapter.name] = self._loads
         return slot
+
+    def cache_salt(self, name: str) -> str:
+        """Prefix-cache salt of a loaded adapter: a reloaded version never reuses the old one's K/V."""
+        return f"lora:{name}:{self.versions[name]}"
 
     def unload(self, name: str) -> None:
         slot = self.slots.pop(name)
@@ -231,11 +239,13 @@ class LoraManager:
 
         Raises KeyError for a name that is neither loaded nor an adapter folder under root.
         """
-        if name in self.slots:
-            self._lru[name] = self._lru.pop(name, None)  # most recently used last
-            return self.slots[name]
         from tgi_backend.weights.adapters import adapter_under_root, read_adapter
 
+        if name in self.slots:
+            if name in self.pinned or name in in_use or not self._changed(name):
+                self._lru[name] = self._lru.pop(name, None)  # most recently used last
+                return self.slots[name]
+            self.unload(name)  # its folder changed or went away: read it again (or forget it)
         path = adapter_under_root(root or "", name)
         if path is None:
             raise KeyError(name)
@@ -247,6 +257,12 @@ class LoraManager:
         slot = self.load(read_adapter(path, name))
         self._lru[name] = None
         return slot
+
+    def _changed(self, name: str) -> bool:
+        from tgi_backend.weights.adapters import folder_stamp
+
+        adapter = self.adapters[name]
+        return adapter.stamp is not None and folder_stamp(adapter.path) != adapter.stamp
 
     def set_batch(self, token_slots: list[int]) -> None:
         self.batch = LoraBatch.from_slots(token_slots)

@@ -28,6 +28,21 @@ class LoraAdapter:
     rank: int
     # checkpoint module path (model.layers.0.self_attn.q_proj) -> (A [r, in], B [out, r] times the scaling)
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    stamp: tuple[int, ...] | None = None  # folder_stamp when read: a changed folder is read again
+
+
+def folder_stamp(path: str) -> tuple[int, ...] | None:
+    """mtime and size of the adapter's files; None when the folder is no adapter (any more)."""
+    out: list[int] = []
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        try:
+            st = os.stat(os.path.join(path, name))
+        except FileNotFoundError:
+            if name == "adapter_config.json":
+                return None
+            continue
+        out += [st.st_mtime_ns, st.st_size]
+    return tuple(out)
 
 
 def _pattern_value(pattern: dict[str, float], module: str, default: float) -> float:
@@ -64,7 +79,8 @@ def read_adapter(path: str, name: str | None = None) -> LoraAdapter:
         if module.rsplit(".", 1)[-1] not in TARGETS:
             raise ValueError(f"adapter {path}: target module {module!r} is not supported ({', '.join(TARGETS)})")
         pairs.setdefault(module, {})[m["ab"]] = tensor
-    adapter = LoraAdapter(name=name or os.path.basename(os.path.normpath(path)), path=path, rank=r)
+    adapter = LoraAdapter(name=name or os.path.basename(os.path.normpath(path)), path=path, rank=r,
+                          stamp=folder_stamp(path))
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"adapter {path}: {module} lacks lora_{'B' if 'A' in ab else 'A'}")
