@@ -12,9 +12,12 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from tgi_backend.config import DTYPES, EngineConfig
+
+if TYPE_CHECKING:
+    from tgi_backend.frontend.state import FrontendSettings
 
 # (flag, type, default, help); the env var is the flag upper-cased with dashes as underscores.
 _ENGINE_FLAGS: tuple[tuple[str, type, object, str], ...] = (
@@ -48,6 +51,19 @@ _SERVER_FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("exit-timeout-secs", int, 10, "tritonserver --exit-timeout-secs"),
     ("ready-timeout-secs", int, 600, "how long to wait for the models to load"),
 )
+# The TGI/OpenAI HTTP front (tgi_backend.frontend); `serve` starts it beside tritonserver.
+_FRONT_FLAGS: tuple[tuple[str, type, object, str], ...] = (
+    ("port", int, 3000, "the TGI/OpenAI HTTP front's port"),
+    ("hostname", str, "0.0.0.0", "the front's listen address (not read from the environment)"),
+    ("api-key", str, None, "generation routes need `Authorization: Bearer <key>`"),
+    ("payload-limit", int, 2_000_000, "largest request body in bytes (413 beyond)"),
+    ("max-client-batch-size", int, 4, "most prompts in one /v1/completions request"),
+)
+_FRONT_ONLY_FLAGS: tuple[tuple[str, type, object, str], ...] = (
+    ("triton-url", str, "127.0.0.1:8001", "Triton's gRPC endpoint"),
+    ("metrics-url", str, None, "Triton's metrics URL (default: the gRPC host, port 8002)"),
+    ("tokenizer", str, None, "a local tokenizer folder, if the model's folder is not readable here"),
+)
 ENV_TRITONSERVER = "TGI_TRITON_SERVER"
 
 
@@ -70,7 +86,9 @@ def read_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The flags' values found in the environment, keyed by flag name (the only env read of the CLI)."""
     environ = os.environ if environ is None else environ
     found: dict[str, str] = {}
-    for flag, *_ in _ENGINE_FLAGS + _SERVER_FLAGS + (("model-repository",),):
+    for flag, *_ in _ENGINE_FLAGS + _SERVER_FLAGS + _FRONT_FLAGS + _FRONT_ONLY_FLAGS + (("model-repository",),):
+        if flag == "hostname":  # shells and containers set HOSTNAME to the machine's name
+            continue
         value = environ.get(env_name(flag))
         if value not in (None, ""):
             found[flag] = value
@@ -84,6 +102,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="render the model repository and run tritonserver on it")
     build = sub.add_parser("build-repo", help="only write the model repository")
+    front = sub.add_parser("frontend", help="run only the TGI/OpenAI HTTP front against a running Triton")
+    _add_flags(front, _FRONT_FLAGS + _FRONT_ONLY_FLAGS, env)
+    _add_flags(serve, _FRONT_FLAGS, env)
+    serve.add_argument("--no-frontend", action="store_true", help="do not start the HTTP front")
     for p, server in ((serve, True), (build, False)):
         flags = _ENGINE_FLAGS + (_SERVER_FLAGS if server else ())
         for flag, kind, default, text in flags:
@@ -106,6 +128,29 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         help=f"tritonserver binary [env {ENV_TRITONSERVER}; else PATH; else nvidia-pytriton's]",
     )
     return parser
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: tuple[tuple[str, type, object, str], ...],
+               env: Mapping[str, str]) -> None:
+    for flag, kind, default, text in flags:
+        value = kind(env[flag]) if flag in env else default
+        parser.add_argument(f"--{flag}", type=kind, default=value, help=f"{text} [env {env_name(flag)}]")
+
+
+def frontend_settings(args: argparse.Namespace, triton_url: str | None = None,
+                      metrics_url: str | None = None) -> "FrontendSettings":
+    from tgi_backend.frontend.state import FrontendSettings
+
+    return FrontendSettings(
+        triton_url=triton_url or args.triton_url,
+        host=args.hostname,
+        port=args.port,
+        metrics_url=metrics_url or getattr(args, "metrics_url", None),
+        api_key=args.api_key,
+        payload_limit=args.payload_limit,
+        max_client_batch_size=args.max_client_batch_size,
+        tokenizer=getattr(args, "tokenizer", None),
+    )
 
 
 def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
@@ -160,10 +205,19 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "frontend":
+        from tgi_backend.frontend.app import run
+
+        return run(frontend_settings(args))
     config = engine_config(args)
     if args.command == "build-repo":
         return _build_repo(config, args.model_repository)
-    return _serve(config, server_options(args), args.model_repository)
+    front = None
+    if not args.no_frontend:
+        options = server_options(args)
+        front = frontend_settings(args, f"127.0.0.1:{options.grpc_port}",
+                                  f"http://127.0.0.1:{options.metrics_port}/metrics")
+    return _serve(config, server_options(args), args.model_repository, front)
 
 
 def _build_repo(config: EngineConfig, repo_dir: str) -> int:
@@ -176,8 +230,10 @@ def _build_repo(config: EngineConfig, repo_dir: str) -> int:
     return 0
 
 
-def _serve(config: EngineConfig, options: ServerOptions, repo_dir: str | None) -> int:
+def _serve(config: EngineConfig, options: ServerOptions, repo_dir: str | None,
+           front: "FrontendSettings | None" = None) -> int:
     from tgi_backend.launcher.repository import render_repository, resolve_model_for_render
+    from tgi_backend.frontend.process import FrontendProcess
     from tgi_backend.launcher.tritonserver import TritonServer, find_tritonserver
 
     binary = find_tritonserver(options.tritonserver)
@@ -189,6 +245,7 @@ def _serve(config: EngineConfig, options: ServerOptions, repo_dir: str | None) -
         stop = threading.Event()
         _on_signals(stop)
         server.start()
+        front_process = FrontendProcess(front) if front is not None else None
         try:
             if not server.wait_ready(options.ready_timeout_secs, stop):
                 if stop.is_set():  # asked to stop while loading: not a failure
@@ -196,12 +253,19 @@ def _serve(config: EngineConfig, options: ServerOptions, repo_dir: str | None) -
                 print("tgi-triton: tritonserver did not become ready (see its log above)", file=sys.stderr)
                 return 1
             _print_endpoints(options)
+            if front_process is not None:
+                front_process.start()
             while not stop.wait(0.5):
                 if server.poll() is not None:
                     print(f"tgi-triton: tritonserver exited with {server.poll()}", file=sys.stderr)
                     return 1
+                if front_process is not None and front_process.poll() is not None:
+                    print(f"tgi-triton: the HTTP front exited with {front_process.poll()}", file=sys.stderr)
+                    return 1
             return 0
         finally:
+            if front_process is not None:
+                front_process.stop()
             server.stop()
 
 
