@@ -80,10 +80,7 @@ def test_greedy_outputs_survive_preemption(tiny_llama_dir, reference, caching):
 
 
 def test_prompt_logprob_requests_do_not_use_the_cache(tiny_llama_dir):
-    fields = {f.name for f in dataclasses.fields(SamplingParams)}
-    if "decoder_input_details" not in fields:
-        pytest.skip("prompt logprobs (decoder_input_details) are not implemented yet")
-    engine = _engine(tiny_llama_dir)
+    engine = _engine(tiny_llama_dir, enable_prefill_logprobs=True)
     prompt = _prompts()[1]
     engine.generate([prompt], GREEDY)
     plain = engine.add_request("plain", prompt, GREEDY)
