@@ -31,6 +31,7 @@ class Server:
     metrics_url: str
     model_dir: str
     log_path: Path
+    front_url: str = ""  # the TGI/OpenAI HTTP front (tgi_backend.frontend), started by `serve --port`
 
     @property
     def shm_prefix(self) -> str:
@@ -94,6 +95,14 @@ def _ready(http_url: str) -> bool:
     return True
 
 
+def _front_ready(front_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{front_url}/health", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def stop_server(server: Server, timeout: float = 60.0) -> int:
     """SIGTERM the launcher by pid; SIGKILL its group after a timeout; remove the run's shm regions."""
     process = server.process
@@ -117,13 +126,13 @@ def stop_server(server: Server, timeout: float = 60.0) -> int:
 def start_server(model_dir: str, work: Path, extra_args: tuple[str, ...] = ()) -> Server:
     """Starts `tgi-triton serve` on free ports with model_dir (and extra launcher flags) and waits until it is
     ready (fails the test if not)."""
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics, front = free_ports(4)
     cmd = launcher_command() + [
         "serve", "--model-id", model_dir, "--dtype", "float32",
         "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--max-input-tokens", str(MAX_INPUT_TOKENS),
         "--max-batch-total-tokens", "4096", "--max-batch-prefill-tokens", "512",
         "--max-concurrent-requests", "16", "--http-port", str(http), "--grpc-port", str(grpc),
-        "--metrics-port", str(metrics), "--model-repository", str(work / "repo"), "--exit-timeout-secs", "5",
+        "--metrics-port", str(metrics), "--port", str(front), "--model-repository", str(work / "repo"), "--exit-timeout-secs", "5",
         *extra_args,
     ]
     log_path = work / "server.log"
@@ -131,9 +140,9 @@ def start_server(model_dir: str, work: Path, extra_args: tuple[str, ...] = ()) -
         # Its own session, so a leftover can be killed as a group; the launcher's pid names the run.
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     srv = Server(process, f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}",
-                 model_dir, log_path)
+                 model_dir, log_path, "" if "--no-frontend" in extra_args else f"http://127.0.0.1:{front}")
     deadline = time.monotonic() + READY_TIMEOUT
-    while not _ready(srv.http_url):
+    while not (_ready(srv.http_url) and (not srv.front_url or _front_ready(srv.front_url))):
         if process.poll() is not None or time.monotonic() > deadline:
             stop_server(srv)
             pytest.fail(f"tgi-triton serve did not become ready:\n{srv.log_tail()}")
