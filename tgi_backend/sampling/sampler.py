@@ -84,10 +84,16 @@ class Sampler:
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows), [None] * len(rows))
         if any(active):
             logits = self.process(logits, rows, active)
-        tokens = logits.argmax(dim=-1)
-        if sampled:
+        if len(sampled) == len(rows):
+            tokens = self._draw(logits, rows)
+        elif sampled:
+            tokens = torch.empty(len(rows), dtype=torch.long)
+            greedy = torch.tensor([i for i, r in enumerate(rows) if not r.params.do_sample])
+            tokens[greedy] = logits.index_select(0, greedy).argmax(dim=-1)
             index = torch.tensor(sampled)
             tokens[index] = self._draw(logits.index_select(0, index), [rows[i] for i in sampled])
+        else:
+            tokens = logits.argmax(dim=-1)
         out = SamplerOutput(tokens.tolist(), [None] * len(rows), [None] * len(rows))
         if wanted:
             self._logprobs(logits, tokens, rows, wanted, out)
