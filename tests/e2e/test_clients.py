@@ -90,3 +90,67 @@ def test_openai_client(server):
     assert client.models.list().data[0].object == "model"
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="tgi", messages=MESSAGES, top_p=7.0)
+
+
+# ---- our own client (client/): async streaming, cancellation by leaving the loop, the CLI -----------------------
+def _kv_free(url: str) -> tuple[int, int]:
+    import queue
+
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    responses: queue.SimpleQueue = queue.SimpleQueue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    flag = grpcclient.InferInput("return_kv_stats", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([True]))
+    client.async_stream_infer("tgi_llm", [flag], enable_empty_final_response=True)
+    result, error = responses.get(timeout=120)
+    client.stop_stream()
+    client.close()
+    assert error is None, error
+    return int(result.as_numpy("kv_blocks_free")[0]), int(result.as_numpy("kv_blocks_total")[0])
+
+
+def test_async_client_streams_and_leaving_the_loop_cancels(server):
+    import time
+
+    from client import AsyncTGITritonClient, TGITritonClient
+
+    params = {"ignore_eos": True, "temperature": 0}
+    whole = TGITritonClient(server.grpc_url).generate("Async", max_tokens=6, sampling_parameters=params,
+                                                      exclude_input_in_output=True)
+
+    async def main() -> tuple[str, int]:
+        async with AsyncTGITritonClient(server.grpc_url) as client:
+            parts = [d.text async for d in client.generate_stream("Async", max_tokens=6, sampling_parameters=params)]
+            seen = 0
+            async for delta in client.generate_stream("Async", max_tokens=400, sampling_parameters=params):
+                seen += len(delta.token_ids)
+                break  # leaving the loop cancels the request
+            return "".join(parts), seen
+
+    streamed, seen = asyncio.run(main())
+    assert streamed == whole.text and whole.finish_reason == "length" and seen >= 1
+    _, total = _kv_free(server.grpc_url)
+    deadline = time.monotonic() + 120
+    while _kv_free(server.grpc_url)[0] != total:
+        assert time.monotonic() < deadline, "the cancelled request's KV blocks never came back"
+        time.sleep(0.1)
+
+
+def test_cli_generate_streams_tokens(server):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "tgi_backend.launcher.cli", "generate", "Hello", "--url", server.grpc_url,
+           "--stream", "--max-new-tokens", "5", "--temperature", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    from client import TGITritonClient
+
+    expected = TGITritonClient(server.grpc_url).generate(
+        "Hello", sampling_parameters={"max_new_tokens": 5, "temperature": 0}, exclude_input_in_output=True)
+    assert done.stdout == expected.text + "\n" and "finish_reason" in done.stderr
+    bad = subprocess.run(cmd[:-4] + ["--max-new-tokens", "600"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "Input validation error" in bad.stderr

@@ -106,6 +106,9 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     _add_flags(front, _FRONT_FLAGS + _FRONT_ONLY_FLAGS, env)
     _add_flags(serve, _FRONT_FLAGS, env)
     serve.add_argument("--no-frontend", action="store_true", help="do not start the HTTP front")
+    from client.cli import add_arguments
+
+    add_arguments(sub.add_parser("generate", help="one request to a running server over gRPC, tokens printed"))
     for p, server in ((serve, True), (build, False)):
         flags = _ENGINE_FLAGS + (_SERVER_FLAGS if server else ())
         for flag, kind, default, text in flags:
@@ -205,6 +208,10 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "generate":
+        from client.cli import run as run_generate
+
+        return run_generate(args)
     if args.command == "frontend":
         from tgi_backend.frontend.app import run
 
