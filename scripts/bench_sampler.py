@@ -127,9 +127,12 @@ def main() -> int:
     parser.add_argument("--history", type=int, default=256, help="tokens per row (prompt + generated)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--model", choices=["small", "medium"], default=None)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: torch's default")
     parser.add_argument("--out", default="bench-results")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     result, sampling = bench_sampler(args.batch, args.vocab, args.history, args.steps)
     result.update(batch=args.batch, vocab=args.vocab, history=args.history, threads=torch.get_num_threads())
     result["sampler_ratio"] = result["mixed_s"] / result["greedy_s"]

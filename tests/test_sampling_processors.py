@@ -82,6 +82,18 @@ def test_top_p(batch):
 
 
 @SETTINGS
+@given(batches(sampled(top_p=st.floats(0.01, 0.99), top_k=st.integers(1, 80))))
+def test_top_p_after_top_k_sorts_only_the_survivors(batch):
+    logits, rows = batch
+    after_k = Sampler(processors=[P.TopK()]).process(logits, rows)
+
+    def reference(x, row):
+        return TopPLogitsWarper(row.params.top_p)(None, x)
+
+    check(P.TopP(), after_k, rows, reference)
+
+
+@SETTINGS
 @given(batches(sampled(typical_p=st.floats(0.01, 0.99))))
 def test_typical_p(batch):
     check(P.TypicalP(), *batch, lambda x, r: TypicalLogitsWarper(r.params.typical_p)(None, x))

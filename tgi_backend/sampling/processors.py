@@ -17,6 +17,7 @@ import torch
 from tgi_backend.engine.request import SamplingParams
 
 NEG_INF = float("-inf")
+TOP_P_CANDIDATES = 1024  # top-p sorts only the finite logits when no row has more (top-k ran before)
 
 
 @dataclass(slots=True)
@@ -131,12 +132,6 @@ def _sorted_values(x: torch.Tensor) -> torch.Tensor:
     return x.sort(dim=-1).values
 
 
-def _argsort(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and not x.requires_grad:
-        return torch.from_numpy(np.argsort(x.contiguous().numpy(), axis=-1))
-    return x.argsort(dim=-1)
-
-
 class TopP:
     def active(self, params: SamplingParams) -> bool:
         return params.do_sample and params.top_p < 1.0
@@ -144,11 +139,28 @@ class TopP:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         # TGI / transformers: drop the low tail whose mass is <= 1 - top_p, keep at least one. The dropped
         # tail is a prefix of the ascending order, so the sorted values alone give each row's threshold.
-        sorted_logits = _sorted_values(logits)
-        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - _column(rows, "top_p")
-        num_removed = remove.sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)  # [rows, 1]
-        threshold = sorted_logits.gather(1, num_removed)
+        finite = torch.isfinite(logits).sum(dim=-1)  # [rows]
+        few = finite <= TOP_P_CANDIDATES  # after top-k / min-p: only the survivors need sorting
+        top_p = _column(rows, "top_p")
+        threshold = torch.empty_like(top_p)
+        for group in (few, ~few):
+            if not bool(group.any()):
+                continue
+            index = group.nonzero().squeeze(1)
+            sub = logits.index_select(0, index)
+            if group is few:
+                sorted_logits = sub.topk(max(int(finite[index].max()), 1), dim=-1).values.flip(-1)
+            else:
+                sorted_logits = _sorted_values(sub)
+            threshold[index] = _top_p_threshold(sorted_logits, top_p.index_select(0, index))
         return logits.masked_fill(logits < threshold, NEG_INF)
+
+
+def _top_p_threshold(sorted_logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """sorted_logits: [rows, n] ascending -> [rows, 1], the smallest logit top-p keeps."""
+    remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    num_removed = remove.sum(dim=-1, keepdim=True).clamp(max=sorted_logits.shape[-1] - 1)
+    return sorted_logits.gather(1, num_removed)
 
 
 class TypicalP:
@@ -156,15 +168,20 @@ class TypicalP:
         return params.do_sample and params.typical_p < 1.0
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        # TGI / transformers: keep the tokens closest to the entropy until their mass reaches typical_p
+        # TGI / transformers: keep the tokens closest to the entropy until their mass reaches typical_p.
+        # Sorted by |deviation| with the deviation's sign in the lowest mantissa bit, so a values-only sort
+        # (no argsort) still gives each token's probability in that order.
         logp = logits.log_softmax(dim=-1)
         entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
-        shifted = (-logp - entropy).abs()
-        order = _argsort(shifted)
-        cumulative = logp.gather(1, order).exp().cumsum(dim=-1)
-        last = (cumulative < _column(rows, "typical_p")).sum(dim=1, keepdim=True).clamp(max=logits.shape[-1] - 1)
-        threshold = shifted.gather(1, order.gather(1, last))
-        return logits.masked_fill(shifted > threshold, NEG_INF)
+        deviation = -logp - entropy  # [rows, vocab]; log p = -entropy - deviation
+        bits = deviation.abs().view(torch.int32)
+        key = ((bits & ~1) | (deviation < 0).to(torch.int32)).view(torch.float32)
+        sorted_key = _sorted_values(key)
+        sign = 1.0 - 2.0 * (sorted_key.view(torch.int32) & 1).to(logits.dtype)
+        probs = (-entropy - sign * sorted_key).exp()  # in ascending |deviation| order
+        last = (probs.cumsum(dim=-1) < _column(rows, "typical_p")).sum(dim=1, keepdim=True)
+        threshold = sorted_key.gather(1, last.clamp(max=logits.shape[-1] - 1))
+        return logits.masked_fill(key > threshold, NEG_INF)
 
 
 class MinP:
