@@ -240,3 +240,25 @@ def test_details_through_the_engine_loop(engine):
     assert all(len(p["tokens"]) == 1 for p in parts) and "finish_reason" in parts[-1]
     assert "finish_reason" not in parts[0]
     assert [p["tokens"][0] for p in parts] == d["tokens"]
+
+
+def test_prompt_logprobs_survive_chunked_prefill(tiny_llama_dir, engine):
+    from tgi_backend.engine.engine import LLMEngine
+
+    chunked = LLMEngine(EngineConfig(model_id=tiny_llama_dir, dtype="float32", max_total_tokens=256,
+                                     block_size=BLOCK, max_batch_total_tokens=2048, max_batch_prefill_tokens=12,
+                                     enable_prefill_logprobs=True))
+    ids = prompt(45, offset=6)
+    given = dict(max_new_tokens=2, decoder_input_details=True)
+    small = details_of(run(chunked, {"c": (ids, given)})["c"])["prefill"]
+    whole = details_of(run(engine, {"w": (ids, given)})["w"])["prefill"]
+    assert [p["logprob"] for p in small] == pytest.approx([p["logprob"] for p in whole], abs=1e-4, nan_ok=True)
+
+
+def test_min_new_tokens_holds_back_a_stop_token(engine):
+    ids = prompt(6, 2)
+    first = tokens_of(run(engine, {"g": (ids, dict(max_new_tokens=8))})["g"])
+    stopped = run(engine, {"s": (ids, dict(max_new_tokens=8, stop_token_ids=[first[1]]))})["s"]
+    assert tokens_of(stopped) == first[:2] and stopped[-1].finish_reason == "eos_token"
+    held = run(engine, {"m": (ids, dict(max_new_tokens=8, min_new_tokens=6, stop_token_ids=[first[1]]))})["m"]
+    assert first[1] not in tokens_of(held)[:6] and len(tokens_of(held)) >= 6
