@@ -219,9 +219,29 @@ def test_text_detector_scores_the_retokenized_text(engine):
 
 
 def test_details_through_the_engine_loop(engine):
+    import threading
+
     from tgi_backend.serving.engine_loop import EngineLoop, Job
 
-    from tests.test_engine_loop import ListSink
+    class ListSink:
+        def __init__(self) -> None:
+            self.chunks: list = []
+            self.done = threading.Event()
+
+        def send(self, chunk, final: bool) -> None:
+            self.chunks.append(chunk)
+            if final:
+                self.done.set()
+
+        def send_error(self, error: Exception) -> None:
+            raise AssertionError(error)
+
+        def is_cancelled(self) -> bool:
+            return False
+
+        def wait(self) -> "ListSink":
+            assert self.done.wait(120.0), "the request never finished"
+            return self
 
     loop = EngineLoop(engine)
     loop.start()
