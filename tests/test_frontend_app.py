@@ -232,6 +232,10 @@ def test_chat_and_completions_not_streaming(chat_tokenizer):
         assert tokenized["templated_text"].endswith("<|assistant|>\n")
         assert [t["id"] for t in tokenized["tokenize_response"]] == chat_tokenizer(
             tokenized["templated_text"])["input_ids"]
+        sagemaker = await (await client.post("/invocations", json=body)).json()
+        assert sagemaker["object"] == "chat.completion"
+        sagemaker = await (await client.post("/invocations", json={"inputs": "Hi"})).json()
+        assert sagemaker == [{"generated_text": "Hello!"}]
         models = await (await client.get("/v1/models")).json()
         assert models["object"] == "list" and models["data"][0]["id"] == "org/model"
 

@@ -233,3 +233,43 @@ def test_client_leaving_a_stream_cancels_it_and_frees_its_blocks(server):
     while _cancelled(server) == before or kv_stats(server.grpc_url)[0] != total:
         assert time.monotonic() < deadline, "the stream was not cancelled or its KV blocks never came back"
         time.sleep(0.1)
+
+
+# ---- property-based: random TGI requests never get a 5xx, and every answer matches the schema ---------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_floats = lambda lo, hi: st.one_of(st.none(), st.floats(lo, hi, allow_nan=False))  # noqa: E731
+# max_new_tokens always given: the default (max_total - input) would make each example long.
+PARAMETERS = st.fixed_dictionaries({"max_new_tokens": st.one_of(st.integers(-1, 8), st.just(600))}, optional={
+    "do_sample": st.booleans(),
+    "temperature": _floats(-0.5, 3.0),
+    "top_k": st.one_of(st.none(), st.integers(-2, 40)),
+    "top_p": _floats(-0.2, 1.2),
+    "typical_p": _floats(-0.2, 1.2),
+    "repetition_penalty": _floats(-0.5, 3.0),
+    "frequency_penalty": _floats(-3.0, 3.0),
+    "seed": st.one_of(st.none(), st.integers(0, 2**40)),
+    "stop": st.lists(st.text(min_size=1, max_size=3), max_size=5),
+    "truncate": st.one_of(st.none(), st.integers(-1, 60)),
+    "details": st.booleans(),
+    "top_n_tokens": st.one_of(st.none(), st.integers(-1, 7)),
+    "best_of": st.one_of(st.none(), st.integers(0, 3)),
+    "return_full_text": st.booleans(),
+    "watermark": st.booleans(),
+    "not_a_tgi_parameter": st.integers(),
+})
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(inputs=st.text(max_size=30), parameters=PARAMETERS, route=st.sampled_from(["/generate", "/generate_stream", "/"]))
+def test_random_requests_get_no_5xx_and_match_the_schema(server, inputs, parameters, route):
+    status, headers, raw = post(server, route, {"inputs": inputs, "parameters": parameters})
+    assert status < 500, raw
+    if status != 200:
+        check("ErrorResponse", json.loads(raw))
+    elif route == "/generate_stream":
+        for event in sse(raw):
+            check("ErrorResponse" if "error" in event else "StreamResponse", event)
+    else:
+        check("GenerateResponse[]" if route == "/" else "GenerateResponse", json.loads(raw))

@@ -47,12 +47,19 @@ def _bytes_content(value: bytes) -> bytes:
     return struct.pack("<I", len(value)) + value
 
 
+def _utf8(text: str, name: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates from JSON escapes
+        raise ValidationError(f"Input validation error: `{name}` is not valid UTF-8") from exc
+
+
 def build_request(model: str, request_id: str, req: TritonRequest) -> Any:
     """A ModelInferRequest with raw contents; asks Triton for the empty final response (end marker)."""
     msg = service_pb2.ModelInferRequest(model_name=model, id=request_id)
     tensors: list[tuple[str, str, bytes]] = [
-        ("text_input", "BYTES", _bytes_content(req.text.encode("utf-8"))),
-        ("sampling_parameters", "BYTES", _bytes_content(req.sampling_parameters.encode("utf-8"))),
+        ("text_input", "BYTES", _bytes_content(_utf8(req.text, "inputs"))),
+        ("sampling_parameters", "BYTES", _bytes_content(_utf8(req.sampling_parameters, "parameters"))),
         ("stream", "BOOL", b"\x01" if req.stream else b"\x00"),
     ]
     tensors += [(name, "BOOL", b"\x01" if value else b"\x00") for name, value in req.bools.items()]

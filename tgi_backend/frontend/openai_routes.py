@@ -16,7 +16,7 @@ from tgi_backend.frontend.errors import (
 from tgi_backend.frontend.generation import Outcome, Piece
 from tgi_backend.frontend.sse import DONE, ClientGone, EventStream
 from tgi_backend.frontend.state import FRONT, Front
-from tgi_backend.frontend.tgi_routes import read_json
+from tgi_backend.frontend.tgi_routes import compat_generate, read_json
 
 routes = web.RouteTableDef()
 
@@ -199,3 +199,17 @@ async def _merged(front: Front, jobs: list[tuple[str, dict[str, Any]]]) -> Async
     finally:
         for task in tasks:
             task.cancel()
+
+
+@routes.post("/invocations")
+async def invocations(request: web.Request) -> web.StreamResponse:
+    """SageMaker's route (TGI): a chat, completion or generate request, told apart by its fields."""
+    try:
+        body = await read_json(request)
+    except TGIError as exc:
+        return tgi_response(exc)
+    if "messages" in body:
+        return await chat_completions(request)
+    if "prompt" in body:
+        return await completions(request)
+    return await compat_generate(request)
