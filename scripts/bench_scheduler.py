@@ -3,7 +3,7 @@
 
 1. prefix:  time to first token of a request whose 1,024-token prefix was served before, vs the same request
             with the prefix cache cold (reset before each cold run).
-2. chunked: inter-token latency of 8 streams decoding while a 2,048-token prompt arrives, for several
+2. chunked: inter-token latency of 8 streams decoding while a 2,048-token prompt arrives (median of 3 runs), for several
             per-step token budgets (--max-batch-prefill-tokens); the largest budget is the unchunked peer.
 3. paged:   requests of mixed lengths that fit at once in a fixed KV budget, paged (block-rounded real
             lengths; and what our Scheduler admits at its peak, simulated on ints) vs one contiguous
@@ -113,11 +113,29 @@ def bench_prefix(path: str, prefix_len: int = 1024, suffix_len: int = 16, reps: 
 
 
 # ---- 2. chunked prefill: ITL of decoding streams while a long prompt arrives --------------------------
-def bench_chunked(path: str, budget: int, streams: int = 8, new_tokens: int = 64, long_len: int = 2048,
-                  arrive_after: int = 8) -> dict:
+def bench_chunked(path: str, budgets: list[int], reps: int = 3) -> list[dict]:
+    """Each budget `reps` times, budgets interleaved (noise on a shared machine hits them alike); medians."""
+    engines = {b: make_engine(path, max_batch_prefill_tokens=b, enable_prefix_caching=False) for b in budgets}
+    runs: dict[int, list[dict]] = {b: [] for b in budgets}
+    for _ in range(reps):
+        for b in budgets:
+            runs[b].append(chunked_run(engines[b], b))
+    rows = []
+    for b in budgets:
+        row = dict(runs[b][0])
+        for key in ("itl_ms_p50", "itl_ms_p99", "itl_ms_max", "long_prompt_ttft_ms"):
+            row[f"{key}_runs"] = [r[key] for r in runs[b]]
+            row[key] = round(statistics.median(row[f"{key}_runs"]), 1)
+        row["p99_over_p50"] = round(row["itl_ms_p99"] / row["itl_ms_p50"], 2)
+        row["reps"] = reps
+        rows.append(row)
+    return rows
+
+
+def chunked_run(engine, budget: int, streams: int = 8, new_tokens: int = 64, long_len: int = 2048,
+                arrive_after: int = 8) -> dict:
     from tgi_backend.engine.request import SamplingParams
 
-    engine = make_engine(path, max_batch_prefill_tokens=budget, enable_prefix_caching=False)
     rng = random.Random(2)
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     stamps: dict[str, list[float]] = {}
@@ -227,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="small", help="small | medium | a checkpoint folder")
     ap.add_argument("--only", choices=["prefix", "chunked", "paged"], action="append")
-    ap.add_argument("--budgets", default="4096,512,256,64", help="chunked: per-step token budgets")
+    ap.add_argument("--budgets", default="4096,512,256,128,64", help="chunked: per-step token budgets")
     ap.add_argument("--out", default="bench-results")
     args = ap.parse_args(argv)
     which = args.only or ["prefix", "chunked", "paged"]
@@ -237,9 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench_prefix(path))
         print(json.dumps(rows[-1]), flush=True)
     if "chunked" in which:
-        for budget in (int(b) for b in args.budgets.split(",")):
-            rows.append(bench_chunked(path, budget))
-            print(json.dumps(rows[-1]), flush=True)
+        for row in bench_chunked(path, [int(b) for b in args.budgets.split(",")]):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if "paged" in which:
         rows.append(bench_paged())
         print(json.dumps(rows[-1]), flush=True)
