@@ -282,3 +282,19 @@ def test_min_new_tokens_holds_back_a_stop_token(engine):
     assert tokens_of(stopped) == first[:2] and stopped[-1].finish_reason == "eos_token"
     held = run(engine, {"m": (ids, dict(max_new_tokens=8, min_new_tokens=6, stop_token_ids=[first[1]]))})["m"]
     assert first[1] not in tokens_of(held)[:6] and len(tokens_of(held)) >= 6
+
+
+def test_job_parsing_return_full_text_stop_input_and_limits():
+    import numpy as np
+
+    from tgi_backend.errors import ValidationError
+    from tgi_backend.serving.inputs import parse_job
+
+    arrays = dict(text_input=np.array([b"hi"], dtype=object), exclude_input_in_output=np.array([True]),
+                  sampling_parameters=np.array([b'{"return_full_text": true}'], dtype=object),
+                  stop=np.array([b"a", "b\u00e9".encode()], dtype=object))
+    job, _ = parse_job(arrays.get)
+    assert not job.exclude_input_in_output and job.params.stop == ("a", "b\u00e9")
+    arrays["stop"] = np.array([b"1", b"2", b"3"], dtype=object)
+    with pytest.raises(ValidationError, match="`stop` supports up to 2 stop sequences. Given: 3"):
+        parse_job(arrays.get, limits=ValidationLimits(max_stop_sequences=2))
