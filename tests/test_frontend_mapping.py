@@ -156,3 +156,23 @@ def test_metrics_merge_into_tritons_families():
     assert lines.index('tgi_request_count{source="http"} 2') == lines.index('tgi_request_count{model="tgi_llm"} 3') + 1
     types = [line.split()[2] for line in lines if line.startswith("# TYPE")]
     assert len(types) == len(set(types))
+
+
+def test_cli_front_flags():
+    from tgi_backend.frontend.process import frontend_command
+    from tgi_backend.launcher.cli import frontend_settings, parse_args
+
+    env = {"HOSTNAME": "box-123", "API_KEY": "k", "PAYLOAD_LIMIT": "10"}
+    args = parse_args(["frontend", "--triton-url", "h:9", "--port", "3100"], env)
+    settings = frontend_settings(args)
+    assert (settings.triton_url, settings.port, settings.host) == ("h:9", 3100, "0.0.0.0")  # HOSTNAME ignored
+    assert settings.api_key == "k" and settings.payload_limit == 10 and settings.max_client_batch_size == 4
+    assert settings.triton_metrics_url() == "http://h:8002/metrics"
+    cmd = frontend_command(settings)
+    assert "k" not in cmd and cmd[cmd.index("--port") + 1] == "3100"  # the key travels in the environment
+    serve = parse_args(["serve", "--no-frontend"], {})
+    assert serve.no_frontend and serve.port == 3000
+    generate = parse_args(["generate", "hi", "--stream", "--max-new-tokens", "3"], {})
+    from client.cli import sampling_parameters
+
+    assert generate.stream and sampling_parameters(generate) == {"max_new_tokens": 3}

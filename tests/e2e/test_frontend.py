@@ -273,3 +273,18 @@ def test_random_requests_get_no_5xx_and_match_the_schema(server, inputs, paramet
             check("ErrorResponse" if "error" in event else "StreamResponse", event)
     else:
         check("GenerateResponse[]" if route == "/" else "GenerateResponse", json.loads(raw))
+
+
+def test_past_max_concurrent_requests_is_429(server):
+    """The session server admits 16 requests; 24 long ones at once: the extra ones get TGI's 429."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompt = _long_greedy_prompt(server, 200)
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 200}}
+    with ThreadPoolExecutor(24) as pool:
+        replies = list(pool.map(lambda _: post(server, "/generate", body), range(24)))
+    statuses = sorted(status for status, _, _ in replies)
+    assert set(statuses) <= {200, 429} and statuses.count(200) >= 1, statuses
+    overloaded = [json.loads(raw) for status, _, raw in replies if status == 429]
+    assert overloaded, "no request was refused"
+    assert all(body == {"error": "Model is overloaded", "error_type": "overloaded"} for body in overloaded)
