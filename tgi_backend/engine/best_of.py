@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from tgi_backend.sampling import details as D
+
 
 @dataclass(slots=True)
 class SequenceResult:
@@ -61,3 +63,38 @@ class Group:
     def ranked(self) -> list[SequenceResult]:
         """Best first; ties keep the parent first."""
         return sorted((self.result(r) for r in self.member_ids), key=lambda s: -s.score)
+
+    def add(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        text: str,
+        details: dict[str, Any] | None,
+        finish_reason: str | None,
+        seed: int | None,
+    ) -> None:
+        """One member's output (finish_reason None while it runs)."""
+        res = self.result(request_id)
+        res.token_ids.extend(token_ids)
+        res.text += text
+        details = details or {}
+        res.tokens.extend(details.get("tokens", []))
+        res.top_tokens.extend(details.get("top_tokens", []))
+        if finish_reason is not None:
+            res.finished, res.finish_reason, res.seed = True, finish_reason, seed
+            if request_id == self.parent_id and "prefill" in details:
+                self.prefill = details["prefill"]
+
+    def response(self) -> tuple[SequenceResult, dict[str, Any]]:
+        """The best sequence and the details of the group's one response (TGI's shape)."""
+        best, *others = self.ranked()
+        details: dict[str, Any] = {"tokens": best.tokens}
+        if best.top_tokens:
+            details["top_tokens"] = best.top_tokens
+        details.update(finish_reason=best.finish_reason, generated_tokens=len(best.token_ids), seed=best.seed)
+        if self.prefill is not None:
+            details["prefill"] = self.prefill
+        details["best_of_sequences"] = [
+            D.best_of_sequence(s.text, s.finish_reason, s.tokens, s.top_tokens, s.seed, self.prefill) for s in others
+        ]
+        return best, details

@@ -87,7 +87,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.block_pool)
         self._states: dict[str, _State] = {}
         self._groups: dict[str, Group] = {}  # best_of parent id -> its group, until the group's response
-        self._special_ids = frozenset(getattr(self.tokenizer, "all_special_ids", None) or ())
+        self._details = D.DetailsBuilder(self.tokenizer)
         self._seeds = random.Random()  # seeds for sampled requests that gave none (reported in details)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -297,9 +297,10 @@ class LLMEngine:
             text += state.detok.flush()
         details = None
         if request.sampling.wants_details:
-            details = self._token_details(state, token_id, text, out.logprobs[i], out.top_tokens[i])
+            top = out.top_tokens[i] if request.sampling.top_n_tokens > 0 else None
+            details = self._details.step(token_id, text, out.logprobs[i], top)
             if done:
-                self._final_details(state, details)
+                self._details.finish(details, request, state.prompt_logprobs)
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=[token_id],
@@ -310,39 +311,6 @@ class LLMEngine:
             num_output_tokens=request.num_output_tokens,
             details=details,
         )
-
-    # ---- details --------------------------------------------------------------------------------
-    def _text_of(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def _token_details(
-        self, state: _State, token_id: int, text: str, logprob: float | None, top: list[tuple[int, float]] | None
-    ) -> dict[str, Any]:
-        special = token_id in self._special_ids
-        entry = D.token(token_id, self._text_of(token_id) if special else text, logprob, special)
-        result: dict[str, Any] = {"tokens": [entry]}
-        if state.request.sampling.top_n_tokens > 0:
-            alternatives = [
-                D.token(i, self._text_of(i), lp, i in self._special_ids) for i, lp in (top or [])
-            ]
-            result["top_tokens"] = [alternatives]
-        return result
-
-    def _final_details(self, state: _State, details: dict[str, Any]) -> None:
-        request = state.request
-        details["finish_reason"] = request.finish_reason.value if request.finish_reason else None
-        details["generated_tokens"] = request.num_output_tokens
-        details["seed"] = request.sampling.seed if request.sampling.do_sample else None
-        if request.sampling.decoder_input_details:
-            details["prefill"] = self._prefill(state)
-
-    def _prefill(self, state: _State) -> list[dict[str, Any]]:
-        """The prompt tokens with their logprobs (TGI: the first has none)."""
-        logprobs = state.prompt_logprobs or {}
-        return [
-            D.prefill_token(t, self._text_of(t), logprobs.get(p) if p else None)
-            for p, t in enumerate(state.request.prompt_token_ids)
-        ]
 
     # ---- best_of --------------------------------------------------------------------------------
     def _fork(self, parent_state: _State) -> None:
@@ -376,43 +344,22 @@ class LLMEngine:
         """Holds a group member's output back; returns the group's one response once all have finished."""
         group = state.group
         assert group is not None
-        res = group.result(output.request_id)
-        res.token_ids.extend(output.new_token_ids)
-        res.text += output.text
-        details = output.details or {}
-        res.tokens.extend(details.get("tokens", []))
-        res.top_tokens.extend(details.get("top_tokens", []))
-        if output.finished:
-            res.finished, res.finish_reason = True, output.finish_reason or ""
-            res.seed = state.request.sampling.seed
-            if output.request_id == group.parent_id and "prefill" in details:
-                group.prefill = details["prefill"]
+        group.add(output.request_id, output.new_token_ids, output.text, output.details, output.finish_reason
+                  if output.finished else None, state.request.sampling.seed)
         if not group.done:
             return []
         self._groups.pop(group.parent_id, None)
-        return [self._group_output(group, state.request.num_prompt_tokens)]
-
-    def _group_output(self, group: Group, num_input_tokens: int) -> RequestOutput:
-        best, *others = group.ranked()
-        details: dict[str, Any] = {"tokens": best.tokens}
-        if best.top_tokens:
-            details["top_tokens"] = best.top_tokens
-        details.update(finish_reason=best.finish_reason, generated_tokens=len(best.token_ids), seed=best.seed)
-        if group.prefill is not None:
-            details["prefill"] = group.prefill
-        details["best_of_sequences"] = [
-            D.best_of_sequence(s.text, s.finish_reason, s.tokens, s.top_tokens, s.seed, group.prefill) for s in others
-        ]
-        return RequestOutput(
+        best, details = group.response()
+        return [RequestOutput(
             request_id=group.parent_id,
             new_token_ids=list(best.token_ids),
             text=best.text,
             finished=True,
             finish_reason=best.finish_reason,
-            num_input_tokens=num_input_tokens,
+            num_input_tokens=state.request.num_prompt_tokens,
             num_output_tokens=len(best.token_ids),
             details=details,
-        )
+        )]
 
     # ---- in-process convenience ------------------------------------------------------------------
     def generate(

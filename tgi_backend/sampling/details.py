@@ -13,6 +13,41 @@ from typing import Any, Iterable, Sequence
 FINAL_KEYS = ("finish_reason", "generated_tokens", "seed", "prefill", "best_of_sequences")
 
 
+class DetailsBuilder:
+    """Builds one request's details from token ids, text deltas and logprobs (needs only the tokenizer)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", None) or ())
+
+    def text_of(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def step(
+        self, token_id: int, text: str, logprob: float | None, top: list[tuple[int, float]] | None
+    ) -> dict[str, Any]:
+        """One new token (its text is the detokenizer's delta; a special token's own text); `top`: top_n_tokens."""
+        special = token_id in self.special_ids
+        own_text = self.text_of(token_id) if special else text
+        result: dict[str, Any] = {"tokens": [token(token_id, own_text, logprob, special)]}
+        if top is not None:
+            result["top_tokens"] = [[token(i, self.text_of(i), lp, i in self.special_ids) for i, lp in top]]
+        return result
+
+    def finish(self, details: dict[str, Any], request: Any, prompt_logprobs: dict[int, float] | None) -> None:
+        """Adds the final keys: finish reason, token count, seed (null when greedy), prefill if asked."""
+        sp = request.sampling
+        details["finish_reason"] = request.finish_reason.value if request.finish_reason else None
+        details["generated_tokens"] = request.num_output_tokens
+        details["seed"] = sp.seed if sp.do_sample else None
+        if sp.decoder_input_details:
+            details["prefill"] = self.prefill(request.prompt_token_ids, prompt_logprobs or {})
+
+    def prefill(self, prompt_ids: Sequence[int], logprobs: dict[int, float]) -> list[dict[str, Any]]:
+        """The prompt tokens with their logprobs (TGI: the first has none)."""
+        return [prefill_token(t, self.text_of(t), logprobs.get(p) if p else None) for p, t in enumerate(prompt_ids)]
+
+
 def token(token_id: int, text: str, logprob: float | None, special: bool) -> dict[str, Any]:
     return {"id": int(token_id), "text": text, "logprob": _finite(logprob), "special": bool(special)}
 

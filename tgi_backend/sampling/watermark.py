@@ -54,7 +54,9 @@ class Watermark:
         return logits + green.to(logits.dtype) * self.delta
 
 
-def detect(token_ids: Sequence[int], gamma: float = 0.5, prompt_last_token: int | None = None) -> tuple[float, int, int]:
+def detect(
+    token_ids: Sequence[int], gamma: float = 0.5, prompt_last_token: int | None = None
+) -> tuple[float, int, int]:
     """z-score of a token sequence: (z, green count, scored tokens). z > 4 means watermarked (p < 3e-5).
 
     Each token is scored against the green list of the token before it; the first one against
