@@ -119,10 +119,11 @@ class Sampler:
     def _draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Inverse CDF: the first token whose cumulative probability passes u * total, one u per row."""
         # logits: [rows, vocab]
-        u = torch.rand(len(rows), generator=self._global, dtype=torch.float64)
-        for i, r in enumerate(rows):
-            if r.params.seed is not None:
-                u[i] = seeded_uniform(int(r.params.seed), r.num_output_tokens)
+        draws = torch.rand(len(rows), generator=self._global, dtype=torch.float64).tolist()
+        u = torch.tensor([
+            d if r.params.seed is None else seeded_uniform(int(r.params.seed), r.num_output_tokens)
+            for r, d in zip(rows, draws)
+        ], dtype=torch.float64)
         cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # [rows, vocab]
         total = cdf[:, -1:]
         target = (u.unsqueeze(1) * total.to(torch.float64)).to(cdf.dtype)
