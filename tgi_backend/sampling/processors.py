@@ -59,7 +59,7 @@ def _column(rows: Sequence[SamplingRow], name: str, dtype: torch.dtype = torch.f
 class Penalties:
     """repetition_penalty (TGI / transformers: prompt + generated tokens, logit * p if < 0 else / p),
     frequency_penalty (TGI: minus penalty * count / tokens so far) and presence_penalty (vLLM: minus penalty
-    for each token generated at least once), from one scatter of the rows' histories."""
+    for each token generated at least once), applied to the unique (row, token) pairs of the rows' histories."""
 
     def active(self, params: SamplingParams) -> bool:
         return params.penalized
