@@ -267,3 +267,28 @@ def test_client_leaving_a_stream_closes_the_generation():
         assert 'tgi_request_failure{source="http",err="cancelled"} 1' in metrics
 
     run(bridge, scenario)
+
+
+def test_client_leaving_a_non_streaming_request_cancels_it():
+    def endless(req: Any) -> Any:
+        i = 0
+        while True:
+            i += 1
+            yield token_response(i, "x")
+
+    bridge = FakeBridge(endless, delay=0.01)
+
+    async def scenario(client: TestClient) -> None:
+        pending = asyncio.ensure_future(client.post("/generate", json={"inputs": "Hi"}))
+        for _ in range(500):  # bounds for a hang, not timing assertions
+            if bridge.requests:
+                break
+            await asyncio.sleep(0.01)
+        pending.cancel()  # the client closes its connection
+        for _ in range(500):
+            if bridge.closed_early:
+                break
+            await asyncio.sleep(0.01)
+        assert bridge.closed_early == 1
+
+    run(bridge, scenario)
