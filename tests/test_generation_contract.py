@@ -298,3 +298,22 @@ def test_job_parsing_return_full_text_stop_input_and_limits():
     arrays["stop"] = np.array([b"1", b"2", b"3"], dtype=object)
     with pytest.raises(ValidationError, match="`stop` supports up to 2 stop sequences. Given: 3"):
         parse_job(arrays.get, limits=ValidationLimits(max_stop_sequences=2))
+
+
+def test_best_of_reserves_room_for_its_sequences(tiny_llama_dir):
+    from tgi_backend.engine.engine import LLMEngine
+    from tgi_backend.errors import OverloadedError
+
+    small = LLMEngine(EngineConfig(model_id=tiny_llama_dir, dtype="float32", max_total_tokens=64,
+                                   max_batch_total_tokens=1024, max_concurrent_requests=3))
+    limits = ValidationLimits.from_config(small.config)
+    small.add_request("g", prompt(5), parse_sampling_parameters(
+        dict(do_sample=True, best_of=2, max_new_tokens=3, ignore_eos=True), limits=limits))
+    small.add_request("one", prompt(5, 1), parse_sampling_parameters(dict(max_new_tokens=3), limits=limits))
+    with pytest.raises(OverloadedError):  # the group's child is not admitted yet, but its place is taken
+        small.add_request("two", prompt(5, 2), parse_sampling_parameters(dict(max_new_tokens=3), limits=limits))
+    outputs = []
+    while small.has_unfinished_requests():
+        outputs.extend(small.step())
+    (group,) = [o for o in outputs if o.request_id == "g"]
+    assert len(group.details["best_of_sequences"]) == 1

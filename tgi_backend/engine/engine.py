@@ -131,6 +131,7 @@ class LLMEngine:
         if params.truncate and len(prompt) > params.truncate:
             prompt = prompt[-params.truncate :]  # TGI keeps the last `truncate` tokens
         max_new = self.validate(prompt, params)
+        self._check_room(params.best_of)
         if params.do_sample and params.seed is None:  # TGI draws one and reports it in details
             params = dataclasses.replace(params, seed=self._new_seed())
         request = Request(
@@ -151,6 +152,12 @@ class LLMEngine:
             state.group = self._groups[request_id] = Group(request_id, params.best_of)
         self._states[request_id] = state
         return request
+
+    def _check_room(self, sequences: int) -> None:
+        """Room for all of a request's sequences, counting the children that best_of groups will add."""
+        reserved = sum(g.size - 1 for g in self._groups.values() if not g.forked)
+        if len(self.scheduler.requests) + reserved + sequences > self.config.max_concurrent_requests:
+            raise OverloadedError()
 
     def _new_state(self, request: Request) -> _State:
         from tgi_backend.tokenizer.detokenizer import IncrementalDetokenizer
