@@ -10,3 +10,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -c constraints-cpu.txt torch==2.13.0 "numpy<2"
 .venv/bin/python -m pip install -q -c constraints-cpu.txt -e ".[serve,test]"
+# TGI's own client, for the compatibility tests; its huggingface-hub<1.0 pin is too strict (see pyproject.toml).
+.venv/bin/python -m pip install -q --no-deps "text-generation>=0.7"
