@@ -135,6 +135,23 @@ def _delta(result: Any) -> StreamDelta | None:
     )
 
 
+def kv_stats(url: str = DEFAULT_URL, *, model: str = "tgi_llm", timeout: float = 120.0) -> tuple[int, int]:
+    """The engine's KV pool as (free blocks, total blocks): tgi_llm's `return_kv_stats` query."""
+    client = grpcclient.InferenceServerClient(url)
+    responses: queue.SimpleQueue = queue.SimpleQueue()
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    flag = _tensor("return_kv_stats", np.array([True]), "BOOL")
+    try:
+        client.async_stream_infer(model, [flag], enable_empty_final_response=True)
+        result, error = responses.get(timeout=timeout)
+    finally:
+        client.stop_stream()
+        client.close()
+    if error is not None:
+        raise error
+    return int(result.as_numpy("kv_blocks_free")[0]), int(result.as_numpy("kv_blocks_total")[0])
+
+
 def generate_stream(prompt: str, *, url: str = DEFAULT_URL, model: str = "tgi_llm", **kwargs: Any) -> Iterator[StreamDelta]:
     return TGITritonClient(url, model).generate_stream(prompt, **kwargs)
 

@@ -37,7 +37,7 @@ def _own_rng():
 def lora_setup(tmp_path_factory):
     """A random base Llama (transformers) and random PEFT adapters saved as peft saves them."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from tgi_backend.weights.demo import build_random_checkpoint
 

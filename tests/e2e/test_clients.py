@@ -10,6 +10,7 @@ pytestmark = pytest.mark.e2e
 text_generation = pytest.importorskip("text_generation")
 openai = pytest.importorskip("openai")
 from huggingface_hub import InferenceClient  # noqa: E402
+from client.grpc_client import kv_stats
 
 MESSAGES = [{"role": "user", "content": "Say something"}]
 
@@ -93,25 +94,6 @@ def test_openai_client(server):
 
 
 # ---- our own client (client/): async streaming, cancellation by leaving the loop, the CLI -----------------------
-def _kv_free(url: str) -> tuple[int, int]:
-    import queue
-
-    import numpy as np
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    responses: queue.SimpleQueue = queue.SimpleQueue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    flag = grpcclient.InferInput("return_kv_stats", [1], "BOOL")
-    flag.set_data_from_numpy(np.array([True]))
-    client.async_stream_infer("tgi_llm", [flag], enable_empty_final_response=True)
-    result, error = responses.get(timeout=120)
-    client.stop_stream()
-    client.close()
-    assert error is None, error
-    return int(result.as_numpy("kv_blocks_free")[0]), int(result.as_numpy("kv_blocks_total")[0])
-
-
 def test_async_client_streams_and_leaving_the_loop_cancels(server):
     import time
 
@@ -132,9 +114,9 @@ def test_async_client_streams_and_leaving_the_loop_cancels(server):
 
     streamed, seen = asyncio.run(main())
     assert streamed == whole.text and whole.finish_reason == "length" and seen >= 1
-    _, total = _kv_free(server.grpc_url)
+    _, total = kv_stats(server.grpc_url)
     deadline = time.monotonic() + 120
-    while _kv_free(server.grpc_url)[0] != total:
+    while kv_stats(server.grpc_url)[0] != total:
         assert time.monotonic() < deadline, "the cancelled request's KV blocks never came back"
         time.sleep(0.1)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import queue
 import time
 import urllib.error
 import urllib.parse
@@ -14,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
+from client.grpc_client import kv_stats
 
 pytestmark = pytest.mark.e2e
 WAIT = 120.0  # bound for a hung server, not a timing assertion
@@ -80,20 +78,6 @@ def sse(raw: bytes) -> list[Any]:
         payload = frame[5:].strip()
         out.append(payload.decode() if payload == b"[DONE]" else json.loads(payload))
     return out
-
-
-def kv_stats(url: str) -> tuple[int, int]:
-    client = grpcclient.InferenceServerClient(url)
-    responses: queue.SimpleQueue = queue.SimpleQueue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    flag = grpcclient.InferInput("return_kv_stats", [1], "BOOL")
-    flag.set_data_from_numpy(np.array([True]))
-    client.async_stream_infer("tgi_llm", [flag], enable_empty_final_response=True)
-    result, error = responses.get(timeout=WAIT)
-    client.stop_stream()
-    client.close()
-    assert error is None, error
-    return int(result.as_numpy("kv_blocks_free")[0]), int(result.as_numpy("kv_blocks_total")[0])
 
 
 # ---- tests ----------------------------------------------------------------------------------------------------

@@ -10,23 +10,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from client.grpc_client import TGITritonClient, build_inputs
+from client.grpc_client import kv_stats
 
 pytestmark = pytest.mark.e2e
 WAIT = 120.0  # bound for a hung server, not a timing assertion
-
-
-def _kv_stats(url: str) -> tuple[int, int]:
-    client = grpcclient.InferenceServerClient(url)
-    responses: queue.SimpleQueue = queue.SimpleQueue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    flag = grpcclient.InferInput("return_kv_stats", [1], "BOOL")
-    flag.set_data_from_numpy(np.array([True]))
-    client.async_stream_infer("tgi_llm", [flag], enable_empty_final_response=True)
-    result, error = responses.get(timeout=WAIT)
-    client.stop_stream()
-    client.close()
-    assert error is None, error
-    return int(result.as_numpy("kv_blocks_free")[0]), int(result.as_numpy("kv_blocks_total")[0])
 
 
 def _open_stream(url: str, prompt: str, **kwargs) -> tuple[grpcclient.InferenceServerClient, queue.SimpleQueue]:
@@ -52,7 +39,7 @@ def _drain(responses: queue.SimpleQueue) -> tuple[str, list[int], str]:
 
 
 def test_concurrent_streams_one_cancelled_and_blocks_come_back(server):
-    free, total = _kv_stats(server.grpc_url)
+    free, total = kv_stats(server.grpc_url)
     assert free == total > 0
     params = {"ignore_eos": True}
     cancelled, cancelled_responses = _open_stream(server.grpc_url, "tell me a very long story",
@@ -69,7 +56,7 @@ def test_concurrent_streams_one_cancelled_and_blocks_come_back(server):
         client.stop_stream()
         client.close()
     deadline = time.monotonic() + WAIT  # cancellation is polled: wait for the pool to be whole
-    while _kv_stats(server.grpc_url)[0] != total:
+    while kv_stats(server.grpc_url)[0] != total:
         assert time.monotonic() < deadline, "KV blocks of the cancelled request never came back"
         time.sleep(0.1)
 
@@ -88,13 +75,13 @@ def test_stream_matches_whole_response_and_reports_counts(server):
 
 def test_leaving_the_client_loop_cancels(server):
     client = TGITritonClient(server.grpc_url)
-    total = _kv_stats(server.grpc_url)[1]
+    total = kv_stats(server.grpc_url)[1]
     for n, _ in enumerate(client.generate_stream("again and again", max_tokens=400,
                                                  sampling_parameters={"ignore_eos": True})):
         if n == 2:
             break
     deadline = time.monotonic() + WAIT
-    while _kv_stats(server.grpc_url)[0] != total:
+    while kv_stats(server.grpc_url)[0] != total:
         assert time.monotonic() < deadline
         time.sleep(0.1)
 
@@ -141,7 +128,7 @@ def test_prompt_errors_and_wrong_types(server):
 
 
 def test_overload_is_refused_clearly_then_cancelled_requests_free_the_pool(server):
-    total = _kv_stats(server.grpc_url)[1]
+    total = kv_stats(server.grpc_url)[1]
     client = grpcclient.InferenceServerClient(server.grpc_url)
     responses: queue.SimpleQueue = queue.SimpleQueue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
@@ -158,7 +145,7 @@ def test_overload_is_refused_clearly_then_cancelled_requests_free_the_pool(serve
     client.stop_stream(cancel_requests=True)
     client.close()
     deadline = time.monotonic() + WAIT
-    while _kv_stats(server.grpc_url)[0] != total:
+    while kv_stats(server.grpc_url)[0] != total:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert len(TGITritonClient(server.grpc_url).generate("after the storm", max_tokens=2).token_ids) <= 2

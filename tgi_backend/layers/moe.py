@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tgi_backend.layers.activation import get_activation

@@ -12,10 +12,9 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from tgi_backend.layers.linear import Linear, PackedLinear
+from tgi_backend.layers.linear import Linear
 
 
 class QuantizedLinear(nn.Module):
