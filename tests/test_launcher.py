@@ -154,3 +154,13 @@ def test_remove_shm_regions_only_touches_the_prefix(tmp_path: Path, monkeypatch)
     (tmp_path / "run2_a").write_text("")
     assert len(tritonserver.remove_shm_regions("run1_")) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run2_a"]
+
+
+def test_prefix_caching_is_on_by_default_and_can_be_switched_off():
+    from tgi_backend.launcher.cli import engine_config, parse_args
+
+    assert engine_config(parse_args(["build-repo", "--model-repository", "r"], environ={})).enable_prefix_caching
+    off = parse_args(["build-repo", "--model-repository", "r", "--no-enable-prefix-caching"], environ={})
+    assert engine_config(off).enable_prefix_caching is False
+    env = parse_args(["build-repo", "--model-repository", "r"], environ={"ENABLE_PREFIX_CACHING": "0"})
+    assert engine_config(env).enable_prefix_caching is False

@@ -37,6 +37,7 @@ _ENGINE_FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("watermark-gamma", float, 0.5, "share of the vocabulary in each step's green list (watermark)"),
     ("watermark-delta", float, 2.0, "logit bias of green tokens (watermark)"),
     ("enable-prefill-logprobs", bool, False, "allow `decoder_input_details` (prompt logprobs)"),
+    ("enable-prefix-caching", bool, True, "reuse the KV blocks of prompt prefixes served before"),
     ("quantize", str, None, "gptq, awq, marlin, exllama (from the checkpoint), eetq / bitsandbytes (int8), "
      "bitsandbytes-nf4 / -fp4 (int4), fp8, compressed-tensors; default: the checkpoint's quantization_config"),
     ("lora-adapters", str, None, "LoRA adapters to preload: name=path or hub id, comma-separated (TGI's syntax)"),
@@ -112,9 +113,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     for p, server in ((serve, True), (build, False)):
         flags = _ENGINE_FLAGS + (_SERVER_FLAGS if server else ())
         for flag, kind, default, text in flags:
-            if kind is bool:  # a switch; its env var is true with 1/true/yes/on
+            if kind is bool:  # --flag / --no-flag; its env var is true with 1/true/yes/on
                 on = env[flag].lower() in ("1", "true", "yes", "on") if flag in env else default
-                p.add_argument(f"--{flag}", action="store_true", default=on, help=f"{text} [env {env_name(flag)}]")
+                p.add_argument(
+                    f"--{flag}", action=argparse.BooleanOptionalAction, default=on,
+                    help=f"{text} [env {env_name(flag)}]",
+                )
                 continue
             value = kind(env[flag]) if flag in env else default
             p.add_argument(f"--{flag}", type=kind, default=value, help=f"{text} [env {env_name(flag)}]")
