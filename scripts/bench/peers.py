@@ -88,7 +88,11 @@ def gguf_path(path: str, dtype: str) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     # A locally trained tokenizer has no known pre-tokenizer hash: name it gpt-2 (byte-level BPE).
-    code = ("import sys, runpy; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']; "
+    # sentencepiece is imported at the top of the converter but unused for a BPE tokenizer: stubbed if absent.
+    code = ("import sys, runpy, types, importlib.util; sys.path[:0] = [sys.argv[1], sys.argv[1] + '/gguf-py']; "
+            "import importlib.machinery as m; sp = types.ModuleType('sentencepiece'); "
+            "sp.__spec__ = m.ModuleSpec('sentencepiece', None); sp.SentencePieceProcessor = None; "
+            "importlib.util.find_spec('sentencepiece') or sys.modules.setdefault('sentencepiece', sp); "
             "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2'; "
             "sys.argv = [sys.argv[1] + '/convert_hf_to_gguf.py'] + sys.argv[2:]; "
             "runpy.run_path(sys.argv[0], run_name='__main__')")
