@@ -47,6 +47,8 @@ def test_roofline_memory_and_compute_bound() -> None:
     assert m.bound_tok_s(int(4e8), int(1e8), 1, "float32") == pytest.approx(25.0)
     # batch 1000: 2e11 FLOPs per step / 1e11 per s -> 2 s per step -> 500 tok/s (compute bound)
     assert m.bound_tok_s(int(4e8), int(1e8), 1000, "float32") == pytest.approx(500.0)
+    two = R.Machine(bandwidth_gb_s=10.0, matmul_gflop_s={"float32": 100.0, "bfloat16": 50.0})
+    assert two.bound_tok_s(int(2e8), int(1e8), 1000, "bfloat16") == pytest.approx(500.0)  # best dtype's rate
     row = _row("ours", 25, 2.0)
     R.add_roofline([row], m, {"small": (int(1e8), 4)})
     assert row.roofline == pytest.approx(0.5)

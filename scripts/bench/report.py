@@ -79,7 +79,8 @@ class Machine:
     def bound_tok_s(self, weight_bytes: int, params: int, concurrency: int, dtype: str) -> float:
         """Decode bound: each step reads the weights once and does 2 * params FLOPs per sequence."""
         step_mem = weight_bytes / (self.bandwidth_gb_s * 1e9)
-        rate = self.matmul_gflop_s.get(dtype) or max(self.matmul_gflop_s.values())
+        # The best matmul of any dtype: an engine may compute a bf16 model's GEMMs in float32 (emulated bf16).
+        rate = max(self.matmul_gflop_s.values())
         step_flops = concurrency * 2 * params / (rate * 1e9)
         return concurrency / max(step_mem, step_flops)
 
