@@ -180,17 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     R.add_ratios(rows, others)
     if machine:
         R.add_roofline(rows, machine, sizes)
-    write(rows, others, machine, args)
+    write(rows, others, machine, args, {m: n for m, (n, _) in sizes.items()})
     return 0
 
 
-def write(rows: list[R.Row], others: list[str], machine: R.Machine | None, args: argparse.Namespace) -> None:
+def write(rows: list[R.Row], others: list[str], machine: R.Machine | None, args: argparse.Namespace,
+          params: dict[str, int]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cpus": os.cpu_count(),
             "bandwidth_gb_s": machine.bandwidth_gb_s if machine else None,
-            "matmul_gflop_s": machine.matmul_gflop_s if machine else None}
+            "matmul_gflop_s": machine.matmul_gflop_s if machine else None, "params_per_step": params}
     (out / f"bench-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]},
                                                         indent=1))
     table = R.markdown(rows, others)
