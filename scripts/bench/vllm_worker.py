@@ -17,7 +17,10 @@ def main(job_path: str) -> None:
     llm = LLM(model=job["model"], dtype=job["dtype"], max_model_len=1024, seed=0, disable_log_stats=False)
     params = SamplingParams(max_tokens=job["new_tokens"], ignore_eos=True, temperature=0.0)
     prompts = [{"prompt_token_ids": p} for p in job["prompts"]]
-    llm.generate(prompts[:1], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)  # warm-up
+    # Warm-up at the measured batch shape (its CPU path compiles per shape), on reversed prompts so that the
+    # prefix cache (on by default) does not serve the measured prefills.
+    warm = [{"prompt_token_ids": p[::-1]} for p in job["prompts"]]
+    llm.generate(warm, SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
