@@ -1,0 +1,158 @@
+"""Op-set selection (layers/platform.py), the torch op set against today's per-segment path, and the pure parts
+of the decode CUDA-graph runner (buckets, padding into static buffers), all on the CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tgi_backend.engine.cuda_graphs import (
+    PADDING_SLOT, DecodeGraphRunner, DecodeInputs, bucket_for, copy_padded, graph_batch_sizes,
+)
+from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, forward_context
+from tgi_backend.layers.attention import PagedAttention
+from tgi_backend.layers.norm import RMSNorm
+from tgi_backend.layers.platform import OP_SETS, get_ops, select_ops
+
+
+def test_selection_is_lazy_and_by_device():
+    # a fresh process: this one may already have imported triton through other tests
+    script = textwrap.dedent('''
+        import json, sys, torch
+        import tgi_backend.engine.cuda_graphs
+        from tgi_backend.layers.platform import select_ops
+        cpu = select_ops(torch.device("cpu")).name
+        out = {"cpu": cpu, "triton_imported": "triton" in sys.modules, "cuda_init": torch.cuda.is_initialized()}
+        try:
+            import triton  # noqa: F401
+            has_triton = True
+        except ImportError:
+            has_triton = False
+        out["cuda"] = select_ops(torch.device("cuda")).name  # picks by device type; launches nothing
+        out["has_triton"] = has_triton
+        print(json.dumps(out))
+    ''')
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["cpu"] == "torch"
+    assert not out["triton_imported"], "choosing the CPU op set imported triton"
+    assert not out["cuda_init"], "importing cuda_graphs initialised CUDA"
+    assert out["cuda"] == ("triton" if out["has_triton"] else "torch")
+
+
+def test_explicit_name_and_registry():
+    assert set(OP_SETS) == {"torch", "triton"}
+    assert select_ops(torch.device("cpu"), "torch") is get_ops("torch")
+    with pytest.raises(ValueError, match="unknown op set"):
+        select_ops(torch.device("cpu"), "tpu")
+
+
+def _mixed_step(seed: int, window: int | None) -> tuple[torch.Tensor, ...]:
+    """A step with 2 decode rows and 2 prefill chunks (one with history) over a small random cache."""
+    g = torch.Generator().manual_seed(seed)
+    bs, heads, kv_heads, dim = 4, 4, 2, 16
+    kc = torch.randn(12, bs, kv_heads, dim, generator=g)
+    vc = torch.randn(12, bs, kv_heads, dim, generator=g)
+    dec = DecodeBatch(2, torch.tensor([[1, 2, 0], [3, 4, 5]]), torch.tensor([6, 9]), bs)
+    segs = [PrefillSegment(2, 7, 0, None), PrefillSegment(7, 13, 5, torch.tensor([6, 7, 8]))]
+    def slot(blocks: list[int], p: int) -> int:
+        return blocks[p // bs] * bs + p % bs
+
+    slots = torch.tensor([slot([1, 2], 6), slot([3, 4, 5], 9)] + [slot([9, 10], p) for p in range(5)]
+                         + [slot([6, 7, 8], p) for p in range(5, 11)])
+    q = torch.randn(13, heads, dim, generator=g)
+    k = torch.randn(13, kv_heads, dim, generator=g)
+    v = torch.randn(13, kv_heads, dim, generator=g)
+    return kc, vc, dec, segs, slots, q, k, v, window
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_torch_op_set_matches_paged_attention(window):
+    kc, vc, dec, segs, slots, q, k, v, window = _mixed_step(0, window)
+    layer = PagedAttention(4, 2, 16, 0.25, window)
+    layer.bind_kv_cache(kc.clone(), vc.clone())
+    with forward_context(ForwardContext(slots, dec, segs, 4)):
+        want = layer(q, k, v)
+    ops = select_ops(torch.device("cpu"))
+    kc2, vc2 = kc.clone(), vc.clone()
+    ops.store_kv(kc2, vc2, k, v, slots)
+    out = torch.empty_like(q)
+    out[:2] = ops.decode_attention(q[:2], kc2, vc2, dec, 0.25, window)
+    got = ops.prefill_attention(q, k, v, kc2, vc2, ops.prepare_prefill(segs, q.device), 0.25, window, out=out)
+    assert got is out
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(kc2, layer.k_cache) and torch.equal(vc2, layer.v_cache)
+
+
+def test_torch_rms_norm_and_rotary_match_the_layers():
+    g = torch.Generator().manual_seed(1)
+    norm = RMSNorm(32, 1e-6)
+    norm.weight.data = torch.randn(32, generator=g)
+    x, r = torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g)
+    ops = get_ops("torch")
+    y, s = ops.rms_norm_residual(x, norm.weight, norm.eps, r)
+    y_want, s_want = norm(x, r)
+    assert torch.equal(y, y_want) and torch.equal(s, s_want)
+    assert torch.equal(ops.rms_norm_residual(x, norm.weight, norm.eps), norm(x))
+
+
+# ---- CUDA-graph runner: the parts that need no GPU ------------------------------------------------------
+def test_graph_batch_sizes_and_buckets():
+    assert graph_batch_sizes(1) == [1]
+    assert graph_batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert graph_batch_sizes(12) == [1, 2, 4, 8, 12]
+    sizes = graph_batch_sizes(12)
+    assert [bucket_for(n, sizes) for n in (1, 2, 3, 5, 8, 9, 12)] == [1, 2, 4, 8, 8, 12, 12]
+    assert bucket_for(13, sizes) is None and bucket_for(0, sizes) is None
+    with pytest.raises(ValueError):
+        graph_batch_sizes(0)
+
+
+def _inputs(rows: int, width: int, seed: int) -> DecodeInputs:
+    g = torch.Generator().manual_seed(seed)
+    return DecodeInputs(
+        input_ids=torch.randint(1, 100, (rows,), generator=g),
+        positions=torch.randint(1, 4 * width, (rows,), generator=g),
+        block_table=torch.randint(1, 50, (rows, width), generator=g),
+        slot_mapping=torch.randint(0, 200, (rows,), generator=g),
+    )
+
+
+def test_copy_padded_fills_the_bucket_and_clears_stale_rows():
+    static = DecodeInputs.allocate(8, 6, torch.device("cpu"))
+    assert torch.equal(static.slot_mapping, torch.full((8,), PADDING_SLOT))
+    copy_padded(static.head(8), _inputs(7, 5, 0))  # a big step first: leaves values everywhere
+    src = _inputs(3, 2, 1)
+    dst = static.head(4)
+    copy_padded(dst, src)
+    assert torch.equal(dst.input_ids, torch.cat([src.input_ids, torch.zeros(1, dtype=torch.long)]))
+    assert torch.equal(dst.positions, torch.cat([src.positions, torch.zeros(1, dtype=torch.long)]))
+    assert torch.equal(dst.slot_mapping, torch.cat([src.slot_mapping, torch.tensor([PADDING_SLOT])]))
+    assert torch.equal(dst.block_table[:3, :2], src.block_table)
+    assert int(dst.block_table[:3, 2:].abs().sum()) == 0 and int(dst.block_table[3].abs().sum()) == 0
+    assert dst.input_ids.data_ptr() == static.input_ids.data_ptr()  # views of the one static buffer
+    with pytest.raises(ValueError):
+        copy_padded(dst, _inputs(5, 2, 2))
+    with pytest.raises(ValueError):
+        copy_padded(dst, _inputs(2, 7, 3))
+
+
+def test_runner_loads_into_static_buffers_without_a_gpu():
+    runner = DecodeGraphRunner(torch.nn.Identity(), block_size=4, max_batch_size=16, max_blocks_per_row=8,
+                               device=torch.device("cpu"))
+    src = _inputs(5, 3, 4)
+    assert runner.load(src) == 8
+    assert torch.equal(runner.static.input_ids[:5], src.input_ids)
+    assert torch.equal(runner.static.slot_mapping[5:8], torch.full((3,), PADDING_SLOT))
+    ctx = runner.context(8)  # the forward context a graph is captured with: views of the static buffers
+    assert ctx.decode is not None and ctx.decode.num_rows == 8 and not ctx.prefills
+    assert ctx.decode.block_table.data_ptr() == runner.static.block_table.data_ptr()
+    assert ctx.decode.max_ctx == 8 * 4
+    assert runner.load(_inputs(17, 3, 5)) is None  # more rows than the largest bucket
+    assert runner.load(_inputs(2, 9, 6)) is None  # wider than the static block table
+    assert runner.run(src) is None  # nothing captured: the caller runs eagerly

@@ -1,0 +1,113 @@
+"""Op sets per platform: the few hot ops a decoder layer calls, behind one registry instead of branches.
+
+"torch" is the plain PyTorch path (layers/attention.py, norm.py, rotary.py), the one the CPU runs. "triton" is
+the Triton-language kernels of kernels/ for CUDA devices. `select_ops(device)` picks one from the device alone;
+the triton set is imported lazily, so nothing imports triton unless it is chosen (on the CPU it never is).
+
+Contracts (same for every set; shapes as in the layers):
+- store_kv(k_cache, v_cache, k, v, slot_mapping) -> None
+- decode_attention(q, k_cache, v_cache, dec: DecodeBatch, scale, window) -> [rows, heads, dim]
+- prepare_prefill(segments, device) -> what prefill_attention takes as `segments`; call it once per step
+- prefill_attention(q, k, v, k_cache, v_cache, segments, scale, window, out=None) -> out: every segment's
+  rows written, the rest of `out` untouched (q, k, v are the whole flat batch)
+- rms_norm_residual(x, weight, eps, residual=None) -> y | (y, x + residual)   (RMSNorm.forward)
+- rotary_apply(x, cos, sin) -> rotated x; the triton op rotates x in place, the torch op returns a new tensor,
+  so callers use the result and do not read x afterwards
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tgi_backend.engine.forward_context import PrefillSegment
+from tgi_backend.layers import attention
+from tgi_backend.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True, slots=True)
+class Ops:
+    name: str
+    store_kv: Callable[..., None]
+    decode_attention: Callable[..., torch.Tensor]
+    prepare_prefill: Callable[[Sequence[PrefillSegment], torch.device], Any]
+    prefill_attention: Callable[..., torch.Tensor]
+    rms_norm_residual: Callable[..., Any]
+    rotary_apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def torch_prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    segments: Sequence[PrefillSegment], scale: float, window: int | None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The packed-batch signature over the per-segment PyTorch path (one SDPA per chunk, as PagedAttention)."""
+    # q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]
+    if out is None:
+        out = torch.empty_like(q)
+    for seg in segments:
+        a, b = seg.q_start, seg.q_end
+        out[a:b] = attention.prefill_attention(q[a:b], k[a:b], v[a:b], k_cache, v_cache, seg, scale, window)
+    return out
+
+
+def torch_rms_norm_residual(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm.forward as a free function."""
+    if residual is None:
+        return F.rms_norm(x, weight.shape, weight, eps)
+    x = x + residual
+    return F.rms_norm(x, weight.shape, weight, eps), x
+
+
+def _torch_ops() -> Ops:
+    return Ops(
+        name="torch",
+        store_kv=attention.store_kv,
+        decode_attention=attention.decode_attention,
+        prepare_prefill=lambda segments, device: list(segments),
+        prefill_attention=torch_prefill_attention,
+        rms_norm_residual=torch_rms_norm_residual,
+        rotary_apply=RotaryEmbedding.apply,
+    )
+
+
+def _triton_ops() -> Ops:
+    # imported here: importing the kernels imports triton, which only the GPU set may do
+    from tgi_backend.kernels import kv_store, norm_rotary, paged_attention
+
+    return Ops(
+        name="triton",
+        store_kv=kv_store.store_kv,
+        decode_attention=paged_attention.decode_attention,
+        prepare_prefill=paged_attention.pack_segments,
+        prefill_attention=paged_attention.prefill_attention,
+        rms_norm_residual=norm_rotary.rms_norm_residual,
+        rotary_apply=norm_rotary.rotary_apply,
+    )
+
+
+OP_SETS: dict[str, Callable[[], Ops]] = {"torch": _torch_ops, "triton": _triton_ops}
+
+
+@functools.cache
+def get_ops(name: str) -> Ops:
+    """The op set registered under `name`; raises ImportError if its backend cannot be imported."""
+    if name not in OP_SETS:
+        raise ValueError(f"unknown op set {name!r}; known: {sorted(OP_SETS)}")
+    return OP_SETS[name]()
+
+
+def select_ops(device: torch.device, name: str | None = None) -> Ops:
+    """`name` if given (tests); else "triton" on a CUDA device when triton imports, "torch" otherwise."""
+    if name is not None:
+        return get_ops(name)
+    if torch.device(device).type == "cuda":
+        try:
+            return get_ops("triton")
+        except ImportError:  # no triton wheel for this install: the PyTorch path still runs on the GPU
+            pass
+    return get_ops("torch")
