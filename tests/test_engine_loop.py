@@ -214,3 +214,31 @@ def test_parse_job_refuses_bad_tensors(arrays, message):
              for k, v in arrays.items()}
     with pytest.raises(ValidationError, match=message):
         parse_job(_getter(**typed))
+
+
+def test_build_makes_the_engine_on_the_engine_thread(engine):
+    """torch must run on one thread only (libgomp throttles its spin-waits once two threads run it)."""
+    made_on: list[str] = []
+
+    def make():
+        made_on.append(threading.current_thread().name)
+        return engine
+
+    loop = EngineLoop.build(make)
+    loop.start()
+    try:
+        assert made_on == ["tgi-engine"] and loop.engine is engine
+        sink = ListSink()
+        loop.submit(Job(prompt_token_ids=[5, 6, 7], params=SamplingParams(max_new_tokens=3)), sink)
+        assert len(sink.wait().ids) == 3
+    finally:
+        loop.stop()
+
+
+def test_build_failure_is_raised_by_start():
+    def make():
+        raise ValueError("no such checkpoint")
+
+    loop = EngineLoop.build(make)
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        loop.start()

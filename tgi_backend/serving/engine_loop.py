@@ -1,6 +1,8 @@
 """The engine thread and the response thread, with no Triton import (testable alone).
 
-`EngineLoop.submit` is called from Triton's execute() and returns at once. The engine thread admits jobs,
+`EngineLoop.submit` is called from Triton's execute() and returns at once. The engine thread builds the engine
+(`EngineLoop.build`): every torch op then runs on that one thread, because libgomp throttles its spin-waits
+once a second thread has run a parallel region, which halved decode speed here. It then admits jobs,
 polls cancellation, runs `engine.step()` while there is work and turns outputs into `Chunk`s; the response
 thread hands them to each job's `ResponseSink` in order, so a slow send never stalls a step.
 """
@@ -13,7 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from tgi_backend.engine.request import SamplingParams
 from tgi_backend.errors import GenerationError, OverloadedError, TGIError, ValidationError
@@ -85,6 +87,9 @@ class EngineLoop:
     def __init__(self, engine: Any, observer: EngineObserver | None = None) -> None:
         self.engine = engine
         self.observer = observer  # metrics: called on the response thread
+        self._build: Callable[[], Any] | None = None
+        self._build_error: BaseException | None = None
+        self._ready = threading.Event()
         self._last_stats: Any = None
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -94,10 +99,22 @@ class EngineLoop:
         self._engine_thread = threading.Thread(target=self._run_engine, name="tgi-engine", daemon=True)
         self._response_thread = threading.Thread(target=self._run_responses, name="tgi-responses", daemon=True)
 
+    @classmethod
+    def build(cls, make_engine: Callable[[], Any], observer: EngineObserver | None = None) -> EngineLoop:
+        """A loop whose engine `make_engine()` creates on the engine thread, in `start()`."""
+        loop = cls(None, observer)
+        loop._build = make_engine
+        return loop
+
     # ---- called by the adapter ----------------------------------------------------------------
     def start(self) -> None:
+        """Starts both threads; with `build`, returns once the engine exists and re-raises its failure."""
         self._response_thread.start()
         self._engine_thread.start()
+        self._ready.wait()
+        if self._build_error is not None:
+            self.stop()
+            raise self._build_error
 
     def submit(self, job: Job, sink: ResponseSink) -> None:
         if self._stopping.is_set():
@@ -115,6 +132,14 @@ class EngineLoop:
 
     # ---- engine thread ------------------------------------------------------------------------
     def _run_engine(self) -> None:
+        try:
+            if self._build is not None:
+                self.engine = self._build()
+        except BaseException as exc:  # start() re-raises it on the caller's thread
+            self._build_error = exc
+            return
+        finally:
+            self._ready.set()
         while not self._stopping.is_set():
             try:
                 self._iterate()

@@ -69,13 +69,15 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("tgi_llm must be decoupled (model_transaction_policy)")
         config = EngineConfig.from_strings(model_parameters(model_config))
-        self.engine = LLMEngine(config)
+        # Built on the engine thread: torch must run on one thread only (see engine_loop's docstring).
+        self.loop = EngineLoop.build(lambda: LLMEngine(config))
+        self.loop.start()
+        self.engine = self.loop.engine
         labels = {"model": args.get("model_name", "tgi_llm"), "version": args.get("model_version", "1")}
         # An attribute: the metric families must outlive initialize() (see PLATFORM-NOTES).
         self.metrics = EngineMetrics(pb_utils, labels, self.engine.config.max_total_tokens)
         self.limits = ValidationLimits.from_config(self.engine.config)
-        self.loop = EngineLoop(self.engine, observer=self.metrics)
-        self.loop.start()
+        self.loop.observer = self.metrics  # before initialize() returns: no request has arrived yet
         c = self.engine.config
         log.warning(
             "tgi_llm ready: model %s, max_input_tokens %d, max_total_tokens %d, KV blocks %d x %d",
