@@ -13,6 +13,7 @@ import torch
 from tgi_backend.config import EngineConfig
 from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, forward_context
 from tgi_backend.engine.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from tgi_backend.layers.linear import prepack_linears
 from tgi_backend.layers.lora import build_lora_manager
 from tgi_backend.layers.quantization import strategy_for
 from tgi_backend.models.registry import architecture_of, get_model_class
@@ -77,6 +78,7 @@ class ModelRunner:
         load_weights(self.model, model_path)
         self.model.eval()
         self.lora = build_lora_manager(self.model, config, self.dtype)  # wraps linears by path; None: LoRA off
+        prepack_linears(self.model)  # bf16 weights in oneDNN's layout where the CPU has native bf16
         self._allocate_kv_cache(args.num_layers, args.num_kv_heads, args.head_dim)
         self.sampler = Sampler(watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
 

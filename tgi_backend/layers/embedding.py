@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgi_backend.layers.linear import bf16_upcast_min_rows, linear
+from tgi_backend.layers.linear import bf16_upcast_min_rows, linear, prepack_bf16
 
 
 class VocabEmbedding(nn.Module):
@@ -25,11 +25,20 @@ class LMHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden), requires_grad=False)
         self.upcast_rows = bf16_upcast_min_rows()
+        self.packed: torch.Tensor | None = None
+        self.tied = False
 
     def tie(self, embedding: VocabEmbedding) -> None:
         self.weight = embedding.weight
+        self.tied = True
+
+    def prepack(self) -> None:
+        """As Linear.prepack; a tied weight stays, since the embedding reads it."""
+        self.packed = prepack_bf16(self.weight)
+        if self.packed is not None and not self.tied:
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [rows, hidden] -> [rows, vocab] float32
         # float32 logits: sampling wants them, and argmax over bf16 is 2x slower on CPU
-        return linear(hidden, self.weight, None, self.upcast_rows, torch.float32)
+        return linear(hidden, self.weight, None, self.upcast_rows, torch.float32, self.packed)

@@ -19,15 +19,40 @@ def _param(*shape: int) -> nn.Parameter:
 
 
 @functools.cache
-def bf16_upcast_min_rows() -> int:
-    """Rows from which a bfloat16 matmul runs faster upcast to float32 (no native bf16 in this CPU: 3-4x)."""
+def native_bf16() -> bool:
+    """True on CPUs with bfloat16 matmul instructions (AMX or AVX512-BF16)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
             flags = f.read()
     except OSError:
-        return 1 << 62
-    native = "amx_bf16" in flags or "avx512_bf16" in flags
-    return 1 << 62 if native else 16
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@functools.cache
+def bf16_upcast_min_rows() -> int:
+    """Rows from which a bfloat16 matmul runs faster upcast to float32 (no native bf16 in this CPU: 3-4x)."""
+    return 1 << 62 if native_bf16() else 16
+
+
+def prepack_bf16(weight: torch.Tensor) -> torch.Tensor | None:
+    """weight [out, in] in oneDNN's blocked layout, or None where that does not apply.
+
+    Only bfloat16 on a CPU with native bf16: there a packed matmul streams the weight at ~29 GB/s against ~13
+    for F.linear (which repacks on every call), 1.6-2.2x faster from 1 to 128 rows; float32 packed is slower.
+    """
+    usable = weight.dtype is torch.bfloat16 and weight.device.type == "cpu" and native_bf16()
+    if not usable or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+    except (RuntimeError, AttributeError):  # a torch without the op: the plain path stays
+        return None
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # x: [tokens, in] bfloat16 -> [tokens, out] bfloat16
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
 _SCRATCH = threading.local()
@@ -43,10 +68,12 @@ def upcast_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, upcast_rows: int,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None, packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # x: [tokens, in] -> [tokens, out]; big bf16 batches computed in float32 where bf16 GEMM is emulated
     out_dtype = out_dtype or x.dtype
+    if packed is not None and x.dtype is torch.bfloat16:
+        return packed_linear(x, packed, bias).to(out_dtype)
     if x.dtype is torch.bfloat16 and x.shape[0] >= upcast_rows:
         b = None if bias is None else bias.float()
         return F.linear(x.float(), upcast_weight(weight), b).to(out_dtype)
@@ -63,10 +90,27 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features)
         self.bias = _param(out_features) if bias else None
         self.upcast_rows = bf16_upcast_min_rows()
+        self.packed: torch.Tensor | None = None  # set by prepack(), after loading
+
+    def prepack(self) -> None:
+        """Once loaded: keeps the weight in oneDNN's layout where that is faster, and frees the plain copy."""
+        self.packed = prepack_bf16(self.weight)
+        if self.packed is not None:
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, in] -> [tokens, out]
-        return linear(x, self.weight, self.bias, self.upcast_rows)
+        return linear(x, self.weight, self.bias, self.upcast_rows, packed=self.packed)
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Calls prepack() on every layer that has one (plain linears, the LM head); returns how many packed."""
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "prepack") and hasattr(module, "packed"):
+            module.prepack()
+            count += module.packed is not None
+    return count
 
 
 class PackedLinear(Linear):
