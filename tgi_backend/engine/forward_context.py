@@ -57,22 +57,15 @@ class DecodeBatch:
     block_table: torch.Tensor  # [rows, max_blocks], padded with block 0 (masked out)
     positions: torch.Tensor  # [rows]
     block_size: int
-    _views: dict[tuple[int | None, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _views: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # per window and form
 
     @property
     def max_ctx(self) -> int:
         return self.block_table.shape[1] * self.block_size
 
-    def view(self, window: int | None, kv_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(block_table, bias) for a layer with this window and number of KV heads.
-
-        block_table: [rows, width] blocks to gather. bias: [rows * kv_heads, 1, width * block_size] float32,
-        0 where a row at position p sees key j (p - window < j <= p), -inf elsewhere; laid out for baddbmm.
-        With a window only the blocks it reaches are gathered: a long context costs it no more than the window.
-        """
-        if window is not None and window >= self.max_ctx:
-            window = None
-        key = (window, kv_heads)
+    def _hidden(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_table [rows, width], hidden [rows, width * block_size] bool: True where a key is not seen)."""
+        key = ("hidden", window)
         if key not in self._views:
             p = self.positions.unsqueeze(1)  # [rows, 1]
             if window is None:
@@ -86,9 +79,36 @@ class DecodeBatch:
             hidden = k_pos > p
             if window is not None:
                 hidden |= k_pos <= p - window
+            self._views[key] = (table, hidden)
+        return self._views[key]
+
+    def _window(self, window: int | None) -> int | None:
+        return None if window is not None and window >= self.max_ctx else window
+
+    def view(self, window: int | None, kv_heads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_table, bias) for a layer with this window and number of KV heads.
+
+        block_table: [rows, width] blocks to gather. bias: [rows * kv_heads, 1, width * block_size] float32,
+        0 where a row at position p sees key j (p - window < j <= p), -inf elsewhere; laid out for baddbmm.
+        With a window only the blocks it reaches are gathered: a long context costs it no more than the window.
+        """
+        window = self._window(window)
+        key = ("bias", window, kv_heads)
+        if key not in self._views:
+            table, hidden = self._hidden(window)
             bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
-            bias = bias.repeat_interleave(kv_heads, dim=0).unsqueeze(1)
-            self._views[key] = (table, bias)
+            self._views[key] = (table, bias.repeat_interleave(kv_heads, dim=0).unsqueeze(1))
+        return self._views[key]
+
+    def sdpa_mask(self, window: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block_table, mask): mask [rows, 1, 1, width * block_size] in `dtype`, 0 where seen, -inf elsewhere,
+        the additive attn_mask of one query per row for scaled_dot_product_attention."""
+        window = self._window(window)
+        key = ("sdpa", window, dtype)
+        if key not in self._views:
+            table, hidden = self._hidden(window)
+            mask = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))
+            self._views[key] = (table, mask.view(hidden.shape[0], 1, 1, -1))
         return self._views[key]
 
 

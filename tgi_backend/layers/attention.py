@@ -50,18 +50,20 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, dec: DecodeBatch, scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """baddbmm + bmm in float32, not SDPA: for one query row SDPA is 1.5x (fp32) to 5x (bf16) slower here."""
+    """One query per row over its gathered blocks, in one SDPA call (GQA inside SDPA, an additive mask).
+
+    torch 2.13's CPU SDPA is 1.2x (1 row) to 6x (32 rows) faster here than baddbmm + softmax + bmm in float32.
+    """
     # q: [rows, heads, dim] -> [rows, heads, dim]
     rows, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
-    table, bias = dec.view(window, kv_heads)  # bias: [rows * kv_heads, 1, ctx]
-    k = k_cache.index_select(0, table.view(-1)).view(rows, -1, kv_heads, dim)  # [rows, ctx, kv_heads, dim]
-    v = v_cache.index_select(0, table.view(-1)).view(rows, -1, kv_heads, dim)
-    k = k.permute(0, 2, 3, 1).reshape(rows * kv_heads, dim, -1).float()  # [rows * kv_heads, dim, ctx]
-    v = v.transpose(1, 2).reshape(rows * kv_heads, -1, dim).float()  # [rows * kv_heads, ctx, dim]
-    qg = q.reshape(rows * kv_heads, heads // kv_heads, dim).float()  # [rows * kv_heads, group, dim]
-    scores = torch.baddbmm(bias, qg, k, alpha=scale)  # [rows * kv_heads, group, ctx]
-    return torch.bmm(scores.softmax(dim=-1), v).view(rows, heads, dim).to(q.dtype)
+    table, mask = dec.sdpa_mask(window, q.dtype)  # mask: [rows, 1, 1, ctx]
+    k = k_cache.index_select(0, table.view(-1)).view(rows, -1, kv_heads, dim).transpose(1, 2)
+    v = v_cache.index_select(0, table.view(-1)).view(rows, -1, kv_heads, dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
+    )  # [rows, heads, 1, dim]
+    return out.squeeze(2)
 
 
 class PagedAttention(nn.Module):
