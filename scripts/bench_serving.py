@@ -207,50 +207,60 @@ class TritonProcess:
             except Exception:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
-    def _one_stream(self, prompt: list[int], new_tokens: int, start: float, stamps: list[float]) -> None:
+    def run_load(self, prompts: list[list[int]], new_tokens: int) -> Result:
+        """All requests over one gRPC stream (multiplexed by request id), asking only for `output_ids`:
+        one client thread, as perf_analyzer / genai-perf drive Triton, not one channel per request."""
         import numpy as np
         import tritonclient.grpc as grpcclient
 
-        done = threading.Event()
+        def inputs(prompt: list[int], n: int) -> list:
+            out = []
+            for name, arr, dt in (
+                ("input_ids", np.array(prompt, dtype=np.int32), "INT32"),
+                ("stream", np.array([True]), "BOOL"),
+                ("sampling_parameters",
+                 np.array([json.dumps({"max_tokens": n, "ignore_eos": True})], dtype=object), "BYTES"),
+            ):
+                t = grpcclient.InferInput(name, list(arr.shape), dt)
+                t.set_data_from_numpy(arr)
+                out.append(t)
+            return out
 
-        def callback(result, error):
-            if error is not None:
-                stamps.append(float("nan"))
-                done.set()
-                return
-            ids = result.as_numpy("output_ids")
-            if ids is not None and ids.size:
-                stamps.extend([time.perf_counter()] * int(ids.size))
-            if result.get_response().parameters.get("triton_final_response").bool_param:
-                done.set()
+        def run(batch: list[list[int]], n: int) -> tuple[float, list[list[float]]]:
+            stamps: list[list[float]] = [[] for _ in batch]
+            left = [len(batch)]
+            done = threading.Event()
 
-        client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc}")
-        inputs = []
-        for name, arr, dt in (
-            ("input_ids", np.array(prompt, dtype=np.int32), "INT32"),
-            ("stream", np.array([True]), "BOOL"),
-            ("sampling_parameters",
-             np.array([json.dumps({"max_tokens": new_tokens, "ignore_eos": True})], dtype=object), "BYTES"),
-        ):
-            t = grpcclient.InferInput(name, list(arr.shape), dt)
-            t.set_data_from_numpy(arr)
-            inputs.append(t)
-        client.start_stream(callback=callback)
-        client.async_stream_infer("tgi_llm", inputs, enable_empty_final_response=True)
-        done.wait(3600)
-        client.stop_stream()
+            def callback(result, error):
+                if error is not None:  # a stream error ends the run; its requests count as failed
+                    for s in stamps:
+                        s.append(float("nan"))
+                    done.set()
+                    return
+                response = result.get_response()
+                ids = result.as_numpy("output_ids")
+                if ids is not None and ids.size:
+                    stamps[int(response.id)].extend([time.perf_counter()] * int(ids.size))
+                if response.parameters.get("triton_final_response").bool_param:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        done.set()
 
-    def run_load(self, prompts: list[list[int]], new_tokens: int) -> Result:
-        self._one_stream(prompts[0][:8], 2, time.perf_counter(), [])  # warm-up
-        stamps: list[list[float]] = [[] for _ in prompts]
-        start = time.perf_counter()
-        threads = [threading.Thread(target=self._one_stream, args=(p, new_tokens, start, s))
-                   for p, s in zip(prompts, stamps)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - start
+            client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc}")
+            client.start_stream(callback=callback)
+            wanted = [grpcclient.InferRequestedOutput("output_ids")]
+            start = time.perf_counter()
+            for i, prompt in enumerate(batch):
+                client.async_stream_infer("tgi_llm", inputs(prompt, n), request_id=str(i), outputs=wanted,
+                                          enable_empty_final_response=True)
+            done.wait(3600)
+            client.stop_stream()
+            client.close()
+            return start, stamps
+
+        run([prompts[0][:8]], 2)  # warm-up
+        start, stamps = run(prompts, new_tokens)
+        seconds = max((x for s in stamps for x in s if x == x), default=start) - start
         ttft, itl = _latencies([start] * len(prompts), stamps)
         produced = sum(len([x for x in s if x == x]) for s in stamps)
         return Result("triton gRPC stream", len(prompts), produced, seconds, ttft, itl)

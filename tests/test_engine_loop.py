@@ -191,6 +191,8 @@ def test_parse_job_reads_vllm_style_inputs():
     assert set(out) == {"text_output", "output_ids", "finish_reason", "num_input_tokens", "details"}
     assert out["details"][0] == b""  # filled only for requests that asked for details
     assert out["text_output"][0].decode() == "é" and out["output_ids"].dtype == np.int32
+    only_ids = output_arrays(Chunk(token_ids=[1, 2]), flags, frozenset({"output_ids"}))
+    assert set(only_ids) == {"output_ids", "num_input_tokens"}  # plus what the request's flags ask for
 
 
 @pytest.mark.parametrize(

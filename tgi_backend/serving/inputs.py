@@ -123,17 +123,26 @@ def _bool(get: GetInput, name: str) -> bool:
     return bool(array.reshape(-1)[0])
 
 
-def output_arrays(chunk: Chunk, flags: Mapping[str, bool]) -> dict[str, np.ndarray]:
-    """The output tensors of one response; the ensemble mode (decode window) always gets all of them."""
+def output_arrays(
+    chunk: Chunk, flags: Mapping[str, bool], wanted: frozenset[str] | None = None
+) -> dict[str, np.ndarray]:
+    """The output tensors of one response; the ensemble mode (decode window) always gets all of them.
+
+    `wanted`: the outputs the client asked for (None: all). The others are not built: a streamed token costs
+    one tensor instead of four when a client asks only for `output_ids` or `text_output`.
+    """
     if chunk.kv_blocks is not None and not chunk.token_ids and not chunk.finish_reason:
         return _kv_arrays(chunk)  # a stats query
     everything = flags.get("return_decode_window", False)
-    out = {
-        "text_output": np.array([chunk.text.encode("utf-8")], dtype=np.object_),
-        "output_ids": np.array(chunk.token_ids, dtype=np.int32),
-        "finish_reason": np.array([chunk.finish_reason.encode("utf-8")], dtype=np.object_),
-        "details": np.array([dumps_details(chunk.details).encode("utf-8")], dtype=np.object_),
-    }
+    out = {}
+    if wanted is None or "text_output" in wanted:
+        out["text_output"] = np.array([chunk.text.encode("utf-8")], dtype=np.object_)
+    if wanted is None or "output_ids" in wanted:
+        out["output_ids"] = np.array(chunk.token_ids, dtype=np.int32)
+    if wanted is None or "finish_reason" in wanted:
+        out["finish_reason"] = np.array([chunk.finish_reason.encode("utf-8")], dtype=np.object_)
+    if wanted is None or "details" in wanted:
+        out["details"] = np.array([dumps_details(chunk.details).encode("utf-8")], dtype=np.object_)
     if everything or flags.get("return_num_input_tokens"):
         out["num_input_tokens"] = np.array([chunk.num_input_tokens], dtype=np.int32)
     if everything or flags.get("return_num_output_tokens"):

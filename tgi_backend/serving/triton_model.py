@@ -39,17 +39,18 @@ def triton_error(error: Exception) -> Any:
 class TritonSink:
     """A job's response sender. send/send_error run on the response thread; is_cancelled on the engine's."""
 
-    __slots__ = ("sender", "flags")
+    __slots__ = ("sender", "flags", "wanted")
 
-    def __init__(self, sender: Any, flags: dict[str, bool]) -> None:
+    def __init__(self, sender: Any, flags: dict[str, bool], wanted: frozenset[str] | None = None) -> None:
         self.sender = sender
         self.flags = flags
+        self.wanted = wanted  # the outputs the client asked for; None: all
 
     def send(self, chunk: Chunk | None, final: bool) -> None:
         if chunk is None:
             self.sender.send(flags=FINAL)
             return
-        tensors = [pb_utils.Tensor(name, array) for name, array in output_arrays(chunk, self.flags).items()]
+        tensors = [pb_utils.Tensor(name, array) for name, array in output_arrays(chunk, self.flags, self.wanted).items()]
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
 
     def send_error(self, error: Exception) -> None:
@@ -95,13 +96,18 @@ class TritonPythonModel:
                 error = exc if isinstance(exc, ValidationError) else ValidationError(f"Input validation error: {exc}")
                 TritonSink(sender, {}).send_error(error)
                 continue
-            self.loop.submit(job, TritonSink(sender, flags))
+            self.loop.submit(job, TritonSink(sender, flags, _requested_outputs(request)))
         return None
 
     def finalize(self) -> None:
         loop = getattr(self, "loop", None)
         if loop is not None:
             loop.stop()
+
+
+def _requested_outputs(request: Any) -> frozenset[str] | None:
+    names = frozenset(request.requested_output_names())
+    return names or None  # Triton lists every output when the client named none
 
 
 def _as_numpy(request: Any, name: str) -> Any:
