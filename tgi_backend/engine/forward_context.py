@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -40,8 +40,9 @@ class PrefillSegment:
             if self.start_pos == 0 and window is None:
                 self._masks[window] = None
             else:
-                q_pos = torch.arange(self.start_pos, self.ctx_len).unsqueeze(1)
-                k_pos = torch.arange(self.ctx_len).unsqueeze(0)
+                device = self.block_table.device if self.block_table is not None else None
+                q_pos = torch.arange(self.start_pos, self.ctx_len, device=device).unsqueeze(1)
+                k_pos = torch.arange(self.ctx_len, device=device).unsqueeze(0)
                 m = k_pos <= q_pos
                 if window is not None:
                     m &= k_pos > q_pos - window
@@ -73,9 +74,9 @@ class DecodeBatch:
             else:
                 first_block = (p - window + 1).clamp(min=0) // self.block_size  # [rows, 1]
                 width = int((p // self.block_size - first_block).max()) + 1
-                cols = (first_block + torch.arange(width)).clamp(max=self.block_table.shape[1] - 1)
+                cols = (first_block + torch.arange(width, device=p.device)).clamp(max=self.block_table.shape[1] - 1)
                 table, first_pos = self.block_table.gather(1, cols), first_block * self.block_size
-            k_pos = first_pos + torch.arange(table.shape[1] * self.block_size)  # [rows, ctx]
+            k_pos = first_pos + torch.arange(table.shape[1] * self.block_size, device=p.device)  # [rows, ctx]
             hidden = k_pos > p
             if window is not None:
                 hidden |= k_pos <= p - window
@@ -96,7 +97,7 @@ class DecodeBatch:
         key = ("bias", window, kv_heads)
         if key not in self._views:
             table, hidden = self._hidden(window)
-            bias = torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
+            bias = torch.zeros(hidden.shape, device=hidden.device).masked_fill_(hidden, float("-inf"))
             self._views[key] = (table, bias.repeat_interleave(kv_heads, dim=0).unsqueeze(1))
         return self._views[key]
 
@@ -107,7 +108,7 @@ class DecodeBatch:
         key = ("sdpa", window, dtype)
         if key not in self._views:
             table, hidden = self._hidden(window)
-            mask = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))
+            mask = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, float("-inf"))
             self._views[key] = (table, mask.view(hidden.shape[0], 1, 1, -1))
         return self._views[key]
 
@@ -118,6 +119,9 @@ class ForwardContext:
     decode: DecodeBatch | None
     prefills: list[PrefillSegment]
     block_size: int
+    # the platform's op set (layers.platform.Ops) and its prepared prefill metadata; None: the PyTorch path
+    ops: Any = None
+    prefill_meta: Any = None
 
 
 _CONTEXT: list[ForwardContext] = []

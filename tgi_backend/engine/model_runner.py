@@ -14,6 +14,7 @@ from tgi_backend.config import EngineConfig
 from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, forward_context
 from tgi_backend.engine.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from tgi_backend.layers.linear import prepack_linears
+from tgi_backend.layers.platform import select_ops
 from tgi_backend.layers.lora import build_lora_manager
 from tgi_backend.layers.quantization import strategy_for
 from tgi_backend.models.registry import architecture_of, get_model_class
@@ -22,6 +23,11 @@ from tgi_backend.weights.loader import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT_LOGPROB_SLICE = 256  # prompt positions per LM-head call: bounds the [rows, vocab] logits in memory
+
+
+def default_device() -> torch.device:
+    """The first GPU when there is one (its op set: the Triton-language kernels), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_dtype(requested: str, hf_config: dict[str, Any]) -> torch.dtype:
@@ -77,6 +83,10 @@ class ModelRunner:
             quantization.apply(self.model, model_path)
         load_weights(self.model, model_path)
         self.model.eval()
+        self.device = default_device()
+        self.ops = select_ops(self.device)  # "torch" on the CPU, "triton" on a GPU
+        if self.device.type != "cpu":
+            self.model.to(self.device)
         self.lora = build_lora_manager(self.model, config, self.dtype)  # wraps linears by path; None: LoRA off
         prepack_linears(self.model)  # bf16 weights in oneDNN's layout where the CPU has native bf16
         self._allocate_kv_cache(args.num_layers, args.num_kv_heads, args.head_dim)
@@ -85,15 +95,18 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         # zeros, not empty: padded decode rows read block 0, and NaN garbage would leak through softmax @ V
         shape = (2, num_layers, self.config.num_blocks, self.block_size, num_kv_heads, head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers()):
             attn.bind_kv_cache(self.kv_cache[0, i], self.kv_cache[1, i])
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         # copy on write: a forked request's partly filled block, in every layer, K and V
-        src = torch.tensor([s for s, _ in copies], dtype=torch.long)
-        dst = torch.tensor([d for _, d in copies], dtype=torch.long)
+        src = self._ints([s for s, _ in copies])
+        dst = self._ints([d for _, d in copies])
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def _ints(self, values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
 
     def release(self, request_ids: list[str]) -> None:
         self.sampler.release(request_ids)
@@ -111,7 +124,7 @@ class ModelRunner:
         logits, prompt_logprobs = self._logits(batch)
         result = ModelRunnerOutput([r.request_id for r in batch.sampling], prompt_logprobs=prompt_logprobs)
         if batch.sampling:
-            sampled = self.sampler.sample(logits, batch.sampling)
+            sampled = self.sampler.sample(logits.cpu(), batch.sampling)  # the sampler works on the host
             result.sampled_token_ids = sampled.token_ids
             result.logprobs, result.top_tokens = sampled.logprobs, sampled.top_tokens
         return result
@@ -133,8 +146,8 @@ class ModelRunner:
         """log_softmax of the raw logits at prompt positions, gathered at the next prompt token (as TGI)."""
         values: list[float] = []
         for i in range(0, len(batch.prompt_rows), PROMPT_LOGPROB_SLICE):
-            rows = torch.tensor(batch.prompt_rows[i : i + PROMPT_LOGPROB_SLICE], dtype=torch.long)
-            targets = torch.tensor(batch.prompt_targets[i : i + PROMPT_LOGPROB_SLICE], dtype=torch.long)
+            rows = self._ints(batch.prompt_rows[i : i + PROMPT_LOGPROB_SLICE])
+            targets = self._ints(batch.prompt_targets[i : i + PROMPT_LOGPROB_SLICE])
             logp = self.model.compute_logits(hidden.index_select(0, rows)).float().log_softmax(dim=-1)
             values.extend(logp.gather(1, targets.unsqueeze(1)).squeeze(1).tolist())
         out: dict[str, list[tuple[int, float]]] = {}
@@ -161,17 +174,20 @@ class ModelRunner:
         if self.lora is not None:  # each token's adapter slot, in flat-batch order
             self.lora.set_chunks(decode + prefill)
         prompt_rows, prompt_targets, prompt_owners = _prompt_positions(chunks, last_row)
+        segments = self._prefill_segments(prefill, len(decode))
         context = ForwardContext(
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            slot_mapping=self._ints(slots),
             decode=self._decode_batch(decode) if decode else None,
-            prefills=self._prefill_segments(prefill, len(decode)),
+            prefills=segments,
             block_size=self.block_size,
+            ops=self.ops,
+            prefill_meta=self.ops.prepare_prefill(segments, self.device) if segments else None,
         )
         return _Batch(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            positions=torch.tensor(positions, dtype=torch.long),
+            input_ids=self._ints(ids),
+            positions=self._ints(positions),
             context=context,
-            sample_rows=torch.tensor([last_row[id(c)] for c in sampled], dtype=torch.long),
+            sample_rows=self._ints([last_row[id(c)] for c in sampled]),
             sampling=[
                 SamplingRow(c.request_id, c.sampling, c.num_output_tokens, c.history, c.num_prompt_tokens)
                 for c in sampled
@@ -195,8 +211,8 @@ class ModelRunner:
         table = [c.block_ids[:n] + [0] * (width - n) for c, n in zip(decode, num_blocks)]
         return DecodeBatch(
             num_rows=len(decode),
-            block_table=torch.tensor(table, dtype=torch.long),
-            positions=torch.tensor([c.start_pos for c in decode], dtype=torch.long),
+            block_table=self._ints(table),
+            positions=self._ints([c.start_pos for c in decode]),
             block_size=bs,
         )
 
@@ -207,7 +223,7 @@ class ModelRunner:
             table = None
             if c.start_pos > 0:
                 num_blocks = -(-(c.start_pos + n) // self.block_size)
-                table = torch.tensor(c.block_ids[:num_blocks], dtype=torch.long)
+                table = self._ints(c.block_ids[:num_blocks])
             segments.append(PrefillSegment(offset, offset + n, c.start_pos, table))
             offset += n
         return segments

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgi_backend.engine.forward_context import DecodeBatch, PrefillSegment, get_forward_context
+from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, get_forward_context
 
 
 def store_kv(
@@ -86,8 +86,10 @@ class PagedAttention(nn.Module):
         # q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] -> [tokens, heads, dim]
         ctx = get_forward_context()
         kc, vc = self.k_cache, self.v_cache
-        store_kv(kc, vc, k, v, ctx.slot_mapping)
         w = self.sliding_window
+        if ctx.ops is not None:  # the platform's op set (the runner picks it from the device)
+            return self._forward_ops(ctx, q, k, v)
+        store_kv(kc, vc, k, v, ctx.slot_mapping)
         if ctx.decode is not None and not ctx.prefills:
             return decode_attention(q, kc, vc, ctx.decode, self.scale, w)
         out = torch.empty_like(q)
@@ -97,4 +99,18 @@ class PagedAttention(nn.Module):
         for seg in ctx.prefills:
             a, b = seg.q_start, seg.q_end
             out[a:b] = prefill_attention(q[a:b], k[a:b], v[a:b], kc, vc, seg, self.scale, w)
+        return out
+
+    def _forward_ops(self, ctx: ForwardContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ops, kc, vc, w = ctx.ops, self.k_cache, self.v_cache, self.sliding_window
+        ops.store_kv(kc, vc, k, v, ctx.slot_mapping)
+        if ctx.decode is not None and not ctx.prefills:
+            return ops.decode_attention(q, kc, vc, ctx.decode, self.scale, w)
+        out = torch.empty_like(q)
+        if ctx.decode is not None:
+            n = ctx.decode.num_rows
+            out[:n] = ops.decode_attention(q[:n], kc, vc, ctx.decode, self.scale, w)
+        if ctx.prefills:
+            meta = ctx.prefill_meta if ctx.prefill_meta is not None else ctx.prefills
+            out = ops.prefill_attention(q, k, v, kc, vc, meta, self.scale, w, out=out)
         return out
