@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 from tgi_backend.engine.request import SamplingParams
 from tgi_backend.errors import GenerationError, OverloadedError, TGIError, ValidationError
 from tgi_backend.sampling.details import merge as merge_details
+from tgi_backend.serving.coalesce import coalesce
 from tgi_backend.serving.observer import EngineObserver, RequestTimings
 
 log = logging.getLogger(__name__)
@@ -347,18 +348,24 @@ class EngineLoop:
     # ---- response thread ----------------------------------------------------------------------
     def _run_responses(self) -> None:
         while True:
-            item = self._responses.get()
-            if item is _STOP:
-                return
-            try:
-                if callable(item):  # a metrics update
-                    item()
-                elif len(item) == 2:
-                    item[0].send_error(item[1])
-                else:
-                    item[0].send(item[1], item[2])
-            except Exception:  # the client is gone (cancellation polling ends the request), or a metric failed
-                log.warning("sending a response or a metric failed", exc_info=True)
+            items = [self._responses.get()]
+            while True:  # everything queued meanwhile: a lagging thread merges each request's chunks
+                try:
+                    items.append(self._responses.get_nowait())
+                except queue.Empty:
+                    break
+            for item in coalesce(items):
+                if item is _STOP:
+                    return
+                try:
+                    if callable(item):  # a metrics update
+                        item()
+                    elif len(item) == 2:
+                        item[0].send_error(item[1])
+                    else:
+                        item[0].send(item[1], item[2])
+                except Exception:  # the client is gone (cancellation polling ends the request), or a metric failed
+                    log.warning("sending a response or a metric failed", exc_info=True)
 
 
 def _failure_kind(error: Exception) -> str:
