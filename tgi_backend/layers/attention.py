@@ -50,20 +50,21 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, dec: DecodeBatch, scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """One query per row over its gathered blocks, in one SDPA call (GQA inside SDPA, an additive mask).
+    """One query per row over its gathered blocks, in one SDPA call with an additive mask.
 
-    torch 2.13's CPU SDPA is 1.2x (1 row) to 6x (32 rows) faster here than baddbmm + softmax + bmm in float32.
+    A KV head's query heads are folded into the query length (SDPA sees `group` queries per KV head), so each
+    gathered K/V block is read once per KV head; 1.2x (1 row) to 6x (32 rows) faster here than baddbmm +
+    softmax + bmm in float32, and 5-12% faster than SDPA's own enable_gqa.
     """
     # q: [rows, heads, dim] -> [rows, heads, dim]
     rows, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
-    table, mask = dec.sdpa_mask(window, q.dtype)  # mask: [rows, 1, 1, ctx]
+    table, mask = dec.sdpa_mask(window, q.dtype)  # mask: [rows, 1, 1, ctx], the same for every query head
     k = k_cache.index_select(0, table.view(-1)).view(rows, -1, kv_heads, dim).transpose(1, 2)
     v = v_cache.index_select(0, table.view(-1)).view(rows, -1, kv_heads, dim).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads
-    )  # [rows, heads, 1, dim]
-    return out.squeeze(2)
+    qg = q.view(rows, kv_heads, heads // kv_heads, dim)  # [rows, kv_heads, group, dim]
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(rows, heads, dim)
 
 
 class PagedAttention(nn.Module):
