@@ -190,7 +190,9 @@ class TritonProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tgi-triton serve exited early; see {self.log.name}")
             try:
-                if client.is_model_ready("tgi_llm"):
+                # every model, not only tgi_llm: the ensemble's tokenizer stubs still loading would share the
+                # two cores with the first measured requests (TTFT 0.3 s -> 2.4 s seen)
+                if client.is_model_ready("tgi_llm") and client.is_server_ready():
                     return
             except Exception:
                 pass

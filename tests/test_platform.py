@@ -143,14 +143,15 @@ def test_copy_padded_fills_the_bucket_and_clears_stale_rows():
 
 
 def test_runner_loads_into_static_buffers_without_a_gpu():
+    ops = select_ops(torch.device("cpu"))
     runner = DecodeGraphRunner(torch.nn.Identity(), block_size=4, max_batch_size=16, max_blocks_per_row=8,
-                               device=torch.device("cpu"))
+                               device=torch.device("cpu"), ops=ops)
     src = _inputs(5, 3, 4)
     assert runner.load(src) == 8
     assert torch.equal(runner.static.input_ids[:5], src.input_ids)
     assert torch.equal(runner.static.slot_mapping[5:8], torch.full((3,), PADDING_SLOT))
     ctx = runner.context(8)  # the forward context a graph is captured with: views of the static buffers
-    assert ctx.decode is not None and ctx.decode.num_rows == 8 and not ctx.prefills
+    assert ctx.decode is not None and ctx.decode.num_rows == 8 and not ctx.prefills and ctx.ops is ops
     assert ctx.decode.block_table.data_ptr() == runner.static.block_table.data_ptr()
     assert ctx.decode.max_ctx == 8 * 4
     assert runner.load(_inputs(17, 3, 5)) is None  # more rows than the largest bucket

@@ -97,9 +97,10 @@ class DecodeGraphRunner:
 
     def __init__(
         self, model: nn.Module, block_size: int, max_batch_size: int, max_blocks_per_row: int,
-        device: torch.device, padding_slot: int = PADDING_SLOT,
+        device: torch.device, padding_slot: int = PADDING_SLOT, ops: object = None,
     ) -> None:
         self.model = model
+        self.ops = ops  # the op set the attention layers use when captured: the runner's "triton" set
         self.block_size = block_size
         self.sizes = graph_batch_sizes(max_batch_size)
         self.padding_slot = padding_slot
@@ -115,7 +116,7 @@ class DecodeGraphRunner:
             dec = DecodeBatch(num_rows=bucket, block_table=s.block_table, positions=s.positions,
                               block_size=self.block_size)
             self._contexts[bucket] = ForwardContext(slot_mapping=s.slot_mapping, decode=dec, prefills=[],
-                                                    block_size=self.block_size)
+                                                    block_size=self.block_size, ops=self.ops)
         return self._contexts[bucket]
 
     def _forward(self, bucket: int) -> torch.Tensor:

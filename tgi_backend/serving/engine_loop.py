@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -25,6 +26,10 @@ from tgi_backend.serving.observer import EngineObserver, RequestTimings
 
 log = logging.getLogger(__name__)
 _STOP = object()
+# The response thread yields the cores to the engine's OpenMP threads (a preempted one stalls the other at its
+# barrier); lagging, it merges each request's queued tokens (serving/coalesce.py). Small model via Triton on
+# two cores: 32 streams 1,164 -> 1,204 tok/s, 128 streams 1,547 -> 1,689 (nice 19: 1,342 / 1,799, burstier).
+RESPONSE_NICENESS = 10
 
 
 @dataclass(slots=True)
@@ -347,6 +352,7 @@ class EngineLoop:
 
     # ---- response thread ----------------------------------------------------------------------
     def _run_responses(self) -> None:
+        _lower_priority(RESPONSE_NICENESS)
         while True:
             items = [self._responses.get()]
             while True:  # everything queued meanwhile: a lagging thread merges each request's chunks
@@ -366,6 +372,14 @@ class EngineLoop:
                         item[0].send(item[1], item[2])
                 except Exception:  # the client is gone (cancellation polling ends the request), or a metric failed
                     log.warning("sending a response or a metric failed", exc_info=True)
+
+
+def _lower_priority(niceness: int) -> None:
+    """Raises this thread's nice value (Linux: per thread), best effort."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
 
 
 def _failure_kind(error: Exception) -> str:
