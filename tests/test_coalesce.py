@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from tgi_backend.config import EngineConfig
 from tgi_backend.engine.request import SamplingParams
 from tgi_backend.serving.coalesce import coalesce, merge
@@ -68,14 +70,16 @@ class SlowSink:
         return False
 
 
-def test_a_lagging_stream_gets_fewer_responses_with_every_token(tiny_llama_dir):
+@pytest.mark.parametrize("coalescing", [True, False])
+def test_a_lagging_stream_gets_fewer_responses_with_every_token(tiny_llama_dir, coalescing: bool):
+    """With --stream-coalescing; without it (the default), one response per token whatever the lag."""
     from tgi_backend.engine.engine import LLMEngine
 
     config = EngineConfig(model_id=tiny_llama_dir, dtype="float32", max_total_tokens=64, max_batch_total_tokens=512)
     engine = LLMEngine(config)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     expected = engine.generate([[5, 6, 7]], params)[0]
-    loop = EngineLoop(engine)
+    loop = EngineLoop(engine, coalesce=coalescing)
     loop.start()
     try:
         sink = SlowSink()
@@ -88,6 +92,7 @@ def test_a_lagging_stream_gets_fewer_responses_with_every_token(tiny_llama_dir):
     finally:
         loop.stop()
     ids = [i for chunk, _ in sink.responses for i in chunk.token_ids]
-    assert len(sink.responses) < 12 and [final for _, final in sink.responses].count(True) == 1
+    assert (len(sink.responses) < 12) if coalescing else (len(sink.responses) == 12)
+    assert [final for _, final in sink.responses].count(True) == 1
     assert sink.responses[-1][1] and sink.responses[-1][0].finish_reason == "length"
     assert ids == expected

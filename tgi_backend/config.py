@@ -41,6 +41,8 @@ class EngineConfig:
     watermark_gamma: float = 0.5
     watermark_delta: float = 2.0
     enable_prefill_logprobs: bool = False
+    # serving: merge a lagging stream's queued tokens into one response (fewer, larger responses under load)
+    stream_coalescing: bool = False
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod

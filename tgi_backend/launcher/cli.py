@@ -38,6 +38,8 @@ _ENGINE_FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("watermark-delta", float, 2.0, "logit bias of green tokens (watermark)"),
     ("enable-prefill-logprobs", bool, False, "allow `decoder_input_details` (prompt logprobs)"),
     ("enable-prefix-caching", bool, True, "reuse the KV blocks of prompt prefixes served before"),
+    ("stream-coalescing", bool, False, "under load, a stream's queued tokens leave as one response (the "
+     "response thread also runs at nice 10); off: one response per token, as TGI"),
     ("quantize", str, None, "gptq, awq, marlin, exllama (from the checkpoint), eetq / bitsandbytes (int8), "
      "bitsandbytes-nf4 / -fp4 (int4), fp8, compressed-tensors; default: the checkpoint's quantization_config"),
     ("lora-adapters", str, None, "LoRA adapters to preload: name=path or hub id, comma-separated (TGI's syntax)"),

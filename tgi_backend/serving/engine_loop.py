@@ -26,9 +26,9 @@ from tgi_backend.serving.observer import EngineObserver, RequestTimings
 
 log = logging.getLogger(__name__)
 _STOP = object()
-# The response thread yields the cores to the engine's OpenMP threads (a preempted one stalls the other at its
-# barrier); lagging, it merges each request's queued tokens (serving/coalesce.py). Small model via Triton on
-# two cores: 32 streams 1,164 -> 1,204 tok/s, 128 streams 1,547 -> 1,689 (nice 19: 1,342 / 1,799, burstier).
+# With stream coalescing the response thread yields the cores to the engine's OpenMP threads (a preempted one
+# stalls the other at its barrier) and, lagging, merges each request's queued tokens (serving/coalesce.py).
+# Small model via Triton on two cores: 32 streams 1,164 -> 1,204 tok/s, 128 streams 1,547 -> 1,689.
 RESPONSE_NICENESS = 10
 
 
@@ -90,9 +90,10 @@ class _Active:
 
 
 class EngineLoop:
-    def __init__(self, engine: Any, observer: EngineObserver | None = None) -> None:
+    def __init__(self, engine: Any, observer: EngineObserver | None = None, coalesce: bool = False) -> None:
         self.engine = engine
         self.observer = observer  # metrics: called on the response thread
+        self.coalesce = coalesce  # merge a lagging stream's queued chunks (off: one response per token)
         self._build: Callable[[], Any] | None = None
         self._build_error: BaseException | None = None
         self._ready = threading.Event()
@@ -106,9 +107,11 @@ class EngineLoop:
         self._response_thread = threading.Thread(target=self._run_responses, name="tgi-responses", daemon=True)
 
     @classmethod
-    def build(cls, make_engine: Callable[[], Any], observer: EngineObserver | None = None) -> EngineLoop:
+    def build(
+        cls, make_engine: Callable[[], Any], observer: EngineObserver | None = None, coalesce: bool = False
+    ) -> EngineLoop:
         """A loop whose engine `make_engine()` creates on the engine thread, in `start()`."""
-        loop = cls(None, observer)
+        loop = cls(None, observer, coalesce)
         loop._build = make_engine
         return loop
 
@@ -352,15 +355,16 @@ class EngineLoop:
 
     # ---- response thread ----------------------------------------------------------------------
     def _run_responses(self) -> None:
-        _lower_priority(RESPONSE_NICENESS)
+        if self.coalesce:
+            _lower_priority(RESPONSE_NICENESS)
         while True:
             items = [self._responses.get()]
-            while True:  # everything queued meanwhile: a lagging thread merges each request's chunks
+            while self.coalesce:  # everything queued meanwhile: a lagging thread merges each request's chunks
                 try:
                     items.append(self._responses.get_nowait())
                 except queue.Empty:
                     break
-            for item in coalesce(items):
+            for item in coalesce(items) if self.coalesce else items:
                 if item is _STOP:
                     return
                 try:
