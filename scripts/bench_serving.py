@@ -156,8 +156,9 @@ def bench_transformers(path: str, prompts: list[list[int]], new_tokens: int, dty
     return Result("transformers generate", len(prompts), produced, seconds, ttft, itl, "static batch")
 
 
-def bench_triton(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Result:
-    server = TritonProcess(path, dtype)
+def bench_triton(path: str, prompts: list[list[int]], new_tokens: int, dtype: str,
+                 serve_flags: tuple[str, ...] = ()) -> Result:
+    server = TritonProcess(path, dtype, serve_flags)
     try:
         server.start()
         return server.run_load(prompts, new_tokens)
@@ -168,8 +169,9 @@ def bench_triton(path: str, prompts: list[list[int]], new_tokens: int, dtype: st
 class TritonProcess:
     """`tgi-triton serve` as a subprocess, and a load of concurrent gRPC streams against it."""
 
-    def __init__(self, path: str, dtype: str) -> None:
+    def __init__(self, path: str, dtype: str, serve_flags: tuple[str, ...] = ()) -> None:
         self.path, self.dtype = path, dtype
+        self.serve_flags = serve_flags  # extra `tgi-triton serve` flags: a second configuration
         self.proc = None
 
     def start(self) -> None:
@@ -179,7 +181,7 @@ class TritonProcess:
         exe = Path(sys.executable).with_name("tgi-triton")
         cmd = [str(exe), "serve", "--model-id", self.path, "--dtype", self.dtype,
                "--max-total-tokens", "1024", "--grpc-port", str(self.grpc), "--http-port", str(self.http),
-               "--metrics-port", str(self.metrics)]
+               "--metrics-port", str(self.metrics), "--no-frontend", *self.serve_flags]
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-triton-{os.getpid()}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         import tritonclient.grpc as grpcclient

