@@ -5,13 +5,10 @@ process (whatever another test imported in this one does not matter). Tiny shape
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from interpreted import run_interpreted
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -58,16 +55,13 @@ SCRIPT = textwrap.dedent('''
         moe.MOE_IMPLS["cpu"] = moe.grouped_experts
         grouped = layer(x)
     out["layer"] = float((fused - grouped).abs().max() / grouped.abs().max())
-    print(json.dumps(out))
+    print("RESULT" + json.dumps(out))
 ''')
 
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(SCRIPT)
 
 
 def test_kernel_matches_grouped_pytorch_float32(results):
