@@ -5,7 +5,8 @@
     float32 | bfloat16 | int8 (--quantize eetq) | int4 (--quantize bitsandbytes-nf4, groups of 128)
 
 with the model's weight memory and the process RSS. Each variant runs in its own process (clean RSS).
-This CPU has no native bfloat16, so float32 is the honest baseline too; ratios are given against both.
+bfloat16 linears run prepacked for AMX here (tgi_backend.layers.linear.prepack_bf16); ratios are given against
+both bfloat16 and float32.
 
     .venv/bin/python scripts/bench_quant.py [--new-tokens 32] [--prompt 32]
 
@@ -57,7 +58,14 @@ def rss_mb() -> float:
 
 
 def weight_mb(model) -> float:
+    """Parameters, buffers and the prepacked bf16 weights (oneDNN layout, held outside the parameters)."""
+    import torch
+
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    for m in model.modules():
+        packed = getattr(m, "packed", None)
+        if isinstance(packed, torch.Tensor):
+            tensors[id(packed)] = packed
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
