@@ -6,11 +6,13 @@ SDPA), prefill chunks one SDPA each (a chunk with history reads it back from the
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, get_forward_context
+from tgi_backend.engine.forward_context import DecodeBatch, PrefillSegment, get_forward_context
 
 
 def store_kv(
@@ -44,6 +46,20 @@ def prefill_attention(
         qh, kh, vh, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
     )
     return out.squeeze(0).transpose(0, 1)  # [len, heads, dim]
+
+
+def prefill_segments_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    segments: Sequence[PrefillSegment], scale: float, window: int | None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Every prefill chunk of the flat batch, one SDPA each; writes the chunks' rows of `out` only."""
+    # q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]
+    if out is None:
+        out = torch.empty_like(q)
+    for seg in segments:
+        a, b = seg.q_start, seg.q_end
+        out[a:b] = prefill_attention(q[a:b], k[a:b], v[a:b], k_cache, v_cache, seg, scale, window)
+    return out
 
 
 def decode_attention(
@@ -86,32 +102,19 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] -> [tokens, heads, dim]
         ctx = get_forward_context()
-        kc, vc = self.k_cache, self.v_cache
-        w = self.sliding_window
-        if ctx.ops is not None:  # the platform's op set (the runner picks it from the device)
-            return self._forward_ops(ctx, q, k, v)
-        store_kv(kc, vc, k, v, ctx.slot_mapping)
+        ops = ctx.ops  # the platform's op set, which the runner picks from the device; None: this module's
+        store = ops.store_kv if ops else store_kv
+        decode = ops.decode_attention if ops else decode_attention
+        prefill = ops.prefill_attention if ops else prefill_segments_attention
+        kc, vc, w = self.k_cache, self.v_cache, self.sliding_window
+        store(kc, vc, k, v, ctx.slot_mapping)
         if ctx.decode is not None and not ctx.prefills:
-            return decode_attention(q, kc, vc, ctx.decode, self.scale, w)
+            return decode(q, kc, vc, ctx.decode, self.scale, w)
         out = torch.empty_like(q)
         if ctx.decode is not None:
             n = ctx.decode.num_rows
-            out[:n] = decode_attention(q[:n], kc, vc, ctx.decode, self.scale, w)
-        for seg in ctx.prefills:
-            a, b = seg.q_start, seg.q_end
-            out[a:b] = prefill_attention(q[a:b], k[a:b], v[a:b], kc, vc, seg, self.scale, w)
-        return out
-
-    def _forward_ops(self, ctx: ForwardContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ops, kc, vc, w = ctx.ops, self.k_cache, self.v_cache, self.sliding_window
-        ops.store_kv(kc, vc, k, v, ctx.slot_mapping)
-        if ctx.decode is not None and not ctx.prefills:
-            return ops.decode_attention(q, kc, vc, ctx.decode, self.scale, w)
-        out = torch.empty_like(q)
-        if ctx.decode is not None:
-            n = ctx.decode.num_rows
-            out[:n] = ops.decode_attention(q[:n], kc, vc, ctx.decode, self.scale, w)
+            out[:n] = decode(q[:n], kc, vc, ctx.decode, self.scale, w)
         if ctx.prefills:
             meta = ctx.prefill_meta if ctx.prefill_meta is not None else ctx.prefills
-            out = ops.prefill_attention(q, k, v, kc, vc, meta, self.scale, w, out=out)
+            out = prefill(q, k, v, kc, vc, meta, self.scale, w, out=out)
         return out

@@ -39,20 +39,6 @@ class Ops:
     rotary_apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def torch_prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    segments: Sequence[PrefillSegment], scale: float, window: int | None, out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The packed-batch signature over the per-segment PyTorch path (one SDPA per chunk, as PagedAttention)."""
-    # q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]
-    if out is None:
-        out = torch.empty_like(q)
-    for seg in segments:
-        a, b = seg.q_start, seg.q_end
-        out[a:b] = attention.prefill_attention(q[a:b], k[a:b], v[a:b], k_cache, v_cache, seg, scale, window)
-    return out
-
-
 def torch_rms_norm_residual(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +55,7 @@ def _torch_ops() -> Ops:
         store_kv=attention.store_kv,
         decode_attention=attention.decode_attention,
         prepare_prefill=lambda segments, device: list(segments),
-        prefill_attention=torch_prefill_attention,
+        prefill_attention=attention.prefill_segments_attention,
         rms_norm_residual=torch_rms_norm_residual,
         rotary_apply=RotaryEmbedding.apply,
     )
