@@ -164,3 +164,13 @@ def test_prefix_caching_is_on_by_default_and_can_be_switched_off():
     assert engine_config(off).enable_prefix_caching is False
     env = parse_args(["build-repo", "--model-repository", "r"], environ={"ENABLE_PREFIX_CACHING": "0"})
     assert engine_config(env).enable_prefix_caching is False
+
+
+def test_stream_coalescing_is_off_by_default_and_reaches_the_model_config():
+    from tgi_backend.config import EngineConfig
+    from tgi_backend.launcher.cli import engine_config, parse_args
+
+    assert engine_config(parse_args(["build-repo", "--model-repository", "r"], environ={})).stream_coalescing is False
+    on = engine_config(parse_args(["build-repo", "--model-repository", "r", "--stream-coalescing"], environ={}))
+    assert on.stream_coalescing is True
+    assert EngineConfig.from_strings(on.to_strings()).stream_coalescing is True  # what tgi_llm reads back
