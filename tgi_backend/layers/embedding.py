@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgi_backend.layers.linear import bf16_upcast_min_rows, linear, prepack_bf16
+from tgi_backend.layers.linear import bf16_upcast_min_rows, linear, prepack_weight
 
 
 class VocabEmbedding(nn.Module):
@@ -34,9 +34,7 @@ class LMHead(nn.Module):
 
     def prepack(self) -> None:
         """As Linear.prepack; a tied weight stays, since the embedding reads it."""
-        self.packed = prepack_bf16(self.weight)
-        if self.packed is not None and not self.tied:
-            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        prepack_weight(self, keep_plain=self.tied)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [rows, hidden] -> [rows, vocab] float32

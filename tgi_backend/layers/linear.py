@@ -95,13 +95,18 @@ class Linear(nn.Module):
 
     def prepack(self) -> None:
         """Once loaded: keeps the weight in oneDNN's layout where that is faster, and frees the plain copy."""
-        self.packed = prepack_bf16(self.weight)
-        if self.packed is not None:
-            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        prepack_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, in] -> [tokens, out]
         return linear(x, self.weight, self.bias, self.upcast_rows, packed=self.packed)
+
+
+def prepack_weight(module: nn.Module, keep_plain: bool = False) -> None:
+    """Sets module.packed from module.weight; the plain weight is freed unless `keep_plain` (a shared one)."""
+    module.packed = prepack_bf16(module.weight)
+    if module.packed is not None and not keep_plain:
+        module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
 
 
 def prepack_linears(model: nn.Module) -> int:

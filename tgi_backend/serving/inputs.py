@@ -123,10 +123,19 @@ def _bool(get: GetInput, name: str) -> bool:
     return bool(array.reshape(-1)[0])
 
 
+# The outputs every response can carry, built only when the client asked for them.
+_OUTPUTS: dict[str, Callable[[Chunk], np.ndarray]] = {
+    "text_output": lambda c: np.array([c.text.encode("utf-8")], dtype=np.object_),
+    "output_ids": lambda c: np.array(c.token_ids, dtype=np.int32),
+    "finish_reason": lambda c: np.array([c.finish_reason.encode("utf-8")], dtype=np.object_),
+    "details": lambda c: np.array([dumps_details(c.details).encode("utf-8")], dtype=np.object_),
+}
+
+
 def output_arrays(
     chunk: Chunk, flags: Mapping[str, bool], wanted: frozenset[str] | None = None
 ) -> dict[str, np.ndarray]:
-    """The output tensors of one response; the ensemble mode (decode window) always gets all of them.
+    """The output tensors of one response; the ensemble mode (decode window) adds all the optional ones.
 
     `wanted`: the outputs the client asked for (None: all). The others are not built: a streamed token costs
     one tensor instead of four when a client asks only for `output_ids` or `text_output`.
@@ -134,15 +143,7 @@ def output_arrays(
     if chunk.kv_blocks is not None and not chunk.token_ids and not chunk.finish_reason:
         return _kv_arrays(chunk)  # a stats query
     everything = flags.get("return_decode_window", False)
-    out = {}
-    if wanted is None or "text_output" in wanted:
-        out["text_output"] = np.array([chunk.text.encode("utf-8")], dtype=np.object_)
-    if wanted is None or "output_ids" in wanted:
-        out["output_ids"] = np.array(chunk.token_ids, dtype=np.int32)
-    if wanted is None or "finish_reason" in wanted:
-        out["finish_reason"] = np.array([chunk.finish_reason.encode("utf-8")], dtype=np.object_)
-    if wanted is None or "details" in wanted:
-        out["details"] = np.array([dumps_details(chunk.details).encode("utf-8")], dtype=np.object_)
+    out = {name: build(chunk) for name, build in _OUTPUTS.items() if wanted is None or name in wanted}
     if everything or flags.get("return_num_input_tokens"):
         out["num_input_tokens"] = np.array([chunk.num_input_tokens], dtype=np.int32)
     if everything or flags.get("return_num_output_tokens"):
