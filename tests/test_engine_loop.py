@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -64,6 +65,7 @@ def engine(tiny_llama_dir: str):
 @pytest.fixture()
 def loop(engine):
     loop = EngineLoop(engine)
+    loop.cancel_poll_interval = 0.0  # every step: a tiny model's 40 tokens take less than the default interval
     loop.start()
     yield loop
     loop.stop()
@@ -124,6 +126,30 @@ def test_cancellation_aborts_and_frees_the_blocks(loop: EngineLoop):
     assert cancelled.error is None and cancelled.chunks[-1] is None  # flag-only final
     assert 2 <= len(cancelled.ids) < 40
     assert _stats(loop) == (total, total)
+
+
+def test_cancellation_is_polled_at_most_once_per_interval(engine):
+    class CountingSink(ListSink):
+        polls = 0
+
+        def is_cancelled(self) -> bool:
+            CountingSink.polls += 1
+            return False
+
+    loop = EngineLoop(engine)
+    loop.cancel_poll_interval = 0.05
+    loop.start()
+    try:
+        start = time.monotonic()
+        sink = CountingSink()
+        loop.submit(Job(prompt_text="a story", params=SamplingParams(max_new_tokens=40, ignore_eos=True),
+                        stream=True), sink)
+        sink.wait()
+        elapsed = time.monotonic() - start
+    finally:
+        loop.stop()
+    assert len(sink.ids) == 40
+    assert 1 <= CountingSink.polls <= elapsed / 0.05 + 2  # an IPC round trip each in Triton: not once per step
 
 
 def test_decode_windows_rebuild_the_full_text(loop: EngineLoop, engine):

@@ -8,7 +8,6 @@ import asyncio
 import json
 from typing import Any, Callable
 
-import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -16,19 +15,6 @@ from tgi_backend.errors import OverloadedError, ValidationError
 from tgi_backend.frontend.app import build_front, create_app
 from tgi_backend.frontend.model import ServedModel
 from tgi_backend.frontend.state import FrontendSettings
-
-
-class FakeResult:
-    def __init__(self, outputs: dict[str, Any]) -> None:
-        self.outputs = outputs
-
-    def as_numpy(self, name: str) -> Any:
-        value = self.outputs.get(name)
-        if value is None:
-            return None
-        if isinstance(value, (str, bytes)):
-            return np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
-        return np.array(value if isinstance(value, list) else [value], dtype=np.int32)
 
 
 def token_response(i: int, text: str, final: str = "", n_in: int = 3) -> dict[str, Any]:
@@ -67,7 +53,7 @@ class FakeBridge:
                 if isinstance(item, Exception):
                     finished = True
                     raise item
-                yield FakeResult(item)
+                yield item  # what TritonBridge.stream yields: decode_outputs' dict
             finished = True
         finally:
             self.closed_early += not finished

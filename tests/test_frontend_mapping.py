@@ -7,7 +7,7 @@ import pytest
 
 from tgi_backend.errors import GenerationError, OverloadedError, ValidationError
 from tgi_backend.frontend import openai_mapping as oa
-from tgi_backend.frontend.bridge import TritonRequest, build_request, error_from_message
+from tgi_backend.frontend.bridge import FRONT_OUTPUTS, TritonRequest, build_request, decode_outputs, error_from_message
 from tgi_backend.frontend.errors import BatchSizeError, openai_body, tgi_body
 from tgi_backend.frontend.generation import Outcome, Piece, Timing, forwarded_parameters
 from tgi_backend.frontend.metrics import FrontMetrics
@@ -125,6 +125,26 @@ def test_request_tensors():
     assert struct.unpack("<I", raw[:4])[0] == len("héllo".encode()) and raw[4:].decode() == "héllo"
     assert msg.raw_input_contents[2] == b"\x01"
     assert msg.parameters["triton_enable_empty_final_response"].bool_param
+    assert not msg.outputs  # no outputs named: tgi_llm sends them all
+    asked = build_request("tgi_llm", "8", TritonRequest("x", "{}", True, outputs=FRONT_OUTPUTS))
+    assert [o.name for o in asked.outputs] == list(FRONT_OUTPUTS)
+
+
+def test_decode_outputs_reads_raw_contents_as_tritonclient_does():
+    import numpy as np
+    from tritonclient.grpc import InferResult, service_pb2
+
+    response = service_pb2.ModelInferResponse(model_name="tgi_llm")
+    values = {"text_output": ("BYTES", "Ünï ✓".encode()), "details": ("BYTES", b'{"tokens":[]}'),
+              "num_input_tokens": ("INT32", struct.pack("<i", 7)), "output_ids": ("INT32", struct.pack("<3i", 5, -1, 9))}
+    for name, (datatype, raw) in values.items():
+        response.outputs.add(name=name, datatype=datatype, shape=[len(raw) // 4 if datatype == "INT32" else 1])
+        response.raw_output_contents.append(struct.pack("<I", len(raw)) + raw if datatype == "BYTES" else raw)
+    out = decode_outputs(response)
+    assert out == {"text_output": "Ünï ✓", "details": '{"tokens":[]}', "num_input_tokens": [7], "output_ids": [5, -1, 9]}
+    reference = InferResult(response)
+    assert reference.as_numpy("text_output")[0].decode() == out["text_output"]
+    assert np.array_equal(reference.as_numpy("output_ids"), out["output_ids"])
 
 
 def test_sse_frame_has_no_space_after_data():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import grpc
-from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tgi_backend.errors import GenerationError, OverloadedError, TGIError, ValidationError
 from tgi_backend.frontend.errors import IncompleteGenerationError, UnavailableError
@@ -20,6 +20,9 @@ from tgi_backend.frontend.errors import IncompleteGenerationError, UnavailableEr
 MAX_MESSAGE = 2**31 - 1
 OVERLOADED = "Model is overloaded"
 VALIDATION_PREFIX = "Input validation error"
+# What the front reads (the token ids and counts are in `details`): every output is one more shared-memory
+# tensor per streamed token in tgi_llm and one more field to decode here.
+FRONT_OUTPUTS = ("text_output", "finish_reason", "details")
 
 
 @dataclass(slots=True)
@@ -30,6 +33,7 @@ class TritonRequest:
     sampling_parameters: str  # JSON
     stream: bool
     bools: dict[str, bool] = field(default_factory=dict)
+    outputs: tuple[str, ...] = ()  # requested outputs; empty: all
 
 
 def error_from_message(message: str) -> TGIError:
@@ -66,8 +70,26 @@ def build_request(model: str, request_id: str, req: TritonRequest) -> Any:
     for name, datatype, raw in tensors:
         msg.inputs.add(name=name, datatype=datatype, shape=[1])
         msg.raw_input_contents.append(raw)
+    for name in req.outputs:
+        msg.outputs.add(name=name)
     msg.parameters["triton_enable_empty_final_response"].bool_param = True
     return msg
+
+
+def decode_outputs(response: Any) -> dict[str, Any]:
+    """A ModelInferResponse's raw outputs: one-element BYTES -> str, INT32 -> list of ints (no numpy per field)."""
+    out: dict[str, Any] = {}
+    for tensor, raw in zip(response.outputs, response.raw_output_contents):
+        if tensor.datatype == "BYTES":
+            items, pos = [], 0
+            while pos + 4 <= len(raw):
+                (size,) = struct.unpack_from("<I", raw, pos)
+                items.append(raw[pos + 4:pos + 4 + size].decode("utf-8", errors="replace"))
+                pos += 4 + size
+            out[tensor.name] = "".join(items)
+        elif tensor.datatype == "INT32":
+            out[tensor.name] = list(struct.unpack(f"<{len(raw) // 4}i", raw))
+    return out
 
 
 class TritonBridge:
@@ -99,8 +121,8 @@ class TritonBridge:
             raise UnavailableError(f"cannot read {self.model}'s config from Triton at {self.url}: {exc.details()}") from exc
         return {key: value.string_value for key, value in reply.config.parameters.items()}
 
-    async def stream(self, req: TritonRequest) -> AsyncIterator[InferResult]:
-        """Yields tgi_llm's responses; raises TGIError on an error response. Leaving early cancels."""
+    async def stream(self, req: TritonRequest) -> AsyncIterator[dict[str, Any]]:
+        """Yields tgi_llm's responses (`decode_outputs`); raises TGIError on an error response. Leaving early cancels."""
         message = build_request(self.model, f"front-{next(self._ids)}", req)
         call = self.stub.ModelStreamInfer(iter([message]))
         finished = False
@@ -111,7 +133,7 @@ class TritonBridge:
                     raise error_from_message(response.error_message)
                 finished = response.infer_response.parameters["triton_final_response"].bool_param
                 if response.infer_response.outputs:
-                    yield InferResult(response.infer_response)
+                    yield decode_outputs(response.infer_response)
                 if finished:
                     return
             finished = True

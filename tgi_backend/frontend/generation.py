@@ -1,7 +1,7 @@
 """One generation through tgi_llm, shared by the TGI and OpenAI routes: TGI parameters in, tokens out.
 
 The front always asks tgi_llm for `details` (per-token id, text, logprob, special): TGI's stream events
-and OpenAI's logprobs need them. When tgi_llm sends no details, tokens are rebuilt from `output_ids`.
+and OpenAI's logprobs need them. A response without details gets its tokens rebuilt from `output_ids`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping
 
 from tgi_backend.errors import TGIError
-from tgi_backend.frontend.bridge import TritonBridge, TritonRequest
+from tgi_backend.frontend.bridge import FRONT_OUTPUTS, TritonBridge, TritonRequest
 from tgi_backend.frontend.errors import IncompleteGenerationError, as_tgi_error, validation
 from tgi_backend.frontend.metrics import FrontMetrics
 from tgi_backend.frontend.model import ServedModel
@@ -126,8 +126,8 @@ class Generator:
         self._special = model.special_ids
 
     def request(self, inputs: str, params: Mapping[str, Any], stream: bool) -> TritonRequest:
-        bools = {"exclude_input_in_output": True, "return_num_input_tokens": True, "return_num_output_tokens": True}
-        return TritonRequest(inputs, json.dumps(params), stream, bools)
+        bools = {"exclude_input_in_output": True, "return_num_input_tokens": True}
+        return TritonRequest(inputs, json.dumps(params), stream, bools, FRONT_OUTPUTS)
 
     async def pieces(self, inputs: str, params: Mapping[str, Any], *, stream: bool,
                      timing: Timing | None = None) -> AsyncIterator[Piece]:
@@ -165,20 +165,19 @@ class Generator:
                 outcome.add(piece)
         return outcome
 
-    def parse(self, result: Any) -> Piece:
-        text = _string(result, "text_output")
-        ids = result.as_numpy("output_ids")
-        ids = [] if ids is None else [int(i) for i in ids.reshape(-1)]
-        raw = _string(result, "details")
+    def parse(self, result: Mapping[str, Any]) -> Piece:
+        """One response as the bridge decoded it (str for strings, a list of ints for ids and counts)."""
+        text = result.get("text_output") or ""
+        raw = result.get("details")
         details = json.loads(raw) if raw else {}
-        tokens = details.get("tokens") or self._tokens(ids, text)
+        tokens = details.get("tokens") or self._tokens(result.get("output_ids") or [], text)
         return Piece(
             text=text,
             tokens=tokens,
             top_tokens=details.get("top_tokens") or [[] for _ in tokens],
-            finish_reason=_string(result, "finish_reason"),
-            num_input_tokens=_int(result, "num_input_tokens"),
-            num_output_tokens=_int(result, "num_output_tokens"),
+            finish_reason=result.get("finish_reason") or "",
+            num_input_tokens=_first(result.get("num_input_tokens")),
+            num_output_tokens=_first(result.get("num_output_tokens")) or int(details.get("generated_tokens") or 0),
             final={k: details[k] for k in FINAL_FIELDS if k in details},
         )
 
@@ -195,13 +194,7 @@ class Generator:
         return out
 
 
-def _string(result: Any, name: str) -> str:
-    array = result.as_numpy(name)
-    if array is None or array.size == 0:
-        return ""
-    return "".join(v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.reshape(-1))
-
-
-def _int(result: Any, name: str) -> int:
-    array = result.as_numpy(name)
-    return 0 if array is None or array.size == 0 else int(array.reshape(-1)[0])
+def _first(value: Any) -> int:
+    if isinstance(value, list):
+        return int(value[0]) if value else 0
+    return int(value or 0)

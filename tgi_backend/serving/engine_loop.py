@@ -30,6 +30,9 @@ _STOP = object()
 # stalls the other at its barrier) and, lagging, merges each request's queued tokens (serving/coalesce.py).
 # Small model via Triton on two cores: 32 streams 1,164 -> 1,204 tok/s, 128 streams 1,547 -> 1,689.
 RESPONSE_NICENESS = 10
+# Each is_cancelled() is an IPC round trip to tritonserver: polled every step, 32 streams spent 12% of the
+# engine thread on it. A client that leaves is noticed within this many seconds instead.
+CANCEL_POLL_INTERVAL = 0.1
 
 
 @dataclass(slots=True)
@@ -102,6 +105,8 @@ class EngineLoop:
         self._responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}  # engine thread only
         self._ids = itertools.count()
+        self.cancel_poll_interval = CANCEL_POLL_INTERVAL
+        self._next_cancel_poll = 0.0
         self._stopping = threading.Event()
         self._engine_thread = threading.Thread(target=self._run_engine, name="tgi-engine", daemon=True)
         self._response_thread = threading.Thread(target=self._run_responses, name="tgi-responses", daemon=True)
@@ -213,6 +218,10 @@ class EngineLoop:
         return ids
 
     def _poll_cancellation(self) -> None:
+        now = time.monotonic()
+        if now < self._next_cancel_poll:
+            return
+        self._next_cancel_poll = now + self.cancel_poll_interval
         for request_id, active in list(self._active.items()):
             try:
                 cancelled = active.sink.is_cancelled()
