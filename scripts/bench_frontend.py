@@ -2,7 +2,7 @@
 """What the TGI/OpenAI HTTP front costs: N concurrent streaming requests through the front's /generate_stream
 (SSE) vs straight to Triton's gRPC stream (tgi_llm), on one `tgi-triton serve`, alternating rounds.
 
-    .venv/bin/python scripts/bench_frontend.py --model demo --concurrency 32 --new-tokens 64
+    .venv/bin/python scripts/bench_frontend.py --model demo --concurrency 32 --new-tokens 128
 
 Same text prompts, greedy, same max_new_tokens on both paths (so the same tokens). The front always asks tgi_llm
 for per-token details (TGI's events carry logprobs), the gRPC peer does not: that cost is the front's.
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--prompt-words", type=int, default=24)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--out", default="bench-results")
     args = ap.parse_args(argv)
     path = resolve_model(args.model)

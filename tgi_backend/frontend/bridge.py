@@ -20,9 +20,9 @@ from tgi_backend.frontend.errors import IncompleteGenerationError, UnavailableEr
 MAX_MESSAGE = 2**31 - 1
 OVERLOADED = "Model is overloaded"
 VALIDATION_PREFIX = "Input validation error"
-# What the front reads (the token ids and counts are in `details`): every output is one more shared-memory
-# tensor per streamed token in tgi_llm and one more field to decode here.
-FRONT_OUTPUTS = ("text_output", "finish_reason", "details")
+# What the front reads (token ids, the finish reason and counts are in `details`): every output is one more
+# shared-memory tensor per streamed token in tgi_llm and one more field to decode here.
+FRONT_OUTPUTS = ("text_output", "details")
 
 
 @dataclass(slots=True)

@@ -175,7 +175,7 @@ class Generator:
             text=text,
             tokens=tokens,
             top_tokens=details.get("top_tokens") or [[] for _ in tokens],
-            finish_reason=result.get("finish_reason") or "",
+            finish_reason=result.get("finish_reason") or details.get("finish_reason") or "",
             num_input_tokens=_first(result.get("num_input_tokens")),
             num_output_tokens=_first(result.get("num_output_tokens")) or int(details.get("generated_tokens") or 0),
             final={k: details[k] for k in FINAL_FIELDS if k in details},
