@@ -152,6 +152,34 @@ def test_cancellation_is_polled_at_most_once_per_interval(engine):
     assert 1 <= CountingSink.polls <= elapsed / 0.05 + 2  # an IPC round trip each in Triton: not once per step
 
 
+def test_stream_interval_sends_the_first_token_then_groups_and_the_last_at_once(engine, loop: EngineLoop):
+    """vLLM's --stream-interval: same tokens, text and details as one-per-token, in fewer responses."""
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True, details=True)
+    single = ListSink()
+    loop.submit(Job(prompt_text="a story", params=params, stream=True), single)
+    single.wait()  # one loop at a time drives the shared engine
+    grouped_loop = EngineLoop(engine, stream_interval=4)
+    grouped_loop.start()
+    try:
+        grouped, raised = ListSink(), ListSink()
+        grouped_loop.submit(Job(prompt_text="a story", params=params, stream=True), grouped)
+        grouped_loop.submit(Job(prompt_text="a story", params=params, stream=True, stream_interval=6), raised)
+        grouped.wait(), raised.wait()
+    finally:
+        grouped_loop.stop()
+    assert [len(c.token_ids) for c in single.chunks] == [1] * 10
+    assert [len(c.token_ids) for c in grouped.chunks] == [1, 4, 4, 1]  # the last leaves with the finish reason
+    assert [len(c.token_ids) for c in raised.chunks] == [1, 6, 3]  # a request's own interval may raise it
+    for sink in (grouped, raised):
+        assert sink.ids == single.ids and sink.text == single.text
+        assert [c.finish_reason for c in sink.chunks][-1] == "length" and not any(c.finish_reason for c in sink.chunks[:-1])
+        tokens = [t for c in sink.chunks for t in c.details["tokens"]]
+        expected = [t for c in single.chunks for t in c.details["tokens"]]
+        assert [(t["id"], t["text"]) for t in tokens] == [(t["id"], t["text"]) for t in expected]
+        assert [t["logprob"] for t in tokens] == pytest.approx([t["logprob"] for t in expected], abs=1e-4)  # batch of 2
+        assert sink.chunks[-1].details["generated_tokens"] == 10
+
+
 def test_decode_windows_rebuild_the_full_text(loop: EngineLoop, engine):
     sink = ListSink()
     prompt = "Grüße 你好 🙂 and more"
@@ -212,6 +240,10 @@ def test_parse_job_reads_vllm_style_inputs():
         '{"ignore_eos": true, "triton_enable_empty_final_response": true}',
     )
     assert job.prompt_text == "hi" and job.stream and flags["return_num_input_tokens"]
+    assert job.stream_interval == 1
+    grouped, _ = parse_job(_getter(text_input=np.array([b"hi"], dtype=object),
+                                   sampling_parameters=np.array([b'{"stream_interval": 8}'], dtype=object)))
+    assert grouped.stream_interval == 8
     assert job.params.max_new_tokens == 5 and job.params.ignore_eos and job.params.greedy
     out = output_arrays(Chunk(text="é", token_ids=[1, 2], finish_reason="length", num_input_tokens=3), flags)
     assert set(out) == {"text_output", "output_ids", "finish_reason", "num_input_tokens", "details"}
@@ -231,6 +263,7 @@ def test_parse_job_reads_vllm_style_inputs():
         (dict(text_input=b"a", sampling_parameters=b"[1]"), "must be a JSON object"),
         (dict(text_input=b"a", sampling_parameters=b"{bad"), "not valid JSON"),
         (dict(input_ids=[1.5]), "`input_ids` must be integers"),
+        (dict(text_input=b"a", sampling_parameters=b'{"stream_interval": 0}'), "`stream_interval` must be at least 1"),
     ],
 )
 def test_parse_job_refuses_bad_tensors(arrays, message):

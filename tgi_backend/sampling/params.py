@@ -148,6 +148,7 @@ FIELDS: dict[str, _Field] = {
     "ignore_eos": _Field(_as_bool),
     "stop_token_ids": _Field(_as_int_list),
     "logprobs": _Field(_as_int),
+    "stream_interval": _Field(_as_int),  # tokens per streamed response (the serving loop reads it)
     "prompt_logprobs": _Field(_as_int),
     "skip_special_tokens": _Field(_as_bool),
     "spaces_between_special_tokens": _Field(_as_bool),
@@ -215,6 +216,7 @@ def _check_ranges(p: Mapping[str, Any], limits: ValidationLimits) -> None:
     require("logprobs", lambda v: v >= 0, "`logprobs` must be >= 0")
     require("prompt_logprobs", lambda v: v >= 0, "`prompt_logprobs` must be >= 0")
     require("stop_token_ids", lambda v: all(i >= 0 for i in v), "`stop_token_ids` must be >= 0")
+    require("stream_interval", lambda v: v >= 1, "`stream_interval` must be at least 1")
     top_n, best_of, stops = limits.max_top_n_tokens, limits.max_best_of, limits.max_stop_sequences
     require(
         "top_n_tokens",

@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 from tgi_backend.engine.request import SamplingParams
 from tgi_backend.errors import GenerationError, OverloadedError, TGIError, ValidationError
 from tgi_backend.sampling.details import merge as merge_details
-from tgi_backend.serving.coalesce import coalesce
+from tgi_backend.serving.coalesce import coalesce, merge as merge_chunks
 from tgi_backend.serving.observer import EngineObserver, RequestTimings
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class Job:
     exclude_input_in_output: bool = False
     decode_window: bool = False  # ensemble mode: every chunk carries context/unread ids
     kv_stats: bool = False  # final chunk carries the KV pool's free/total blocks
+    stream_interval: int = 1  # tokens per streamed response; the server's --stream-interval may raise it
 
     @property
     def is_stats_query(self) -> bool:
@@ -90,13 +91,18 @@ class _Active:
     arrival_time: float = 0.0  # submitted to the loop
     last_token_time: float | None = None
     inter_token: list[float] = field(default_factory=list)
+    held: Chunk | None = None  # streamed tokens waiting for the stream interval
+    streamed: bool = False  # a response left already (the first one never waits)
 
 
 class EngineLoop:
-    def __init__(self, engine: Any, observer: EngineObserver | None = None, coalesce: bool = False) -> None:
+    def __init__(
+        self, engine: Any, observer: EngineObserver | None = None, coalesce: bool = False, stream_interval: int = 1
+    ) -> None:
         self.engine = engine
         self.observer = observer  # metrics: called on the response thread
         self.coalesce = coalesce  # merge a lagging stream's queued chunks (off: one response per token)
+        self.stream_interval = stream_interval  # tokens per streamed response (vLLM's --stream-interval)
         self._build: Callable[[], Any] | None = None
         self._build_error: BaseException | None = None
         self._ready = threading.Event()
@@ -113,10 +119,11 @@ class EngineLoop:
 
     @classmethod
     def build(
-        cls, make_engine: Callable[[], Any], observer: EngineObserver | None = None, coalesce: bool = False
+        cls, make_engine: Callable[[], Any], observer: EngineObserver | None = None, coalesce: bool = False,
+        stream_interval: int = 1,
     ) -> EngineLoop:
         """A loop whose engine `make_engine()` creates on the engine thread, in `start()`."""
-        loop = cls(None, observer, coalesce)
+        loop = cls(None, observer, coalesce, stream_interval)
         loop._build = make_engine
         return loop
 
@@ -269,11 +276,28 @@ class EngineLoop:
             return
         chunk = self._chunk(out, out.text, list(out.new_token_ids))
         chunk.details = getattr(out, "details", None)
+        chunk = self._hold(active, chunk, out.finished)
+        if chunk is None:
+            return
         if active.window is not None:
             _, chunk.context_ids, chunk.unread_ids = active.window.push_with_window(list(out.new_token_ids))
         if out.finished and job.kv_stats:
             chunk.kv_blocks = self._kv_blocks()
         self._emit(active.sink, chunk, final=out.finished)
+
+    def _hold(self, active: _Active, chunk: Chunk, finished: bool) -> Chunk | None:
+        """vLLM's stream interval: the first response and the last leave at once, the others once they hold
+        `interval` tokens. None: the chunk waits in `active.held`."""
+        interval = max(self.stream_interval, active.job.stream_interval)
+        if interval == 1 or active.window is not None:  # decode windows: the ensemble's own protocol
+            return chunk
+        if active.held is not None:
+            chunk, active.held = merge_chunks(active.held, chunk), None
+        if active.streamed and not finished and len(chunk.token_ids) < interval:
+            active.held = chunk
+            return None
+        active.streamed = True
+        return chunk
 
     def _whole(self, active: _Active, out: Any) -> Chunk:
         """The one non-streaming response: prompt + completion unless exclude_input_in_output."""

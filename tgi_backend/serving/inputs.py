@@ -35,7 +35,8 @@ def parse_job(
     if text is not None and token_ids is not None:
         raise ValidationError("Input validation error: give either `text_input` or `input_ids`, not both")
     has_prompt = text is not None or token_ids is not None
-    params = _sampling(get, request_parameters, flags["stream"], limits) if has_prompt else None
+    parsed = _sampling(get, request_parameters, flags["stream"], limits) if has_prompt else None
+    params = None if parsed is None else parsed.sampling
     job = Job(
         prompt_text=text,
         prompt_token_ids=token_ids,
@@ -48,13 +49,14 @@ def parse_job(
         job.params = params
         if params.return_full_text is not None:  # TGI's name wins over exclude_input_in_output
             job.exclude_input_in_output = not params.return_full_text
+        job.stream_interval = int(parsed.options.get("stream_interval", 1))
     elif not job.kv_stats:
         raise ValidationError("Input validation error: give `text_input` or `input_ids`")
     return job, flags
 
 
 def _sampling(get: GetInput, request_parameters: str | Mapping[str, Any] | None, stream: bool, limits: Any) -> Any:
-    from tgi_backend.sampling.params import parse_sampling_parameters
+    from tgi_backend.sampling.params import parse_request_parameters
 
     merged = _request_parameters(request_parameters)
     raw = _string(get, "sampling_parameters")
@@ -75,7 +77,7 @@ def _sampling(get: GetInput, request_parameters: str | Mapping[str, Any] | None,
     stop = get("stop")
     if stop is not None:  # a list input, so that HTTP generate's "stop": [...] becomes a tensor
         plain["stop"] = [_utf8("stop", v) for v in stop.reshape(-1)]
-    return parse_sampling_parameters(merged, stream=stream, limits=limits, **plain)
+    return parse_request_parameters(merged, stream=stream, limits=limits, **plain)
 
 
 def _utf8(name: str, value: Any) -> str:

@@ -71,7 +71,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("tgi_llm must be decoupled (model_transaction_policy)")
         config = EngineConfig.from_strings(model_parameters(model_config))
         # Built on the engine thread: torch must run on one thread only (see engine_loop's docstring).
-        self.loop = EngineLoop.build(lambda: LLMEngine(config), coalesce=config.stream_coalescing)
+        self.loop = EngineLoop.build(lambda: LLMEngine(config), coalesce=config.stream_coalescing,
+                                     stream_interval=config.stream_interval)
         self.loop.start()
         self.engine = self.loop.engine
         labels = {"model": args.get("model_name", "tgi_llm"), "version": args.get("model_version", "1")}
