@@ -157,3 +157,78 @@ def test_runner_loads_into_static_buffers_without_a_gpu():
     assert runner.load(_inputs(17, 3, 5)) is None  # more rows than the largest bucket
     assert runner.load(_inputs(2, 9, 6)) is None  # wider than the static block table
     assert runner.run(src) is None  # nothing captured: the caller runs eagerly
+
+
+# ---- the runner's decode graphs, end to end on the CPU ------------------------------------------------------
+GRAPH_SCRIPT = '''
+import json, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from tgi_backend.config import EngineConfig
+from tgi_backend.engine.model_runner import ModelRunner
+from tgi_backend.engine.request import SamplingParams
+from tgi_backend.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from tgi_backend.layers.platform import get_ops
+
+folder = {folder!r}
+config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=64, vocab_size=128, max_position_embeddings=128, initializer_range=0.1)
+config.architectures = ["LlamaForCausalLM"]
+torch.manual_seed(0)
+LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+cfg = EngineConfig(model_id=folder, dtype="float32", block_size=4, max_total_tokens=64,
+                   max_batch_total_tokens=512).resolve(128)
+
+
+class EagerRecorder:
+    """What a CUDA graph does, on the CPU: replay recomputes the recorded output in place from the static inputs."""
+    replays = 0
+
+    def record(self, forward):
+        out = forward()
+
+        def replay():
+            EagerRecorder.replays += 1
+            out.copy_(forward())
+        return replay, out
+
+
+eager = ModelRunner(cfg, folder)  # the CPU's torch op set, no graphs
+graphed = ModelRunner(cfg, folder)
+graphed.ops = get_ops("triton")  # what a GPU runs: its KV store skips the padding rows' slot -1
+graphed.use_decode_graphs([1, 2, 4], EagerRecorder())
+after_capture = EagerRecorder.replays
+greedy = SamplingParams()
+prompts = [[5, 9, 2, 7, 1], [3, 3, 8, 1, 4, 6, 2], [11, 12, 13], [20, 21], [30, 31, 32, 33]]
+blocks = [list(range(1 + 16 * i, 17 + 16 * i)) for i in range(len(prompts))]
+chunks = lambda tokens, start: [ScheduledChunk(str(i), t, s, blocks[i], True, greedy)
+                                for i, (t, s) in enumerate(zip(tokens, start))]
+n = len(prompts)
+out = SchedulerOutput(chunks(prompts, [0] * n))  # prefill every request (eager on both)
+a, b = eager.compute_logits(out), graphed.compute_logits(out)
+worst = float((a - b).abs().max())
+history = [list(p) + [int(t)] for p, t in zip(prompts, a.argmax(-1))]
+replayed = []
+for rows in (3, 3, 5, 1):  # 3 rows: bucket 4 with a padding row; 5 rows: past the largest bucket, eager
+    before = EagerRecorder.replays
+    out = SchedulerOutput(chunks([[h[-1]] for h in history[:rows]], [len(h) - 1 for h in history[:rows]]))
+    a, b = eager.compute_logits(out), graphed.compute_logits(out)
+    worst = max(worst, float((a - b).abs().max()))
+    replayed.append(EagerRecorder.replays - before)
+    for h, t in zip(history, a.argmax(-1)):
+        h.append(int(t))
+cache_diff = float((eager.kv_cache - graphed.kv_cache).abs().max())
+print("RESULT" + json.dumps({{"worst": worst, "replayed": replayed, "cache_diff": cache_diff,
+                             "captured": sorted(graphed.graphs.graphs), "after_capture": after_capture}}))
+'''
+
+
+def test_runner_replays_decode_through_its_graphs_and_matches_eager(tmp_path):
+    """ModelRunner.use_decode_graphs with the triton op set (TRITON_INTERPRET=1) against the torch path: same
+    logits, padding rows write no KV, batches past the largest bucket run eagerly."""
+    from interpreted import run_interpreted
+
+    result = run_interpreted(GRAPH_SCRIPT.format(folder=str(tmp_path / "llama")))
+    assert result["captured"] == [1, 2, 4] and result["after_capture"] == 0
+    assert result["replayed"] == [1, 1, 0, 1]  # 3 rows -> bucket 4 (twice), 5 rows eager, 1 row -> bucket 1
+    assert result["worst"] < 1e-4, result
+    assert result["cache_diff"] < 1e-4, result  # the padding row's slot -1 was skipped: block 0 untouched

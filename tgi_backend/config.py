@@ -45,6 +45,8 @@ class EngineConfig:
     stream_coalescing: bool = False
     # serving: a stream's tokens leave in responses of this many (vLLM's --stream-interval); 1: one per token
     stream_interval: int = 1
+    # GPU only: decode batch sizes captured as CUDA graphs (TGI's --cuda-graphs); "0": none
+    cuda_graphs: str = "1,2,4,8,16,32"
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod

@@ -1,20 +1,21 @@
 """Decode CUDA graphs for the GPU: capture the model's decode forward once per batch-size bucket, replay it.
 
 A decode step launches a few hundred small kernels; on a GPU their launch cost outweighs their work, so the
-whole forward is recorded once per bucket (1, 2, 4, 8, ... up to the largest decode batch) against static
-input buffers and replayed. A batch is padded up to its bucket: padding rows decode token 0 at position 0
+whole forward is recorded once per bucket (`--cuda-graphs`, TGI's default 1, 2, 4, 8, 16, 32) against static
+input buffers and replayed; ModelRunner.use_decode_graphs sets it up and sends decode-only steps through it. A batch is padded up to its bucket: padding rows decode token 0 at position 0
 through block 0 and write their K/V to the padding slot (-1, which the triton store skips); their outputs are
 dropped.
 
 Requirements on what is captured (the runner's job to guarantee): the attention layers use the "triton" op set
 (its decode path makes no host syncs and reads the block table and positions from the DecodeBatch tensors,
 which are the static buffers here); no per-step Python state outside these buffers (LoRA off); the cache is
-already allocated. Nothing here touches CUDA at import time; the pure parts (buckets, padding) run on the CPU.
+already allocated. Nothing here touches CUDA at import time; the pure parts (buckets, padding) run on the CPU,
+and a `Recorder` that replays by recomputing tests the whole path there (tests/test_platform.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +23,20 @@ from torch import nn
 from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, forward_context
 
 PADDING_SLOT = -1  # the triton KV store skips negative slots
+
+
+DEFAULT_SIZES = "1,2,4,8,16,32"  # TGI's --cuda-graphs default; larger decode batches run eagerly
+
+
+def parse_graph_sizes(spec: str) -> list[int]:
+    """TGI's --cuda-graphs: comma-separated batch sizes, "0" (or empty) for none."""
+    try:
+        sizes = sorted({int(part) for part in spec.replace(" ", "").split(",") if part})
+    except ValueError as exc:
+        raise ValueError(f"--cuda-graphs takes comma-separated batch sizes or 0, got {spec!r}") from exc
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"--cuda-graphs batch sizes must be >= 0, got {spec!r}")
+    return [s for s in sizes if s > 0]
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -86,6 +101,35 @@ def copy_padded(dst: DecodeInputs, src: DecodeInputs, padding_slot: int = PADDIN
     dst.slot_mapping[n:].fill_(padding_slot)
 
 
+class Recorder(Protocol):
+    """Turns a forward into (replay, output): replay() recomputes output in place from the static inputs."""
+
+    def record(self, forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]: ...
+
+
+class CudaGraphRecorder:
+    """One CUDA graph per call, all in one memory pool (one graph replays at a time)."""
+
+    def __init__(self, warmup_iters: int = 2) -> None:
+        self.warmup_iters = warmup_iters
+        self.pool = None
+
+    def record(self, forward: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        # warm up on a side stream, as the CUDA-graph docs ask: lazy inits and triton compiles stay out
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_iters):
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = forward()
+        return graph.replay, output
+
+
 class DecodeGraphRunner:
     """Captures `model(input_ids, positions) -> hidden [rows, hidden]` for decode-only steps, per bucket.
 
@@ -98,14 +142,16 @@ class DecodeGraphRunner:
     def __init__(
         self, model: nn.Module, block_size: int, max_batch_size: int, max_blocks_per_row: int,
         device: torch.device, padding_slot: int = PADDING_SLOT, ops: object = None,
+        sizes: Sequence[int] | None = None, recorder: Recorder | None = None,
     ) -> None:
         self.model = model
         self.ops = ops  # the op set the attention layers use when captured: the runner's "triton" set
         self.block_size = block_size
-        self.sizes = graph_batch_sizes(max_batch_size)
+        self.sizes = sorted(sizes) if sizes else graph_batch_sizes(max_batch_size)
         self.padding_slot = padding_slot
-        self.static = DecodeInputs.allocate(max_batch_size, max_blocks_per_row, torch.device(device))
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.recorder: Recorder = recorder or CudaGraphRecorder()
+        self.static = DecodeInputs.allocate(max(self.sizes), max_blocks_per_row, torch.device(device))
+        self.graphs: dict[int, Callable[[], None]] = {}  # bucket -> replay
         self.outputs: dict[int, torch.Tensor] = {}
         self._contexts: dict[int, ForwardContext] = {}  # kept alive: the graphs baked in their tensors
 
@@ -125,23 +171,13 @@ class DecodeGraphRunner:
             return self.model(s.input_ids, s.positions)
 
     @torch.inference_mode()
-    def capture(self, warmup_iters: int = 2) -> None:
-        """Records one graph per bucket, largest first, all in one memory pool (one graph replays at a time)."""
-        pool = torch.cuda.graph_pool_handle()
+    def capture(self) -> None:
+        """Records one graph per bucket, largest first (the recorder shares one memory pool among them)."""
         for bucket in sorted(self.sizes, reverse=True):
             copy_padded(self.static.head(bucket), self.static.head(0), self.padding_slot)  # all padding rows
-            # warm up on a side stream, as the CUDA-graph docs ask: lazy inits and triton compiles stay out
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warmup_iters):
-                    self._forward(bucket)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bucket] = self._forward(bucket)
-            self.graphs[bucket] = graph
-        torch.cuda.synchronize()
+            self.graphs[bucket], self.outputs[bucket] = self.recorder.record(lambda b=bucket: self._forward(b))
+        if torch.cuda.is_available() and self.static.input_ids.is_cuda:
+            torch.cuda.synchronize()
 
     def load(self, inputs: DecodeInputs) -> int | None:
         """Copies a step's inputs into its bucket's static buffers; returns the bucket, None if not captured."""
@@ -157,5 +193,5 @@ class DecodeGraphRunner:
         bucket = self.load(inputs)
         if bucket is None or bucket not in self.graphs:
             return None
-        self.graphs[bucket].replay()
+        self.graphs[bucket]()
         return self.outputs[bucket][: inputs.num_rows]

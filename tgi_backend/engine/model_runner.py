@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from tgi_backend.config import EngineConfig
+from tgi_backend.engine.cuda_graphs import DecodeGraphRunner, DecodeInputs, Recorder, parse_graph_sizes
 from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, forward_context
 from tgi_backend.engine.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from tgi_backend.layers.linear import prepack_linears
@@ -91,6 +92,18 @@ class ModelRunner:
         prepack_linears(self.model)  # bf16 weights in oneDNN's layout where the CPU has native bf16
         self._allocate_kv_cache(args.num_layers, args.num_kv_heads, args.head_dim)
         self.sampler = Sampler(watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
+        self.graphs: DecodeGraphRunner | None = None
+        sizes = parse_graph_sizes(config.cuda_graphs)
+        if self.device.type == "cuda" and sizes and self.lora is None:  # LoRA keeps per-step state in Python
+            self.use_decode_graphs(sizes)
+
+    def use_decode_graphs(self, sizes: list[int], recorder: Recorder | None = None) -> None:
+        """Captures the decode-only forward per batch-size bucket (CUDA graphs unless another recorder)."""
+        width = -(-self.config.max_total_tokens // self.block_size)
+        graphs = DecodeGraphRunner(self.model, self.block_size, max(sizes), width, self.device, ops=self.ops,
+                                   sizes=sizes, recorder=recorder)
+        graphs.capture()
+        self.graphs = graphs
 
     def _allocate_kv_cache(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         # zeros, not empty: padded decode rows read block 0, and NaN garbage would leak through softmax @ V
@@ -135,12 +148,23 @@ class ModelRunner:
         return self._logits(self._prepare(out.chunks))[0]
 
     def _logits(self, batch: _Batch) -> tuple[torch.Tensor, dict[str, list[tuple[int, float]]]]:
-        with forward_context(batch.context):
-            hidden = self.model(batch.input_ids, batch.positions)
+        hidden = self._replay_decode(batch) if self.graphs is not None else None
+        if hidden is None:
+            with forward_context(batch.context):
+                hidden = self.model(batch.input_ids, batch.positions)
         prompt = self._prompt_logprobs(hidden, batch) if batch.prompt_rows else {}
         if batch.sample_rows.numel() == 0:
             return hidden.new_empty((0, 0)), prompt
         return self.model.compute_logits(hidden.index_select(0, batch.sample_rows)), prompt
+
+    def _replay_decode(self, batch: _Batch) -> torch.Tensor | None:
+        """A decode-only step through its captured graph; None: not capturable (prefill, too big), run eagerly."""
+        dec = batch.context.decode
+        if dec is None or batch.context.prefills or batch.prompt_rows:
+            return None
+        assert self.graphs is not None
+        inputs = DecodeInputs(batch.input_ids, batch.positions, dec.block_table, batch.context.slot_mapping)
+        return self.graphs.run(inputs)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: _Batch) -> dict[str, list[tuple[int, float]]]:
         """log_softmax of the raw logits at prompt positions, gathered at the next prompt token (as TGI)."""
