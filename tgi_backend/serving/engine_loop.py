@@ -207,8 +207,8 @@ class EngineLoop:
             request = self.engine.add_request(request_id, prompt_ids, job.params)
         except Exception as exc:  # a bad request must never take the loop down
             error = _as_user_error(exc)
+            self._notify("on_reject", _failure_kind(error))  # counted before the client can see the error
             self._responses.put((sink, error))
-            self._notify("on_reject", _failure_kind(error))
             return
         active = _Active(job=job, sink=sink, prompt_ids=prompt_ids, request=request, arrival_time=arrival_time)
         if job.decode_window and job.stream:
@@ -241,8 +241,8 @@ class EngineLoop:
             if active is None:  # finished meanwhile
                 continue
             self.engine.abort_request(request_id)
-            self._emit(active.sink, None, final=True)
             self._report_finish(active, "cancelled")
+            self._emit(active.sink, None, final=True)
 
     # ---- cancellation thread ------------------------------------------------------------------
     def _run_cancellation(self) -> None:
@@ -278,7 +278,6 @@ class EngineLoop:
                 continue
             if out.finished:
                 del self._active[out.request_id]
-                self._report_finish(active, out.finish_reason or "length")
 
     def _deliver(self, active: _Active, out: Any) -> None:
         job = active.job
@@ -287,7 +286,7 @@ class EngineLoop:
             active.texts.append(out.text)
             active.details.append(getattr(out, "details", None))
             if out.finished:
-                self._emit(active.sink, self._whole(active, out), final=True)
+                self._finish(active, out, self._whole(active, out))
             return
         chunk = self._chunk(out, out.text, list(out.new_token_ids))
         chunk.details = getattr(out, "details", None)
@@ -298,7 +297,15 @@ class EngineLoop:
             _, chunk.context_ids, chunk.unread_ids = active.window.push_with_window(list(out.new_token_ids))
         if out.finished and job.kv_stats:
             chunk.kv_blocks = self._kv_blocks()
-        self._emit(active.sink, chunk, final=out.finished)
+        if out.finished:
+            self._finish(active, out, chunk)
+        else:
+            self._emit(active.sink, chunk, final=False)
+
+    def _finish(self, active: _Active, out: Any, chunk: Chunk) -> None:
+        # metrics first: a client holding its last response sees the request counted
+        self._report_finish(active, out.finish_reason or "length")
+        self._emit(active.sink, chunk, final=True)
 
     def _hold(self, active: _Active, chunk: Chunk, finished: bool) -> Chunk | None:
         """vLLM's stream interval: the first response and the last leave at once, the others once they hold
