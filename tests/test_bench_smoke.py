@@ -50,8 +50,18 @@ def test_roofline_memory_and_compute_bound() -> None:
     two = R.Machine(bandwidth_gb_s=10.0, matmul_gflop_s={"float32": 100.0, "bfloat16": 50.0})
     assert two.bound_tok_s(int(2e8), int(1e8), 1000, "bfloat16") == pytest.approx(500.0)  # best dtype's rate
     row = _row("ours", 25, 2.0)
-    R.add_roofline([row], m, {"small": (int(1e8), 4)})
+    R.add_roofline([row], m, {"small": (int(1e8), int(1e8))})
     assert row.roofline == pytest.approx(0.5)
+
+
+def test_prefill_rows_report_prompt_tokens_per_second_against_the_compute_bound() -> None:
+    m = R.Machine(bandwidth_gb_s=10.0, matmul_gflop_s={"bfloat16": 200.0})
+    row = R.Row("small", "prefill", "ours", "bfloat16", 32, output_tokens=32, seconds=2.0, prompt_tokens=16384)
+    assert row.prefill_tok_s == pytest.approx(8192.0) and row.to_json()["prefill_tok_s"] == row.prefill_tok_s
+    R.add_roofline([row], m, {"small": (int(2e8), int(1e7))})  # bound: 200e9 / (2 * 1e7) = 10,000 tok/s
+    assert row.roofline == pytest.approx(0.819, abs=1e-3)
+    assert "8,192.0" in R.markdown([row], [])
+    assert R.Row("small", "32", "ours", "bfloat16", 32, output_tokens=1, seconds=1.0).prefill_tok_s is None
 
 
 def test_markdown_table_shape() -> None:

@@ -32,12 +32,15 @@ from bench import peers as P  # noqa: E402
 from bench import report as R  # noqa: E402
 
 MIX_LENGTHS = (32, 64, 128, 256, 512)
+PREFILL = (32, 512)  # the `prefill` scenario: 32 prompts of 512 tokens, one new token each
 
 
 def scenario_prompts(name: str, vocab: int, prompt_tokens: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     if name == "mix":
         lengths = [MIX_LENGTHS[i % len(MIX_LENGTHS)] for i in range(32)]
+    elif name == "prefill":
+        lengths = [PREFILL[1]] * PREFILL[0]
     else:
         lengths = [prompt_tokens] * int(name)
     return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
@@ -106,8 +109,9 @@ def spawn(peer: str, path: str, prompts: list[list[int]], new_tokens: int, dtype
 def measure(peer: str, model: str, path: str, scenario: str, dtype: str, args: argparse.Namespace,
             vocab: int) -> R.Row:
     prompts = scenario_prompts(scenario, vocab, args.prompt_tokens)
-    row = R.Row(model, scenario, P.LABELS[peer], dtype, len(prompts))
-    out, peak = spawn(peer, path, prompts, args.new_tokens, dtype)
+    row = R.Row(model, scenario, P.LABELS[peer], dtype, len(prompts), prompt_tokens=sum(map(len, prompts)))
+    new_tokens = 1 if scenario == "prefill" else args.new_tokens  # prefill alone: prompt tokens / s
+    out, peak = spawn(peer, path, prompts, new_tokens, dtype)
     if "skip" in out or "error" in out:
         row.note = ("skipped: " + out.get("skip", "")) if "skip" in out else ("failed: " + out["error"])
         return row
@@ -136,7 +140,8 @@ def model_size(path: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="small | medium | demo | folder (repeatable; default small)")
-    ap.add_argument("--scenario", action="append", help="1 | 32 | 128 | mix (repeatable; default 1, 32)")
+    ap.add_argument("--scenario", action="append",
+                    help="1 | 32 | 128 | mix | prefill (repeatable; default 1, 32)")
     ap.add_argument("--dtype", action="append", choices=["bfloat16", "float32"],
                     help="repeatable; default bfloat16 (the peers' reference figures use it)")
     ap.add_argument("--peers", default="triton,triton-interval,engine,transformers,vllm,llamacpp")
@@ -170,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.model or ["small"]:
         path = serving.resolve_model(model)
         vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
-        sizes[model] = (model_size(path), 4)
+        hidden = json.loads((Path(path) / "config.json").read_text())["hidden_size"]
+        params = model_size(path)
+        sizes[model] = (params, params - vocab * hidden)  # a prompt token skips the LM head
         for scenario in args.scenario or ["1", "32"]:
             for dtype in args.dtype:
                 for peer in peers:

@@ -14,6 +14,7 @@ class Row:
     concurrency: int
     output_tokens: int = 0
     seconds: float = 0.0
+    prompt_tokens: int = 0
     ttft_ms_p50: float | None = None
     ttft_ms_p99: float | None = None
     itl_ms_p50: float | None = None
@@ -27,9 +28,17 @@ class Row:
     def output_tok_s(self) -> float:
         return round(self.output_tokens / self.seconds, 1) if self.seconds > 0 else 0.0
 
+    @property
+    def prefill_tok_s(self) -> float | None:
+        """Prompt tokens per second, for the `prefill` scenario (one new token: the time is the prefill's)."""
+        if self.scenario != "prefill" or self.seconds <= 0:
+            return None
+        return round(self.prompt_tokens / self.seconds, 1)
+
     def to_json(self) -> dict:
         d = asdict(self)
         d["output_tok_s"] = self.output_tok_s
+        d["prefill_tok_s"] = self.prefill_tok_s
         return d
 
 
@@ -86,11 +95,15 @@ class Machine:
 
 
 def add_roofline(rows: list[Row], machine: Machine, sizes: dict[str, tuple[int, int]]) -> None:
-    """sizes[model] = (params, bytes per param at float32 = 4); bf16 halves the bytes."""
+    """sizes[model] = (params read per decode step, params computed per prompt token: no LM head)."""
     for r in rows:
         if r.model not in sizes or r.output_tok_s <= 0:
             continue
-        params, _ = sizes[r.model]
+        params, per_prompt_token = sizes[r.model]
+        if r.prefill_tok_s is not None:  # compute bound: 2 FLOPs per parameter per prompt token
+            bound = max(machine.matmul_gflop_s.values()) * 1e9 / (2 * per_prompt_token)
+            r.roofline = round(r.prefill_tok_s / bound, 3)
+            continue
         nbytes = params * (2 if r.dtype == "bfloat16" else 4)
         bound = machine.bound_tok_s(nbytes, params, r.concurrency, r.dtype)
         r.roofline = round(r.output_tok_s / bound, 3) if bound > 0 else None
@@ -106,11 +119,12 @@ def _fmt(x: float | None) -> str:
 
 def markdown(rows: list[Row], peers: list[str]) -> str:
     """One line per measurement; 'vs X' columns are our tok/s divided by peer X's."""
-    head = ["model", "scenario", "dtype", "peer", "out tok/s", "TTFT p50/p99 ms", "ITL p50/p99 ms",
+    head = ["model", "scenario", "dtype", "peer", "out tok/s (prefill: prompt tok/s)", "TTFT p50/p99 ms", "ITL p50/p99 ms",
             "peak RSS MiB", "of roofline"] + [f"vs {p}" for p in peers] + ["note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.model, r.scenario, r.dtype, r.peer, _fmt(r.output_tok_s),
+        speed = r.output_tok_s if r.prefill_tok_s is None else r.prefill_tok_s
+        cells = [r.model, r.scenario, r.dtype, r.peer, _fmt(speed),
                  f"{_fmt(r.ttft_ms_p50)} / {_fmt(r.ttft_ms_p99)}", f"{_fmt(r.itl_ms_p50)} / {_fmt(r.itl_ms_p99)}",
                  _fmt(r.peak_rss_mib), "-" if r.roofline is None else f"{r.roofline:.0%}"]
         cells += [str(r.ratios.get(p, "-")) for p in peers]

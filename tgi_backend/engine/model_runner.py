@@ -13,6 +13,7 @@ import torch
 from tgi_backend.config import EngineConfig
 from tgi_backend.engine.cuda_graphs import DecodeGraphRunner, DecodeInputs, Recorder, parse_graph_sizes
 from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, forward_context
+from tgi_backend.engine.host_memory import keep_freed_memory
 from tgi_backend.engine.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from tgi_backend.layers.linear import prepack_linears
 from tgi_backend.layers.platform import select_ops
@@ -85,6 +86,8 @@ class ModelRunner:
         load_weights(self.model, model_path)
         self.model.eval()
         self.device = default_device()
+        if self.device.type == "cpu":
+            keep_freed_memory()  # activations live in host memory: reuse their pages (engine/host_memory.py)
         self.ops = select_ops(self.device)  # "torch" on the CPU, "triton" on a GPU
         if self.device.type != "cpu":
             self.model.to(self.device)
