@@ -136,10 +136,10 @@ class EngineLoop:
         self._response_thread.start()
         self._engine_thread.start()
         self._ready.wait()
-        self._cancel_thread.start()
         if self._build_error is not None:
             self.stop()
             raise self._build_error
+        self._cancel_thread.start()
 
     def submit(self, job: Job, sink: ResponseSink) -> None:
         if self._stopping.is_set():
