@@ -1,7 +1,7 @@
 """One generation through tgi_llm, shared by the TGI and OpenAI routes: TGI parameters in, tokens out.
 
 The front always asks tgi_llm for `details` (per-token id, text, logprob, special): TGI's stream events
-and OpenAI's logprobs need them. A response without details gets its tokens rebuilt from `output_ids`.
+and OpenAI's logprobs need them, and carry the token ids, the finish reason and the token count too.
 """
 from __future__ import annotations
 
@@ -123,7 +123,6 @@ class Generator:
         self.bridge = bridge
         self.model = model
         self.metrics = metrics
-        self._special = model.special_ids
 
     def request(self, inputs: str, params: Mapping[str, Any], stream: bool) -> TritonRequest:
         bools = {"exclude_input_in_output": True, "return_num_input_tokens": True}
@@ -166,33 +165,20 @@ class Generator:
         return outcome
 
     def parse(self, result: Mapping[str, Any]) -> Piece:
-        """One response as the bridge decoded it (str for strings, a list of ints for ids and counts)."""
+        """One response as the bridge decoded it (`text_output`, `details`; counts as a list of ints)."""
         text = result.get("text_output") or ""
         raw = result.get("details")
         details = json.loads(raw) if raw else {}
-        tokens = details.get("tokens") or self._tokens(result.get("output_ids") or [], text)
+        tokens = details.get("tokens") or []
         return Piece(
             text=text,
             tokens=tokens,
             top_tokens=details.get("top_tokens") or [[] for _ in tokens],
             finish_reason=result.get("finish_reason") or details.get("finish_reason") or "",
             num_input_tokens=_first(result.get("num_input_tokens")),
-            num_output_tokens=_first(result.get("num_output_tokens")) or int(details.get("generated_tokens") or 0),
+            num_output_tokens=int(details.get("generated_tokens") or 0),
             final={k: details[k] for k in FINAL_FIELDS if k in details},
         )
-
-    def _tokens(self, ids: list[int], text: str) -> list[dict[str, Any]]:
-        """Tokens rebuilt from ids when tgi_llm sent no details: the response's text on its last token."""
-        specials = [token_id in self._special for token_id in ids]
-        last_text = max((n for n, s in enumerate(specials) if not s), default=-1)
-        out = []
-        for n, token_id in enumerate(ids):
-            piece = text if n == last_text else ""
-            if specials[n] and self.model.tokenizer is not None:
-                piece = self.model.tokenizer.convert_ids_to_tokens(token_id)
-            out.append({"id": token_id, "text": piece, "logprob": None, "special": specials[n]})
-        return out
-
 
 def _first(value: Any) -> int:
     if isinstance(value, list):

@@ -31,10 +31,6 @@ class ServedModel:
     tokenizer: Any = None
     lora: bool = False  # adapters configured: a chat `model` naming one selects it
 
-    @property
-    def special_ids(self) -> frozenset[int]:
-        return frozenset(getattr(self.tokenizer, "all_special_ids", ()) or ())
-
     def info(self, max_client_batch_size: int) -> dict[str, Any]:
         """TGI's /info body."""
         return {

@@ -74,7 +74,8 @@ def linear(
     # x: [tokens, in] -> [tokens, out]; big bf16 batches computed in float32 where bf16 GEMM is emulated
     out_dtype = out_dtype or x.dtype
     if packed is not None and x.dtype is torch.bfloat16:
-        return packed_linear(x, packed, bias).to(out_dtype)
+        y = packed_linear(x, packed, bias)
+        return y if y.dtype is out_dtype else y.to(out_dtype)  # hot path: no no-op dispatch per layer
     if x.dtype is torch.bfloat16 and x.shape[0] >= upcast_rows:
         b = None if bias is None else bias.float()
         return F.linear(x.float(), upcast_weight(weight), b).to(out_dtype)

@@ -37,7 +37,8 @@ def triton_error(error: Exception) -> Any:
 
 
 class TritonSink:
-    """A job's response sender. send/send_error run on the response thread; is_cancelled on the engine's."""
+    """A job's response sender. send/send_error run on the response thread; is_cancelled on the loop's
+    cancellation thread."""
 
     __slots__ = ("sender", "flags", "wanted")
 
