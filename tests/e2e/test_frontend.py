@@ -263,8 +263,9 @@ def test_past_max_concurrent_requests_is_429(server):
     """The session server admits 16 requests; 24 long ones at once: the extra ones get TGI's 429."""
     from concurrent.futures import ThreadPoolExecutor
 
-    prompt = _long_greedy_prompt(server, 200)
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": 200}}
+    # 400 tokens each: long enough that the 24 overlap even now that a step no longer polls cancellation
+    prompt = _long_greedy_prompt(server, 400)
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": 400}}
     with ThreadPoolExecutor(24) as pool:
         replies = list(pool.map(lambda _: post(server, "/generate", body), range(24)))
     statuses = sorted(status for status, _, _ in replies)
