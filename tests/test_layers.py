@@ -11,7 +11,7 @@ from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, Pref
 from tgi_backend.layers.attention import PagedAttention
 from tgi_backend.layers.embedding import LMHead, VocabEmbedding
 from tgi_backend.layers.linear import Linear, native_bf16, prepack_linears
-from tgi_backend.layers.norm import RMSNorm
+from tgi_backend.layers.norm import LAYER_NORM_ROWS, RMSNorm
 from tgi_backend.layers.rotary import RotaryEmbedding, rope_inv_freq
 
 H, KVH, D, BS, NUM_BLOCKS = 4, 2, 8, 4, 32
@@ -71,6 +71,33 @@ def test_rmsnorm_and_fused_residual():
     y, new_res = norm(x, res)
     torch.testing.assert_close(new_res, x + res)
     torch.testing.assert_close(y, norm(x + res))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_layer_norm_form_matches_rms_norm(dtype):
+    # decode-sized inputs take layer_norm over [x, -x]; prefill-sized ones F.rms_norm
+    norm = RMSNorm(64, eps=1e-6)
+    norm.weight.data = torch.randn(64)
+    norm = norm.to(dtype)
+    g = torch.Generator().manual_seed(3)
+    for rows in (1, LAYER_NORM_ROWS, LAYER_NORM_ROWS + 1):
+        x = torch.randn(rows, 64, generator=g).to(dtype)
+        want = F.rms_norm(x.float(), (64,), norm.weight.float(), 1e-6)
+        got = norm(x)
+        assert got.dtype == dtype and got.shape == x.shape
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_rmsnorm_sees_a_new_weight():
+    norm = RMSNorm(8)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (8,), None, 1e-6))
+    with torch.no_grad():
+        norm.weight.mul_(3.0)  # in place
+    torch.testing.assert_close(norm(x), 3.0 * F.rms_norm(x, (8,), None, 1e-6))
+    norm.weight.data = torch.full((8,), 0.5)  # replaced
+    torch.testing.assert_close(norm(x), 0.5 * F.rms_norm(x, (8,), None, 1e-6))
 
 
 def test_rmsnorm_bfloat16_keeps_dtype():

@@ -18,6 +18,13 @@ def test_greedy_is_argmax():
     assert Sampler(seed=0)(logits, _rows(*[SamplingParams()] * 5)) == logits.argmax(-1).tolist()
 
 
+def test_greedy_ties_take_the_first_maximum_like_argmax():
+    logits = torch.zeros(3, 40_000)  # wide rows: the reduction runs in parallel chunks
+    logits[0, [7, 30_000]] = 1.0
+    logits[1, [39_999, 20_001, 5]] = 2.0
+    assert Sampler(seed=0)(logits, _rows(*[SamplingParams()] * 3)) == [7, 5, 0] == logits.argmax(-1).tolist()
+
+
 def test_greedy_rows_unchanged_next_to_sampled_rows():
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(2))
     rows = _rows(SamplingParams(), SamplingParams(do_sample=True, temperature=5.0), SamplingParams())

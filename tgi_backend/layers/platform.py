@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from tgi_backend.engine.forward_context import PrefillSegment
 from tgi_backend.layers import attention
+from tgi_backend.layers.norm import rms_norm
 from tgi_backend.layers.rotary import RotaryEmbedding
 
 
@@ -44,9 +44,9 @@ def torch_rms_norm_residual(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm.forward as a free function."""
     if residual is None:
-        return F.rms_norm(x, weight.shape, weight, eps)
+        return rms_norm(x, weight, eps)
     x = x + residual
-    return F.rms_norm(x, weight.shape, weight, eps), x
+    return rms_norm(x, weight, eps), x
 
 
 def _torch_ops() -> Ops:
