@@ -263,11 +263,62 @@ class TritonProcess:
             return start, stamps
 
         run([prompts[0][:8]], 2)  # warm-up
+        server_before, client_before, wall_before = self.cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
         start, stamps = run(prompts, new_tokens)
+        wall = time.perf_counter() - wall_before
+        server, client = self.cpu_seconds(), _own_cpu_seconds() - client_before
         seconds = max((x for s in stamps for x in s if x == x), default=start) - start
         ttft, itl = _latencies([start] * len(prompts), stamps)
         produced = sum(len([x for x in s if x == x]) for s in stamps)
-        return Result("triton gRPC stream", len(prompts), produced, seconds, ttft, itl)
+        used = {k: (server[k] - server_before[k]) / wall for k in server}
+        note = (f"cores used: engine {used['engine']:.2f}, tritonserver {used['tritonserver']:.2f}, "
+                f"stub I/O {used['stub']:.2f}, client {client / wall:.2f}")
+        return Result("triton gRPC stream", len(prompts), produced, seconds, ttft, itl, note)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of the server's process tree: the engine's threads (named tgi-engine, with the
+        OpenMP workers they started), the stubs' other threads (requests, responses, cancellation), tritonserver
+        and the rest (the launcher)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {"engine": 0.0, "stub": 0.0, "tritonserver": 0.0, "other": 0.0}
+        for pid in _descendants(self.proc.pid) if self.proc else []:
+            try:
+                process = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            kind = {"tritonserver": "tritonserver", "triton_python_b": "stub"}.get(process, "other")
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    comm = (task / "comm").read_text().strip()
+                    fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:  # the thread ended meanwhile
+                    continue
+                out["engine" if comm == "tgi-engine" else kind] += (int(fields[11]) + int(fields[12])) / tick
+        return out
+
+
+def _descendants(root: int) -> list[int]:
+    """root and every process under it, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" ", 1)
+            children.setdefault(int(rest.rsplit(")", 1)[1].split()[1]), []).append(int(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _own_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 PEERS = {"triton": bench_triton, "engine": bench_engine, "transformers": bench_transformers}

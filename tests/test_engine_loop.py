@@ -1,8 +1,10 @@
 """The engine loop with a real tiny engine: streaming, whole responses, errors, cancellation, shutdown."""
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -306,3 +308,10 @@ def test_build_failure_is_raised_by_start():
     loop = EngineLoop.build(make)
     with pytest.raises(ValueError, match="no such checkpoint"):
         loop.start()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="thread names are read from Linux's /proc")
+def test_threads_carry_os_names(loop):
+    # the benchmark tells the engine's CPU time (its thread and the OpenMP workers it starts) by these names
+    names = {p.read_text().strip() for p in Path(f"/proc/{os.getpid()}/task").glob("*/comm")}
+    assert {"tgi-engine", "tgi-responses", "tgi-cancel"} <= names
