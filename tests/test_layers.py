@@ -7,7 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, forward_context
+from tgi_backend.engine import forward_context as forward_context_module
+from tgi_backend.engine.forward_context import (
+    DecodeBatch, ForwardContext, PrefillSegment, forward_context, split_by_width,
+)
 from tgi_backend.layers.attention import PagedAttention
 from tgi_backend.layers.embedding import LMHead, VocabEmbedding
 from tgi_backend.layers.linear import Linear, native_bf16, prepack_linears
@@ -125,7 +128,10 @@ def _slots(blocks, positions):
 
 
 @pytest.mark.parametrize("window", [None, 3, 6, 13])
-def test_paged_attention_mixed_batch_matches_dense(window):
+@pytest.mark.parametrize("group_cost", [None, 0])  # 0: decode rows split by length (one SDPA per group)
+def test_paged_attention_mixed_batch_matches_dense(window, group_cost, monkeypatch):
+    if group_cost is not None:
+        monkeypatch.setattr(forward_context_module, "GROUP_COST_BLOCK_ROWS", group_cost)
     torch.manual_seed(0)
     k_cache = torch.randn(NUM_BLOCKS, BS, KVH, D)
     v_cache = torch.randn(NUM_BLOCKS, BS, KVH, D)
@@ -165,6 +171,8 @@ def test_paged_attention_mixed_batch_matches_dense(window):
     new_v = torch.cat([v[h:] for v, (h, _) in zip(full_v, requests)])
     with forward_context(ctx):
         out = attn(torch.cat(q_list), new_k, new_v)
+    groups = decode.sdpa_groups(window, torch.float32)
+    assert len(groups) == (3 if group_cost == 0 and window is None else 1)  # widths 3, 1, 1, 8 blocks
 
     expected = torch.cat([
         _dense_reference(q, k, v, list(range(h, h + n)), window)
@@ -173,6 +181,21 @@ def test_paged_attention_mixed_batch_matches_dense(window):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     # the new K/V landed in their slots
     torch.testing.assert_close(k_cache.view(-1, KVH, D)[torch.tensor(slot_mapping)], new_k)
+
+
+def test_split_by_width_groups_rows_of_similar_length():
+    # one group when padding is small or a cut does not pay for its extra call
+    assert split_by_width([4, 4, 5, 4], 32, 4) == [[0, 1, 2, 3]]
+    assert split_by_width([1, 2], 32, 4) == [[0, 1]]
+    # 32 short rows next to 32 long ones: two groups, each row once, ascending by width
+    widths = [2, 40] * 32
+    groups = split_by_width(widths, 32, 4)
+    assert [sorted({widths[i] for i in g}) for g in groups] == [[2], [40]]
+    assert sorted(i for g in groups for i in g) == list(range(64))
+    # never more groups than asked for, whatever the spread
+    spread = [1 << (i % 7) for i in range(70)]
+    groups = split_by_width(spread, 0, 4)
+    assert len(groups) == 4 and sorted(i for g in groups for i in g) == list(range(70))
 
 
 def test_attention_outside_a_step_fails_loudly():

@@ -66,18 +66,33 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, dec: DecodeBatch, scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """One query per row over its gathered blocks, in one SDPA call with an additive mask.
+    """One query per row over its gathered blocks, in one SDPA call with an additive mask per group of rows of
+    similar length (DecodeBatch.sdpa_groups; usually one group).
 
     A KV head's query heads are folded into the query length (SDPA sees `group` queries per KV head), so each
     gathered K/V block is read once per KV head; 1.2x (1 row) to 6x (32 rows) faster here than baddbmm +
     softmax + bmm in float32, and 5-12% faster than SDPA's own enable_gqa.
     """
     # q: [rows, heads, dim] -> [rows, heads, dim]
+    groups = dec.sdpa_groups(window, q.dtype)
+    if len(groups) == 1:
+        _, table, mask = groups[0]
+        return _decode_sdpa(q, k_cache, v_cache, table, mask, scale)
+    out = torch.empty_like(q)  # rows of very different lengths: one SDPA per group, each padded to its own
+    for rows, table, mask in groups:
+        out.index_copy_(0, rows, _decode_sdpa(q.index_select(0, rows), k_cache, v_cache, table, mask, scale))
+    return out
+
+
+def _decode_sdpa(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    # mask: [rows, 1, 1, ctx], the same for every query head
     rows, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
-    table, mask = dec.sdpa_mask(window, q.dtype)  # mask: [rows, 1, 1, ctx], the same for every query head
-    k = k_cache.index_select(0, table.view(-1)).view(rows, -1, kv_heads, dim).transpose(1, 2)
-    v = v_cache.index_select(0, table.view(-1)).view(rows, -1, kv_heads, dim).transpose(1, 2)
+    k = k_cache.index_select(0, table.reshape(-1)).view(rows, -1, kv_heads, dim).transpose(1, 2)
+    v = v_cache.index_select(0, table.reshape(-1)).view(rows, -1, kv_heads, dim).transpose(1, 2)
     qg = q.view(rows, kv_heads, heads // kv_heads, dim)  # [rows, kv_heads, group, dim]
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
     return out.reshape(rows, heads, dim)
