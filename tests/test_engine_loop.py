@@ -313,5 +313,16 @@ def test_build_failure_is_raised_by_start():
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="thread names are read from Linux's /proc")
 def test_threads_carry_os_names(loop):
     # the benchmark tells the engine's CPU time (its thread and the OpenMP workers it starts) by these names
-    names = {p.read_text().strip() for p in Path(f"/proc/{os.getpid()}/task").glob("*/comm")}
-    assert {"tgi-engine", "tgi-responses", "tgi-cancel"} <= names
+    wanted = {"tgi-engine", "tgi-responses", "tgi-cancel"}
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:  # each thread names itself as it starts
+        names = set()
+        for comm in Path(f"/proc/{os.getpid()}/task").glob("*/comm"):
+            try:
+                names.add(comm.read_text().strip())
+            except OSError:  # a thread that ended meanwhile
+                pass
+        if wanted <= names:
+            break
+        time.sleep(0.01)
+    assert wanted <= names
