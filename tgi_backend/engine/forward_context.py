@@ -16,6 +16,7 @@ import torch
 # index ops cost about what 32 block-rows of attention do on the CPU (~1 us each), measured on the small model.
 GROUP_COST_BLOCK_ROWS = 32
 MAX_DECODE_GROUPS = 4
+SdpaGroup = tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]  # (rows, block_table, mask)
 
 
 @dataclass(slots=True)
@@ -117,7 +118,7 @@ class DecodeBatch:
             self._views[key] = (table, mask.view(hidden.shape[0], 1, 1, -1))
         return self._views[key]
 
-    def sdpa_groups(self, window: int | None, dtype: torch.dtype) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]]:
+    def sdpa_groups(self, window: int | None, dtype: torch.dtype) -> list[SdpaGroup]:
         """[(rows, block_table, mask)] as sdpa_mask, with the rows split by context length when that saves
         padding: a 32-token row next to a 640-token one would otherwise attend 640 masked keys. rows: the
         group's row indices; None for the single group of every row in order. Sliding windows stay one group."""
@@ -125,7 +126,7 @@ class DecodeBatch:
         key = ("groups", window, dtype)
         if key not in self._views:
             table, mask = self.sdpa_mask(window, dtype)
-            groups: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]] = [(None, table, mask)]
+            groups: list[SdpaGroup] = [(None, table, mask)]
             # on the CPU only: the widths are read back to the host (a sync, and no CUDA graph could hold it)
             if window is None and self.num_rows > 1 and self.positions.device.type == "cpu":
                 widths = (self.positions // self.block_size + 1).tolist()
