@@ -281,7 +281,7 @@ class TritonProcess:
         and the rest (the launcher)."""
         tick = os.sysconf("SC_CLK_TCK")
         out = {"engine": 0.0, "stub": 0.0, "tritonserver": 0.0, "other": 0.0}
-        for pid in _descendants(self.proc.pid) if self.proc else []:
+        for pid in process_tree(self.proc.pid) if self.proc else []:
             try:
                 process = Path(f"/proc/{pid}/comm").read_text().strip()
             except OSError:
@@ -297,7 +297,7 @@ class TritonProcess:
         return out
 
 
-def _descendants(root: int) -> list[int]:
+def process_tree(root: int) -> list[int]:
     """root and every process under it, from /proc (Linux)."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):

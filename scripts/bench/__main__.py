@@ -48,23 +48,15 @@ def scenario_prompts(name: str, vocab: int, prompt_tokens: int, seed: int = 0) -
 
 def tree_rss_mib(root: int) -> float:
     """RSS of a process and all its descendants (tritonserver and its Python stubs included)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    from bench_serving import process_tree
+
+    total = 0
+    for pid in process_tree(root):
         try:
-            stat = (d / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            children.setdefault(int(fields[1]), []).append(int(d.name))
-            rss[int(d.name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            total += int(stat[stat.rindex(")") + 2:].split()[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):  # the process ended meanwhile
             continue
-    total, todo = 0, [root]
-    while todo:
-        pid = todo.pop()
-        total += rss.get(pid, 0)
-        todo.extend(children.get(pid, []))
     return total / 2**20
 
 

@@ -2,9 +2,9 @@
 
 A decode step launches a few hundred small kernels; on a GPU their launch cost outweighs their work, so the
 whole forward is recorded once per bucket (`--cuda-graphs`, TGI's default 1, 2, 4, 8, 16, 32) against static
-input buffers and replayed; ModelRunner.use_decode_graphs sets it up and sends decode-only steps through it. A batch is padded up to its bucket: padding rows decode token 0 at position 0
-through block 0 and write their K/V to the padding slot (-1, which the triton store skips); their outputs are
-dropped.
+input buffers and replayed; ModelRunner.use_decode_graphs sets it up and sends decode-only steps through it.
+A batch is padded up to its bucket: padding rows decode token 0 at position 0 through block 0 and write their
+K/V to the padding slot (-1, which the triton store skips); their outputs are dropped.
 
 Requirements on what is captured (the runner's job to guarantee): the attention layers use the "triton" op set
 (its decode path makes no host syncs and reads the block table and positions from the DecodeBatch tensors,
@@ -23,9 +23,6 @@ from torch import nn
 from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, forward_context
 
 PADDING_SLOT = -1  # the triton KV store skips negative slots
-
-
-DEFAULT_SIZES = "1,2,4,8,16,32"  # TGI's --cuda-graphs default; larger decode batches run eagerly
 
 
 def parse_graph_sizes(spec: str) -> list[int]:
