@@ -5,7 +5,7 @@
     float32 | bfloat16 | int8 (--quantize eetq) | int4 (--quantize bitsandbytes-nf4, groups of 128)
 
 with the model's weight memory and the process RSS. Each variant runs in its own process (clean RSS).
-bfloat16 linears run prepacked for AMX here (tgi_backend.layers.linear.prepack_bf16); ratios are given against
+bfloat16 linears run prepacked for oneDNN here (tgi_backend.layers.linear.prepack_bf16); ratios are given against
 both bfloat16 and float32.
 
     .venv/bin/python scripts/bench_quant.py [--new-tokens 32] [--prompt 32]
@@ -58,14 +58,12 @@ def rss_mb() -> float:
 
 
 def weight_mb(model) -> float:
-    """Parameters, buffers and the prepacked bf16 weights (oneDNN layout, held outside the parameters)."""
-    import torch
-
+    """Parameters, buffers and the prepacked weights (oneDNN layout, held outside the parameters)."""
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     for m in model.modules():
         packed = getattr(m, "packed", None)
-        if isinstance(packed, torch.Tensor):
-            tensors[id(packed)] = packed
+        for t in packed.tensors() if hasattr(packed, "tensors") else ():
+            tensors[id(t)] = t
     return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 

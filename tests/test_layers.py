@@ -12,8 +12,6 @@ from tgi_backend.engine.forward_context import (
     DecodeBatch, ForwardContext, PrefillSegment, forward_context, split_by_width,
 )
 from tgi_backend.layers.attention import PagedAttention
-from tgi_backend.layers.embedding import LMHead, VocabEmbedding
-from tgi_backend.layers.linear import Linear, native_bf16, prepack_linears
 from tgi_backend.layers.norm import LAYER_NORM_ROWS, RMSNorm
 from tgi_backend.layers.rotary import RotaryEmbedding, rope_inv_freq
 
@@ -203,31 +201,3 @@ def test_attention_outside_a_step_fails_loudly():
     with pytest.raises(RuntimeError, match="forward_context"):
         attn(torch.randn(1, H, D), torch.randn(1, KVH, D), torch.randn(1, KVH, D))
 
-
-@pytest.mark.skipif(not native_bf16(), reason="no native bfloat16 on this CPU: nothing is packed")
-def test_prepacked_bf16_linear_equals_plain_matmul():
-    torch.manual_seed(0)
-    layer = Linear(64, 48, bias=True).to(torch.bfloat16)
-    layer.weight.data.normal_()
-    layer.bias.data.normal_()
-    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
-    head = LMHead(32, 64).to(torch.bfloat16)
-    head.weight.data.normal_()
-    head_weight = head.weight.detach().clone()
-    model = torch.nn.ModuleList([layer, head, Linear(64, 8)])  # the float32 one stays plain
-    assert prepack_linears(model) == 2
-    assert layer.weight.numel() == 0 and model[2].packed is None
-    for rows in (1, 5, 33):
-        x = torch.randn(rows, 64, dtype=torch.bfloat16)
-        assert torch.equal(layer(x), F.linear(x, weight, bias))
-        assert torch.equal(head(x), F.linear(x, head_weight).float())
-    strided = torch.randn(8, 128, dtype=torch.bfloat16)[:, ::2]  # a non-contiguous input
-    assert torch.equal(layer(strided), F.linear(strided, weight, bias))
-
-
-def test_tied_lm_head_keeps_the_embedding_weight():
-    emb = VocabEmbedding(32, 16).to(torch.bfloat16)
-    head = LMHead(32, 16)
-    head.tie(emb)
-    head.prepack()
-    assert emb.weight.numel() == 32 * 16

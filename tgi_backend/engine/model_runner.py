@@ -92,7 +92,7 @@ class ModelRunner:
         if self.device.type != "cpu":
             self.model.to(self.device)
         self.lora = build_lora_manager(self.model, config, self.dtype)  # wraps linears by path; None: LoRA off
-        prepack_linears(self.model)  # bf16 weights in oneDNN's layout where the CPU has native bf16
+        prepack_linears(self.model)  # bf16 weights in oneDNN's layout (and float32 where bf16 is emulated)
         self._allocate_kv_cache(args.num_layers, args.num_kv_heads, args.head_dim)
         self.sampler = Sampler(watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
         self.graphs: DecodeGraphRunner | None = None

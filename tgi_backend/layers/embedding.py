@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgi_backend.layers.linear import bf16_upcast_min_rows, linear, prepack_weight
+from tgi_backend.layers.linear import MatmulPlan, PackedWeight, bf16_upcast_min_rows, linear, prepack_weight
 
 
 class VocabEmbedding(nn.Module):
@@ -25,16 +25,16 @@ class LMHead(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden), requires_grad=False)
         self.upcast_rows = bf16_upcast_min_rows()
-        self.packed: torch.Tensor | None = None
+        self.packed: PackedWeight | None = None
         self.tied = False
 
     def tie(self, embedding: VocabEmbedding) -> None:
         self.weight = embedding.weight
         self.tied = True
 
-    def prepack(self) -> None:
+    def prepack(self, plan: MatmulPlan | None) -> None:
         """As Linear.prepack; a tied weight stays, since the embedding reads it."""
-        prepack_weight(self, keep_plain=self.tied)
+        prepack_weight(self, plan, keep_plain=self.tied)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [rows, hidden] -> [rows, vocab] float32

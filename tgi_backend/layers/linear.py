@@ -7,7 +7,9 @@ Parameters are created empty: the loader fills every one of them (and checks it 
 from __future__ import annotations
 
 import functools
+import os
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +23,16 @@ def _param(*shape: int) -> nn.Parameter:
 @functools.cache
 def native_bf16() -> bool:
     """True on CPUs with bfloat16 matmul instructions (AMX or AVX512-BF16)."""
+    return "amx_bf16" in _cpu_flags() or "avx512_bf16" in _cpu_flags()
+
+
+@functools.cache
+def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return ""
 
 
 @functools.cache
@@ -35,24 +41,91 @@ def bf16_upcast_min_rows() -> int:
     return 1 << 62 if native_bf16() else 16
 
 
-def prepack_bf16(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight [out, in] in oneDNN's blocked layout, or None where that does not apply.
+@dataclass(frozen=True, slots=True)
+class MatmulPlan:
+    """How this CPU runs bf16 linears once they are loaded (chosen once, by `matmul_plan`).
 
-    Only bfloat16 on a CPU with native bf16: there a packed matmul streams the weight at ~29 GB/s against ~13
-    for F.linear (which repacks on every call), 1.6-2.2x faster from 1 to 128 rows; float32 packed is slower.
+    fp32_rows: from this many input rows a float32 copy of the weight computes instead (None: never). Where
+    bf16 is emulated (AVX-512 without BF16), oneDNN's packed bf16 GEMV is the fastest at one row (1.4-2x
+    F.linear in float32), and float32 from two rows on (2-5x the emulated bf16 GEMM at 4-128 rows).
     """
-    usable = weight.dtype is torch.bfloat16 and weight.device.type == "cpu" and native_bf16()
-    if not usable or not torch.backends.mkldnn.is_available():
+
+    fp32_rows: int | None
+
+
+NATIVE_BF16 = MatmulPlan(fp32_rows=None)
+EMULATED_BF16 = MatmulPlan(fp32_rows=2)
+FP32_COPY_MEMORY_FRACTION = 0.25  # float32 copies (twice the bf16 bytes) only while they take at most this
+
+
+def matmul_plan(bf16_weight_bytes: int) -> MatmulPlan | None:
+    """The plan for a model whose packable bf16 weights take `bf16_weight_bytes`; None: nothing is packed
+    (the plain path: F.linear, float32 per call from bf16_upcast_min_rows)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    if native_bf16():
+        return NATIVE_BF16
+    try:
+        emulated = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's bf16 needs AVX-512 (BW, VL, DQ)
+    except (RuntimeError, AttributeError):
+        emulated = False
+    if emulated and 2 * bf16_weight_bytes <= FP32_COPY_MEMORY_FRACTION * _physical_memory():
+        return EMULATED_BF16
+    return None
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def packable(weight: torch.Tensor) -> bool:
+    return weight.dtype is torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
+
+
+@dataclass(slots=True)
+class PackedWeight:
+    """A bf16 weight [out, in] in oneDNN's blocked layout, plus a float32 copy where the plan has one.
+
+    Packed, a matmul streams the weight at ~29 GB/s against ~13 for F.linear (which repacks on every call):
+    1.6-2.2x faster from 1 to 128 rows with native bf16.
+    """
+
+    bf16: torch.Tensor
+    fp32: torch.Tensor | None = None
+    fp32_bias: torch.Tensor | None = None
+    fp32_rows: int = 1 << 62
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # x: [tokens, in] bfloat16 -> [tokens, out], bfloat16 (or float32 from fp32_rows rows)
+        if x.shape[0] >= self.fp32_rows:
+            return packed_linear(x.float(), self.fp32, self.fp32_bias)
+        return packed_linear(x, self.bf16, bias)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.bf16, self.fp32, self.fp32_bias) if t is not None]
+
+
+def prepack_bf16(
+    weight: torch.Tensor, plan: MatmulPlan | None = NATIVE_BF16, bias: torch.Tensor | None = None
+) -> PackedWeight | None:
+    """weight in oneDNN's layout(s) as `plan` says, or None where that does not apply (not bf16 on the CPU)."""
+    if plan is None or not packable(weight):
         return None
     try:
         # the batch-size hint picks oneDNN's blocking; 32 measured no faster than 1 inside the model
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+        w = weight.detach().contiguous()
+        packed = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w, 1))
+        if plan.fp32_rows is not None:
+            packed.fp32 = torch.ops.mkldnn._reorder_linear_weight(w.float(), 1)
+            packed.fp32_bias = None if bias is None else bias.detach().float()
+            packed.fp32_rows = plan.fp32_rows
+        return packed
     except (RuntimeError, AttributeError):  # a torch without the op: the plain path stays
         return None
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # x: [tokens, in] bfloat16 -> [tokens, out] bfloat16
+    # x: [tokens, in] in the packed weight's dtype -> [tokens, out] in the same
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
@@ -69,12 +142,12 @@ def upcast_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, upcast_rows: int,
-    out_dtype: torch.dtype | None = None, packed: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None, packed: PackedWeight | None = None,
 ) -> torch.Tensor:
     # x: [tokens, in] -> [tokens, out]; big bf16 batches computed in float32 where bf16 GEMM is emulated
     out_dtype = out_dtype or x.dtype
     if packed is not None and x.dtype is torch.bfloat16:
-        y = packed_linear(x, packed, bias)
+        y = packed.matmul(x, bias)
         return y if y.dtype is out_dtype else y.to(out_dtype)  # hot path: no no-op dispatch per layer
     if x.dtype is torch.bfloat16 and x.shape[0] >= upcast_rows:
         b = None if bias is None else bias.float()
@@ -92,32 +165,33 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features)
         self.bias = _param(out_features) if bias else None
         self.upcast_rows = bf16_upcast_min_rows()
-        self.packed: torch.Tensor | None = None  # set by prepack(), after loading
+        self.packed: PackedWeight | None = None  # set by prepack(), after loading
 
-    def prepack(self) -> None:
+    def prepack(self, plan: MatmulPlan | None) -> None:
         """Once loaded: keeps the weight in oneDNN's layout where that is faster, and frees the plain copy."""
-        prepack_weight(self)
+        prepack_weight(self, plan)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, in] -> [tokens, out]
         return linear(x, self.weight, self.bias, self.upcast_rows, packed=self.packed)
 
 
-def prepack_weight(module: nn.Module, keep_plain: bool = False) -> None:
+def prepack_weight(module: nn.Module, plan: MatmulPlan | None, keep_plain: bool = False) -> None:
     """Sets module.packed from module.weight; the plain weight is freed unless `keep_plain` (a shared one)."""
-    module.packed = prepack_bf16(module.weight)
+    module.packed = prepack_bf16(module.weight, plan, getattr(module, "bias", None))
     if module.packed is not None and not keep_plain:
         module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
 
 
-def prepack_linears(model: nn.Module) -> int:
-    """Calls prepack() on every layer that has one (plain linears, the LM head); returns how many packed."""
-    count = 0
-    for module in model.modules():
-        if hasattr(module, "prepack") and hasattr(module, "packed"):
-            module.prepack()
-            count += module.packed is not None
-    return count
+def prepack_linears(model: nn.Module, plan: MatmulPlan | None | str = "auto") -> int:
+    """Calls prepack(plan) on every layer that has one (plain linears, the LM head); returns how many packed.
+    "auto": the plan for this CPU and these weights (matmul_plan)."""
+    layers = [m for m in model.modules() if hasattr(m, "prepack") and hasattr(m, "packed")]
+    if plan == "auto":
+        plan = matmul_plan(sum(m.weight.numel() * 2 for m in layers if packable(m.weight)))
+    for module in layers:
+        module.prepack(plan)
+    return sum(m.packed is not None for m in layers)
 
 
 class PackedLinear(Linear):
