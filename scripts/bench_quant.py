@@ -5,7 +5,7 @@
     float32 | bfloat16 | int8 (--quantize eetq) | int4 (--quantize bitsandbytes-nf4, groups of 128)
 
 with the model's weight memory and the process RSS. Each variant runs in its own process (clean RSS).
-bfloat16 linears run prepacked for oneDNN here (tgi_backend.layers.linear.prepack_bf16); ratios are given against
+bfloat16 linears run prepacked for oneDNN here (tgi_backend.layers.linear.prepack); ratios are given against
 both bfloat16 and float32.
 
     .venv/bin/python scripts/bench_quant.py [--new-tokens 32] [--prompt 32]

@@ -43,27 +43,31 @@ def bf16_upcast_min_rows() -> int:
 
 @dataclass(frozen=True, slots=True)
 class MatmulPlan:
-    """How this CPU runs bf16 linears once they are loaded (chosen once, by `matmul_plan`).
+    """How this CPU runs linears once they are loaded (chosen once, by `matmul_plan`).
 
-    fp32_rows: from this many input rows a float32 copy of the weight computes instead (None: never). Where
-    bf16 is emulated (AVX-512 without BF16), oneDNN's packed bf16 GEMV is the fastest at one row (1.4-2x
+    fp32_rows: bf16 weights: from this many input rows a packed float32 copy computes instead (None: never).
+    Where bf16 is emulated (AVX-512 without BF16), oneDNN's packed bf16 GEMV is the fastest at one row (1.4-2x
     F.linear in float32), and float32 from two rows on (2-5x the emulated bf16 GEMM at 4-128 rows).
+    packed_fp32_rows: float32 weights: from this many rows a packed copy computes (None: never); fewer rows
+    keep F.linear on the plain weight (MKL), faster there for small matrices; small float32 model, 32 rows:
+    60 -> 39 ms per step, 4 rows: 19.8 -> 19.1 (A/B in one process).
     """
 
     fp32_rows: int | None
+    packed_fp32_rows: int | None = None
 
 
-NATIVE_BF16 = MatmulPlan(fp32_rows=None)
-EMULATED_BF16 = MatmulPlan(fp32_rows=2)
+NATIVE_BF16 = MatmulPlan(fp32_rows=None)  # float32 packed measured slower than F.linear with AMX
+EMULATED_BF16 = MatmulPlan(fp32_rows=2, packed_fp32_rows=4)
 # oneDNN's blocking follows a batch-size hint: with 1, a [32000, 512] LM head's bf16 GEMV ran 1.8x slower
 # (Ice Lake); small model, batch 1: 11.7 -> 10.3 ms per step with 16; with native bf16, 32 measured as 1
 PACK_BATCH_HINT = 16
-FP32_COPY_MEMORY_FRACTION = 0.25  # float32 copies (twice the bf16 bytes) only while they take at most this
+COPY_MEMORY_FRACTION = 0.25  # float32 copies only while they take at most this fraction of the memory
 
 
-def matmul_plan(bf16_weight_bytes: int) -> MatmulPlan | None:
-    """The plan for a model whose packable bf16 weights take `bf16_weight_bytes`; None: nothing is packed
-    (the plain path: F.linear, float32 per call from bf16_upcast_min_rows)."""
+def matmul_plan(copy_bytes: int) -> MatmulPlan | None:
+    """The plan for a model whose float32 copies would take `copy_bytes` (`copy_bytes(weight)` summed);
+    None: nothing is packed (the plain path: F.linear, bf16 upcast per call from bf16_upcast_min_rows)."""
     if not torch.backends.mkldnn.is_available():
         return None
     if native_bf16():
@@ -72,7 +76,7 @@ def matmul_plan(bf16_weight_bytes: int) -> MatmulPlan | None:
         emulated = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's bf16 needs AVX-512 (BW, VL, DQ)
     except (RuntimeError, AttributeError):
         emulated = False
-    if emulated and 2 * bf16_weight_bytes <= FP32_COPY_MEMORY_FRACTION * _physical_memory():
+    if emulated and copy_bytes <= COPY_MEMORY_FRACTION * _physical_memory():
         return EMULATED_BF16
     return None
 
@@ -81,46 +85,61 @@ def _physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def packable(weight: torch.Tensor) -> bool:
-    return weight.dtype is torch.bfloat16 and weight.device.type == "cpu" and weight.dim() == 2
+def copy_bytes(weight: torch.Tensor) -> int:
+    """What the emulated-bf16 plan adds for this weight: a float32 copy (bf16: twice its bytes; float32: once)."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or weight.dtype not in (torch.bfloat16, torch.float32):
+        return 0
+    return weight.numel() * 4
 
 
 @dataclass(slots=True)
 class PackedWeight:
-    """A bf16 weight [out, in] in oneDNN's blocked layout, plus a float32 copy where the plan has one.
+    """A weight [out, in] as a plan runs it: `small` for inputs of fewer than `large_rows` rows (bf16 in
+    oneDNN's blocked layout, or a float32 weight as it is), `large` (float32, blocked) from there.
 
     Packed, a matmul streams the weight at ~29 GB/s against ~13 for F.linear (which repacks on every call):
     1.6-2.2x faster from 1 to 128 rows with native bf16.
     """
 
-    bf16: torch.Tensor
-    fp32: torch.Tensor | None = None
-    fp32_bias: torch.Tensor | None = None
-    fp32_rows: int = 1 << 62
+    dtype: torch.dtype  # the inputs it takes (the weight's)
+    small: torch.Tensor
+    small_packed: bool = True
+    large: torch.Tensor | None = None
+    large_bias: torch.Tensor | None = None
+    large_rows: int = 1 << 62
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # x: [tokens, in] bfloat16 -> [tokens, out], bfloat16 (or float32 from fp32_rows rows)
-        if x.shape[0] >= self.fp32_rows:
-            return packed_linear(x.float(), self.fp32, self.fp32_bias)
-        return packed_linear(x, self.bf16, bias)
+        # x: [tokens, in] in self.dtype -> [tokens, out] in self.dtype (float32 from large_rows rows)
+        if x.shape[0] >= self.large_rows:
+            return packed_linear(x.float(), self.large, self.large_bias)
+        if self.small_packed:
+            return packed_linear(x, self.small, bias)
+        return F.linear(x, self.small, bias)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.bf16, self.fp32, self.fp32_bias) if t is not None]
+        return [t for t in (self.small, self.large, self.large_bias) if t is not None]
 
 
-def prepack_bf16(
+def prepack(
     weight: torch.Tensor, plan: MatmulPlan | None = NATIVE_BF16, bias: torch.Tensor | None = None
 ) -> PackedWeight | None:
-    """weight in oneDNN's layout(s) as `plan` says, or None where that does not apply (not bf16 on the CPU)."""
-    if plan is None or not packable(weight):
+    """weight in oneDNN's layout(s) as `plan` says, or None where the plan leaves it plain."""
+    if plan is None or weight.device.type != "cpu" or weight.dim() != 2:
         return None
+    w = weight.detach().contiguous()
     try:
-        w = weight.detach().contiguous()
-        packed = PackedWeight(torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT))
-        if plan.fp32_rows is not None:
-            packed.fp32 = torch.ops.mkldnn._reorder_linear_weight(w.float(), PACK_BATCH_HINT)
-            packed.fp32_bias = None if bias is None else bias.detach().float()
-            packed.fp32_rows = plan.fp32_rows
+        if w.dtype is torch.bfloat16:
+            packed = PackedWeight(w.dtype, torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT))
+            rows = plan.fp32_rows
+        elif w.dtype is torch.float32 and plan.packed_fp32_rows is not None:
+            packed = PackedWeight(w.dtype, w, small_packed=False)
+            rows = plan.packed_fp32_rows
+        else:
+            return None
+        if rows is not None:
+            packed.large = torch.ops.mkldnn._reorder_linear_weight(w.float(), PACK_BATCH_HINT)
+            packed.large_bias = None if bias is None else bias.detach().float()
+            packed.large_rows = rows
         return packed
     except (RuntimeError, AttributeError):  # a torch without the op: the plain path stays
         return None
@@ -148,7 +167,7 @@ def linear(
 ) -> torch.Tensor:
     # x: [tokens, in] -> [tokens, out]; big bf16 batches computed in float32 where bf16 GEMM is emulated
     out_dtype = out_dtype or x.dtype
-    if packed is not None and x.dtype is torch.bfloat16:
+    if packed is not None and x.dtype is packed.dtype:
         y = packed.matmul(x, bias)
         return y if y.dtype is out_dtype else y.to(out_dtype)  # hot path: no no-op dispatch per layer
     if x.dtype is torch.bfloat16 and x.shape[0] >= upcast_rows:
@@ -180,7 +199,7 @@ class Linear(nn.Module):
 
 def prepack_weight(module: nn.Module, plan: MatmulPlan | None, keep_plain: bool = False) -> None:
     """Sets module.packed from module.weight; the plain weight is freed unless `keep_plain` (a shared one)."""
-    module.packed = prepack_bf16(module.weight, plan, getattr(module, "bias", None))
+    module.packed = prepack(module.weight, plan, getattr(module, "bias", None))
     if module.packed is not None and not keep_plain:
         module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype), requires_grad=False)
 
@@ -190,7 +209,7 @@ def prepack_linears(model: nn.Module, plan: MatmulPlan | None | str = "auto") ->
     "auto": the plan for this CPU and these weights (matmul_plan)."""
     layers = [m for m in model.modules() if hasattr(m, "prepack") and hasattr(m, "packed")]
     if plan == "auto":
-        plan = matmul_plan(sum(m.weight.numel() * 2 for m in layers if packable(m.weight)))
+        plan = matmul_plan(sum(copy_bytes(m.weight) for m in layers))
     for module in layers:
         module.prepack(plan)
     return sum(m.packed is not None for m in layers)
