@@ -117,11 +117,15 @@ def test_copy_bytes_counts_a_float32_copy_per_weight():
 def test_plan_follows_the_cpu_and_the_weights_size(monkeypatch):
     gib = 1 << 30
     monkeypatch.setattr(linear_module, "_physical_memory", lambda: 24 * gib)
-    monkeypatch.setattr(linear_module, "native_bf16", lambda: True)
+    monkeypatch.setattr(linear_module, "bf16_support", lambda: "native")
     assert linear_module.matmul_plan(100 * gib) is NATIVE_BF16  # no float32 copy: no memory limit
-    monkeypatch.setattr(linear_module, "native_bf16", lambda: False)
-    if ONEDNN_BF16:
-        assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16  # float32 copies: 2 GiB of 24
-        assert linear_module.matmul_plan(8 * gib) is None  # over a quarter of memory
-    else:
-        assert linear_module.matmul_plan(gib) is None
+    monkeypatch.setattr(linear_module, "bf16_support", lambda: "emulated")
+    assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16  # float32 copies: 2 GiB of 24
+    assert linear_module.matmul_plan(8 * gib) is None  # over a quarter of memory
+    monkeypatch.setattr(linear_module, "bf16_support", lambda: "none")
+    assert linear_module.matmul_plan(gib) is None
+
+
+def test_bf16_support_matches_the_cpu():
+    want = "native" if native_bf16() else ("emulated" if ONEDNN_BF16 else "none")
+    assert linear_module.bf16_support() == want

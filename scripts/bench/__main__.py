@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in peers if p not in P.PEERS]
     if unknown:
         raise SystemExit(f"unknown peers {unknown}; choose from {sorted(P.PEERS)}")
+    cpu = describe_cpu()
+    print(cpu, flush=True)
     machine = None
     if not args.no_roofline:
         bw, rates = P.measure_machine(["float32", "bfloat16"])
@@ -180,16 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     R.add_ratios(rows, others)
     if machine:
         R.add_roofline(rows, machine, sizes)
-    write(rows, others, machine, args, {m: n for m, (n, _) in sizes.items()})
+    write(rows, others, machine, args, {m: n for m, (n, _) in sizes.items()}, cpu)
     return 0
 
 
+def describe_cpu() -> str:
+    """The CPU's name, cores and bf16 support: the figures of a run mean little without it."""
+    from tgi_backend.layers.linear import bf16_support, cpu_info
+
+    names = [line.split(":", 1)[1].strip() for line in cpu_info().splitlines() if line.startswith("model name")]
+    return f"CPU: {names[0] if names else 'unknown'}, {os.cpu_count()} cores, bf16 {bf16_support()}"
+
+
 def write(rows: list[R.Row], others: list[str], machine: R.Machine | None, args: argparse.Namespace,
-          params: dict[str, int]) -> None:
+          params: dict[str, int], cpu: str) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    meta = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cpus": os.cpu_count(),
+    meta = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cpus": os.cpu_count(), "cpu": cpu,
             "bandwidth_gb_s": machine.bandwidth_gb_s if machine else None,
             "matmul_gflop_s": machine.matmul_gflop_s if machine else None, "params_per_step": params}
     (out / f"bench-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]},
@@ -197,6 +207,7 @@ def write(rows: list[R.Row], others: list[str], machine: R.Machine | None, args:
     table = R.markdown(rows, others)
     if machine:
         table = R.roofline_line(machine) + "\n\n" + table
+    table = cpu + "\n\n" + table
     (out / f"bench-{stamp}.md").write_text(table + "\n")
     print(table)
 

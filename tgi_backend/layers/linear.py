@@ -23,16 +23,29 @@ def _param(*shape: int) -> nn.Parameter:
 @functools.cache
 def native_bf16() -> bool:
     """True on CPUs with bfloat16 matmul instructions (AMX or AVX512-BF16)."""
-    return "amx_bf16" in _cpu_flags() or "avx512_bf16" in _cpu_flags()
+    return "amx_bf16" in cpu_info() or "avx512_bf16" in cpu_info()
 
 
 @functools.cache
-def _cpu_flags() -> str:
+def cpu_info() -> str:
+    """/proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
             return f.read()
     except OSError:
         return ""
+
+
+@functools.cache
+def bf16_support() -> str:
+    """"native" (AMX / AVX512-BF16), "emulated" (oneDNN's bf16 on AVX-512 without BF16) or "none"."""
+    if native_bf16():
+        return "native"
+    try:
+        emulated = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's bf16 needs AVX-512 (BW, VL, DQ)
+    except (RuntimeError, AttributeError):
+        emulated = False
+    return "emulated" if emulated else "none"
 
 
 @functools.cache
@@ -70,13 +83,10 @@ def matmul_plan(copy_bytes: int) -> MatmulPlan | None:
     None: nothing is packed (the plain path: F.linear, bf16 upcast per call from bf16_upcast_min_rows)."""
     if not torch.backends.mkldnn.is_available():
         return None
-    if native_bf16():
+    support = bf16_support()
+    if support == "native":
         return NATIVE_BF16
-    try:
-        emulated = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # oneDNN's bf16 needs AVX-512 (BW, VL, DQ)
-    except (RuntimeError, AttributeError):
-        emulated = False
-    if emulated and copy_bytes <= COPY_MEMORY_FRACTION * _physical_memory():
+    if support == "emulated" and copy_bytes <= COPY_MEMORY_FRACTION * _physical_memory():
         return EMULATED_BF16
     return None
 
