@@ -11,6 +11,7 @@ from tgi_backend.engine.model_runner import ModelRunner
 from tgi_backend.engine.request import Request, SamplingParams
 from tgi_backend.engine.scheduler import Scheduler
 from tgi_backend.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+from tgi_backend.layers import linear as linear_module
 
 TINY = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -138,11 +139,20 @@ def test_mistral_window_matters(tmp_path, prompts):
     assert ours != theirs
 
 
-def test_bfloat16_logits_close_to_transformers(llama_checkpoint, prompts):
+@pytest.mark.parametrize("plan", ["auto", "native", "emulated", "plain"])
+def test_bfloat16_logits_close_to_transformers(llama_checkpoint, prompts, plan, monkeypatch):
+    """Prefill rows, then one-row decode steps, under each CPU plan for the linears (layers/linear.py)."""
+    plans = {"native": linear_module.NATIVE_BF16, "emulated": linear_module.EMULATED_BF16, "plain": None}
+    if plan in plans:
+        if plans[plan] is not None and linear_module.bf16_support() == "none":
+            pytest.skip("oneDNN has no bf16 on this CPU")
+        monkeypatch.setattr(linear_module, "matmul_plan", lambda copy_bytes: plans[plan])
     folder, model = llama_checkpoint
     config = EngineConfig(model_id=folder, dtype="bfloat16", block_size=4, max_total_tokens=64,
                           max_batch_total_tokens=1024).resolve(128)
     runner = ModelRunner(config, folder)
+    if plans.get(plan, "auto") is not None:
+        assert plan == "auto" or any(getattr(m, "packed", None) is not None for m in runner.model.modules())
     assert runner.kv_cache.dtype == torch.bfloat16
     assert next(runner.model.parameters()).dtype == torch.bfloat16
     chunks = []
@@ -154,6 +164,13 @@ def test_bfloat16_logits_close_to_transformers(llama_checkpoint, prompts):
     scale = ref.abs().max().item()
     assert (logits - ref).abs().max().item() < 0.05 * scale
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.5
+    # one-row steps: each prompt's last token decoded alone over the blocks its prefix left
+    for i, p in enumerate(prompts[2:6]):
+        blocks = list(range(64 + i * 16, 64 + i * 16 + 16))
+        runner.compute_logits(SchedulerOutput([ScheduledChunk(f"d{i}", p[:-1], 0, blocks, True, SamplingParams())]))
+        step = runner.compute_logits(
+            SchedulerOutput([ScheduledChunk(f"d{i}", p[-1:], len(p) - 1, blocks, True, SamplingParams())]))
+        assert (step[0].float() - ref[i]).abs().max().item() < 0.05 * scale
 
 
 def test_greedy_parity_with_prefix_cache_hits(llama_checkpoint):
