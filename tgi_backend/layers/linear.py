@@ -78,15 +78,15 @@ PACK_BATCH_HINT = 16
 COPY_MEMORY_FRACTION = 0.25  # float32 copies only while they take at most this fraction of the memory
 
 
-def matmul_plan(copy_bytes: int) -> MatmulPlan | None:
-    """The plan for a model whose float32 copies would take `copy_bytes` (`copy_bytes(weight)` summed);
+def matmul_plan(extra_bytes: int) -> MatmulPlan | None:
+    """The plan for a model whose float32 copies would take `extra_bytes` (`copy_bytes(weight)` summed);
     None: nothing is packed (the plain path: F.linear, bf16 upcast per call from bf16_upcast_min_rows)."""
     if not torch.backends.mkldnn.is_available():
         return None
     support = bf16_support()
     if support == "native":
         return NATIVE_BF16
-    if support == "emulated" and copy_bytes <= COPY_MEMORY_FRACTION * _physical_memory():
+    if support == "emulated" and extra_bytes <= COPY_MEMORY_FRACTION * _physical_memory():
         return EMULATED_BF16
     return None
 
@@ -130,9 +130,7 @@ class PackedWeight:
         return [t for t in (self.small, self.large, self.large_bias) if t is not None]
 
 
-def prepack(
-    weight: torch.Tensor, plan: MatmulPlan | None = NATIVE_BF16, bias: torch.Tensor | None = None
-) -> PackedWeight | None:
+def prepack(weight: torch.Tensor, plan: MatmulPlan | None, bias: torch.Tensor | None = None) -> PackedWeight | None:
     """weight in oneDNN's layout(s) as `plan` says, or None where the plan leaves it plain."""
     if plan is None or weight.device.type != "cpu" or weight.dim() != 2:
         return None
