@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from tgi_backend.engine.request import SamplingParams
-from tgi_backend.sampling.sampler import Sampler, SamplingRow
+import pytest
+
+from tgi_backend.sampling.sampler import GREEDY_BLOCK_ROWS, Sampler, SamplingRow, greedy_tokens
 
 V = 50
 
@@ -23,6 +25,20 @@ def test_greedy_ties_take_the_first_maximum_like_argmax():
     logits[0, [7, 30_000]] = 1.0
     logits[1, [39_999, 20_001, 5]] = 2.0
     assert Sampler(seed=0)(logits, _rows(*[SamplingParams()] * 3)) == [7, 5, 0] == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("vocab", [32_000, 32_064, 32_001])  # blocks of 256, of 64, and no block size (max)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocked_greedy_is_argmax_with_its_first_maximum_rule(vocab: int, dtype: torch.dtype):
+    rows = GREEDY_BLOCK_ROWS * 2
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(3)).to(dtype)
+    top = logits.amax().item() + 1
+    logits[0, [vocab - 1, 5]] = top  # ties: two blocks hold the maximum, the first wins
+    logits[1, [300, 257]] = top  # a tie inside one block
+    logits[2] = float("-inf")  # nothing finite: index 0, as argmax
+    logits[3, :] = 0.0
+    assert torch.equal(greedy_tokens(logits), logits.argmax(-1))
+    assert torch.equal(greedy_tokens(logits[:, : vocab - 1]), logits[:, : vocab - 1].argmax(-1))  # a strided view
 
 
 def test_greedy_rows_unchanged_next_to_sampled_rows():
