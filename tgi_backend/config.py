@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+MAX_SPECULATE = 16  # draft tokens per step: past a few, a wrong guess early wastes the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +46,8 @@ class EngineConfig:
     stream_coalescing: bool = False
     # serving: a stream's tokens leave in responses of this many (vLLM's --stream-interval); 1: one per token
     stream_interval: int = 1
+    # n-gram speculation (TGI's --speculate): up to this many proposed tokens verified per step; 0: off
+    speculate: int = 0
     # GPU only: decode batch sizes captured as CUDA graphs (TGI's --cuda-graphs); "0": none
     cuda_graphs: str = "1,2,4,8,16,32"
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -92,6 +95,8 @@ class EngineConfig:
             )
         if prefill < 1 or self.block_size < 1:
             raise ValueError("`max_batch_prefill_tokens` and `block_size` must be positive")
+        if not 0 <= self.speculate <= MAX_SPECULATE:
+            raise ValueError(f"`speculate` must be between 0 and {MAX_SPECULATE}, got {self.speculate}")
         if self.stream_interval < 1:
             raise ValueError(f"`stream_interval` must be at least 1, got {self.stream_interval}")
         return dataclasses.replace(

@@ -32,6 +32,8 @@ class EngineStats:
     prompt_tokens: int  # prompt tokens admitted so far (recomputed ones included)
     cached_tokens: int  # of which the prefix cache supplied
     preemptions: int
+    draft_tokens: int = 0  # speculation: drafts verified so far, and how many were accepted
+    accepted_tokens: int = 0
 
     @property
     def kv_blocks_used(self) -> int:
@@ -141,6 +143,7 @@ class LLMEngine:
             max_new_tokens=max_new,
             eos_token_ids=self.eos_token_ids,
             use_prefix_cache=not params.decoder_input_details,  # a cache hit would skip prompt positions
+            speculate=self.config.speculate if _speculates(params) else 0,
         )
         if params.adapter_id:  # same tokens, other K/V: the prefix cache keeps adapters (and versions) apart
             request.cache_salt = self._acquire_adapter(params.adapter_id)
@@ -231,6 +234,8 @@ class LLMEngine:
             prompt_tokens=s.num_prompt_tokens,
             cached_tokens=s.num_cached_tokens,
             preemptions=s.num_preemptions,
+            draft_tokens=s.num_draft_tokens,
+            accepted_tokens=s.num_accepted_tokens,
         )
 
     # ---- the step -------------------------------------------------------------------------------
@@ -264,7 +269,9 @@ class LLMEngine:
             if state is not None and state.prompt_logprobs is not None:
                 state.prompt_logprobs.update(values)
         deltas = [self._before_append(rid, tok) for rid, tok in zip(out.request_ids, out.sampled_token_ids)]
+        counts = {rid: self._num_output(rid) for rid in out.num_accepted}  # before the appends
         finished = self.scheduler.update_from_output(scheduled, out)
+        last = {rid: i for i, rid in enumerate(out.request_ids) if deltas[i] is not None}
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         for i, (request_id, token_id) in enumerate(zip(out.request_ids, out.sampled_token_ids)):
@@ -274,8 +281,12 @@ class LLMEngine:
             request = state.request
             if request.first_token_time is None:
                 request.first_token_time = now
-            output = self._output(state, token_id, deltas[i], out, i)
-            if request.is_finished:
+            count = None
+            if request_id in counts:  # several tokens this step: each output counts its own
+                counts[request_id] += 1
+                count = counts[request_id]
+            output = self._output(state, token_id, deltas[i], out, i, last[request_id] == i, count)
+            if output.finished:
                 self._states.pop(request_id, None)
             if state.group is None:
                 outputs.append(output)
@@ -288,8 +299,8 @@ class LLMEngine:
         """Detokenizes the new token and checks stop strings before the scheduler appends it (and finishes)."""
         state = self._states.get(request_id)
         request = self.scheduler.get_request(request_id)
-        if state is None or request is None or request.is_finished:
-            return None
+        if state is None or request is None or request.is_finished or request.pending_finish is not None:
+            return None  # (pending: a stop string ended it at an earlier token of this step)
         if state.group is not None and not state.group.forked and request.request_id == state.group.parent_id:
             self._fork(state)
         text = state.detok.push([token_id])
@@ -297,9 +308,16 @@ class LLMEngine:
             request.pending_finish = FinishReason.STOP_SEQUENCE
         return text
 
-    def _output(self, state: _State, token_id: int, text: str, out: ModelRunnerOutput, i: int) -> RequestOutput:
+    def _num_output(self, request_id: str) -> int:
+        request = self.scheduler.get_request(request_id)
+        return request.num_output_tokens if request is not None else 0
+
+    def _output(
+        self, state: _State, token_id: int, text: str, out: ModelRunnerOutput, i: int, last: bool = True,
+        num_output_tokens: int | None = None,
+    ) -> RequestOutput:
         request = state.request
-        done = request.is_finished
+        done = request.is_finished and last
         if done:
             text += state.detok.flush()
         details = None
@@ -313,9 +331,9 @@ class LLMEngine:
             new_token_ids=[token_id],
             text=text,
             finished=done,
-            finish_reason=request.finish_reason.value if request.finish_reason else None,
+            finish_reason=request.finish_reason.value if done and request.finish_reason else None,
             num_input_tokens=request.num_prompt_tokens,
-            num_output_tokens=request.num_output_tokens,
+            num_output_tokens=request.num_output_tokens if num_output_tokens is None else num_output_tokens,
             details=details,
         )
 
@@ -383,6 +401,11 @@ class LLMEngine:
             for out in self.step():
                 results[out.request_id].extend(out.new_token_ids)
         return [results[rid] for rid in ids]
+
+
+def _speculates(params: SamplingParams) -> bool:
+    """Drafts need samplers that read no history (penalties, watermark) and one sequence (best_of forks)."""
+    return not (params.penalized or params.watermark or params.best_of > 1)
 
 
 def _read_json(path: str) -> dict:

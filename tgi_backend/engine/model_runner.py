@@ -55,8 +55,9 @@ class _Batch:
     input_ids: torch.Tensor  # [tokens]
     positions: torch.Tensor  # [tokens]
     context: ForwardContext
-    sample_rows: torch.Tensor  # [rows]: index in the flat batch of each sampled chunk's last token
+    sample_rows: torch.Tensor  # [rows]: the flat-batch rows sampled: each sampled chunk's last 1 + num_draft
     sampling: list[SamplingRow]
+    drafts: list[list[int]]  # per sampled chunk, in order: its draft tokens (most have none)
     # prompt logprobs (decoder_input_details): flat rows, the prompt token each predicts, (request, position)
     prompt_rows: list[int] = dataclasses.field(default_factory=list)
     prompt_targets: list[int] = dataclasses.field(default_factory=list)
@@ -138,11 +139,15 @@ class ModelRunner:
             return ModelRunnerOutput()
         batch = self._prepare(out.chunks)
         logits, prompt_logprobs = self._logits(batch)
-        result = ModelRunnerOutput([r.request_id for r in batch.sampling], prompt_logprobs=prompt_logprobs)
+        result = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if batch.sampling:
             sampled = self.sampler.sample(logits.cpu(), batch.sampling)  # the sampler works on the host
-            result.sampled_token_ids = sampled.token_ids
-            result.logprobs, result.top_tokens = sampled.logprobs, sampled.top_tokens
+            if any(batch.drafts):
+                _keep_verified(result, batch, sampled)
+            else:
+                result.request_ids = [r.request_id for r in batch.sampling]
+                result.sampled_token_ids = sampled.token_ids
+                result.logprobs, result.top_tokens = sampled.logprobs, sampled.top_tokens
         return result
 
     @torch.inference_mode()
@@ -214,11 +219,12 @@ class ModelRunner:
             input_ids=self._ints(ids),
             positions=self._ints(positions),
             context=context,
-            sample_rows=self._ints([last_row[id(c)] for c in sampled]),
-            sampling=[
-                SamplingRow(c.request_id, c.sampling, c.num_output_tokens, c.history, c.num_prompt_tokens)
-                for c in sampled
+            sample_rows=self._ints([last_row[id(c)] - c.num_draft + i for c in sampled for i in range(c.num_draft + 1)]),
+            sampling=[  # a draft's row samples as the token after it would: one more token generated
+                SamplingRow(c.request_id, c.sampling, c.num_output_tokens + i, c.history, c.num_prompt_tokens)
+                for c in sampled for i in range(c.num_draft + 1)
             ],
+            drafts=[c.token_ids[len(c.token_ids) - c.num_draft :] if c.num_draft else [] for c in sampled],
             prompt_rows=prompt_rows,
             prompt_targets=prompt_targets,
             prompt_owners=prompt_owners,
@@ -254,6 +260,25 @@ class ModelRunner:
             segments.append(PrefillSegment(offset, offset + n, c.start_pos, table))
             offset += n
         return segments
+
+
+def _keep_verified(result: ModelRunnerOutput, batch: _Batch, sampled: Any) -> None:
+    """Each chunk's samples up to the first that differs from the draft it follows: those are the tokens
+    decoding one at a time would have produced (each sample saw only accepted tokens before it)."""
+    row = 0
+    for drafts in batch.drafts:
+        request_id = batch.sampling[row].request_id
+        accepted = 0
+        while accepted < len(drafts) and sampled.token_ids[row + accepted] == drafts[accepted]:
+            accepted += 1
+        keep = slice(row, row + accepted + 1)
+        result.request_ids.extend([request_id] * (accepted + 1))
+        result.sampled_token_ids.extend(sampled.token_ids[keep])
+        result.logprobs.extend(sampled.logprobs[keep])
+        result.top_tokens.extend(sampled.top_tokens[keep])
+        if drafts:
+            result.num_accepted[request_id] = accepted
+        row += len(drafts) + 1
 
 
 def _prompt_positions(

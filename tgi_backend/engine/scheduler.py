@@ -6,6 +6,9 @@ decode is never starved by a long prompt; the rest of the budget goes to waiting
 a prompt longer than what is left being split across steps (chunked prefill). When the pool runs short, the
 newest running request is preempted: its blocks are freed and it goes back to the front of the queue, to be
 recomputed from its tokens later.
+
+With speculation, a decoding request's step also carries draft tokens (engine/ngram.py); the runner verifies
+them, and computed tokens advance over the accepted ones only: the rejected positions are written again later.
 """
 from __future__ import annotations
 
@@ -15,9 +18,17 @@ from collections import deque
 from tgi_backend.config import EngineConfig
 from tgi_backend.engine.block_pool import BlockPool
 from tgi_backend.engine.kv_cache import KVCacheManager
+from tgi_backend.engine.ngram import NgramDrafter
 from tgi_backend.engine.request import FinishReason, Request, RequestStatus
 from tgi_backend.engine.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
 from tgi_backend.errors import OverloadedError
+
+# Drafts only while at most this many requests run: a larger batch keeps the CPU busy already, and the
+# rejected drafts would cost compute the other rows need.
+SPECULATE_MAX_ROWS = 8
+# A fully rejected draft costs a step of 1 + k rows for one token: the request then drafts again only after
+# 1, 2, 4, ... steps, up to this many (text that does not repeat itself costs a few percent, not 40%).
+MAX_DRAFT_BACKOFF = 32
 
 
 class Scheduler:
@@ -31,6 +42,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0  # prompt tokens admitted, and how many of them the prefix cache supplied
         self.num_cached_tokens = 0
+        self.drafter = NgramDrafter()
+        self.num_draft_tokens = 0  # drafts verified so far, and how many of them were accepted
+        self.num_accepted_tokens = 0
 
     # ---- queue ----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -83,6 +97,12 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             n = min(request.num_tokens - request.num_computed_tokens, budget)
+            drafts = self._drafts(request, budget) if n == 1 else []
+            if drafts and self.kv.allocate_slots(request, n + len(drafts)):
+                out.chunks.append(self._chunk(request, n, drafts))
+                budget -= n + len(drafts)
+                i += 1
+                continue
             while not self.kv.allocate_slots(request, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -116,16 +136,30 @@ class Scheduler:
             out.chunks.append(self._chunk(request, n))
             budget -= n
 
-    def _chunk(self, request: Request, n: int) -> ScheduledChunk:
+    def _drafts(self, request: Request, budget: int) -> list[int]:
+        """Draft tokens for a decoding request; none past SPECULATE_MAX_ROWS running requests. Never more
+        than the request may still generate after this step's own token."""
+        if not request.speculate or len(self.running) > SPECULATE_MAX_ROWS:
+            return []
+        if request.draft_wait > 0:
+            request.draft_wait -= 1
+            return []
+        k = min(request.speculate, budget - 1, request.max_new_tokens - request.num_output_tokens - 1)
+        sp = request.sampling
+        never = sp.stop_token_ids if sp.ignore_eos else (*sp.stop_token_ids, *request.eos_token_ids)
+        return self.drafter.propose(request.request_id, request.token_ids, k, never)
+
+    def _chunk(self, request: Request, n: int, drafts: list[int] | None = None) -> ScheduledChunk:
         start = request.num_computed_tokens
         return ScheduledChunk(
             request_id=request.request_id,
-            token_ids=request.token_ids[start : start + n],
+            token_ids=request.token_ids[start : start + n] + (drafts or []),
             start_pos=start,
             block_ids=request.block_ids,
             sample=start + n == request.num_tokens,
             sampling=request.sampling,
             num_output_tokens=request.num_output_tokens,
+            num_draft=len(drafts) if drafts else 0,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -138,11 +172,19 @@ class Scheduler:
     # ---- after the model ran --------------------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
         """Advances computed tokens, appends sampled tokens, finishes requests; returns the finished ones."""
+        computed: list[Request] = []
         for chunk in out.chunks:
             request = self.requests.get(chunk.request_id)
             if request is not None:
-                request.num_computed_tokens += len(chunk.token_ids)
-                self.kv.register_computed_blocks(request)
+                rejected = chunk.num_draft - result.num_accepted.get(chunk.request_id, 0)
+                request.num_computed_tokens += len(chunk.token_ids) - rejected
+                if chunk.num_draft:  # its accepted drafts are not appended yet: their blocks hash below
+                    computed.append(request)
+                    _back_off(request, accepted=chunk.num_draft - rejected)
+                    self.num_draft_tokens += chunk.num_draft
+                    self.num_accepted_tokens += chunk.num_draft - rejected
+                else:
+                    self.kv.register_computed_blocks(request)
         finished: list[Request] = []
         for request_id, token_id in zip(result.request_ids, result.sampled_token_ids):
             request = self.requests.get(request_id)
@@ -154,6 +196,9 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, reason)
                 finished.append(request)
+        for request in computed:
+            if not request.is_finished:
+                self.kv.register_computed_blocks(request)
         return finished
 
     def forget(self, finished: list[Request]) -> None:
@@ -163,6 +208,15 @@ class Scheduler:
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         self.kv.free(request)
+        self.drafter.forget(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         self._left.append(request.request_id)
+
+
+def _back_off(request: Request, accepted: int) -> None:
+    if accepted:
+        request.draft_backoff = 0
+        return
+    request.draft_backoff = min(max(1, 2 * request.draft_backoff), MAX_DRAFT_BACKOFF)
+    request.draft_wait = request.draft_backoff

@@ -22,6 +22,9 @@ class ScheduledChunk:
     sample: bool  # the chunk reaches the last known token: sample the next one
     sampling: SamplingParams
     num_output_tokens: int = 0  # tokens generated so far (seeded sampling keys on it)
+    # speculation: the last num_draft token_ids are proposed, not known; each position samples, and the
+    # runner keeps the samples up to the first that differs from the next proposed token
+    num_draft: int = 0
     # set by the engine, not the scheduler: what the sampler and the prompt logprobs need
     history: list[int] | None = None  # the request's tokens (penalties, watermark): its own list, not a copy
     num_prompt_tokens: int = 0
@@ -47,10 +50,12 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class ModelRunnerOutput:
-    """One sampled token for each chunk with sample=True, in chunk order."""
+    """The new tokens of each chunk with sample=True, in chunk order: one, or with drafts 1 + the number of
+    drafts accepted (consecutive entries of the same request id)."""
 
     request_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)
+    num_accepted: dict[str, int] = field(default_factory=dict)  # request id -> drafts verified this step
     # per sampled chunk: the token's logprob and top-n (id, logprob) alternatives, None unless asked
     logprobs: list[float | None] = field(default_factory=list)
     top_tokens: list[list[tuple[int, float]] | None] = field(default_factory=list)
