@@ -217,6 +217,9 @@ def test_gauges_set_on_change_and_counters_grow_by_deltas(metrics):
     assert _metric("tgi_prompt_tokens_total").value == 60
     assert _metric("tgi_prefix_cache_tokens_total").value == 10
     assert _metric("tgi_preemptions_total").value == 1
+    metrics.on_step(_stats(num_running=2, kv_blocks_free=20, kv_blocks_cached=3, prompt_tokens=60, cached_tokens=10,
+                           preemptions=1, draft_tokens=8, accepted_tokens=5))
+    assert (_metric("tgi_spec_decode_draft_tokens_total").value, _metric("tgi_spec_decode_accepted_tokens_total").value) == (8, 5)
     metrics.on_step(_stats(kv_blocks_cached=3, prompt_tokens=60, cached_tokens=10, preemptions=1))
     assert _metric("tgi_batch_current_size").value == 0
     assert _metric("tgi_kv_cache_blocks_used").value == 0

@@ -104,5 +104,7 @@ def test_gauges_move_under_load_and_return_to_idle(server):
     assert grew("tgi_generated_tokens_total") == 400 + 3 * 8
     assert grew("tgi_request_inter_token_duration_count") == 399 + 3 * 7
     assert grew("tgi_prompt_tokens_total") > 0
+    # the shared server speculates (--speculate 4): a 400-token greedy run of the tiny model repeats itself
+    assert 0 < grew("tgi_spec_decode_accepted_tokens_total") <= grew("tgi_spec_decode_draft_tokens_total")
     assert grew("tgi_request_duration_sum") > 0
     assert 0 <= value(after, "tgi_prefix_cache_hit_rate") <= 1

@@ -51,6 +51,8 @@ STAT_COUNTERS: dict[str, tuple[str, str]] = {
                                 "prompt_tokens"),
     "tgi_prefix_cache_tokens_total": ("Prompt tokens the prefix cache supplied", "cached_tokens"),
     "tgi_preemptions_total": ("Running requests preempted because the KV pool ran short", "preemptions"),
+    "tgi_spec_decode_draft_tokens_total": ("Speculated (n-gram draft) tokens verified", "draft_tokens"),
+    "tgi_spec_decode_accepted_tokens_total": ("Speculated tokens accepted", "accepted_tokens"),
 }
 COUNTERS: dict[str, str] = {
     "tgi_request_count": "Requests received (TGI; counted when they end)",
