@@ -269,8 +269,8 @@ class LLMEngine:
             if state is not None and state.prompt_logprobs is not None:
                 state.prompt_logprobs.update(values)
         deltas = [self._before_append(rid, tok) for rid, tok in zip(out.request_ids, out.sampled_token_ids)]
-        counts = {rid: self._num_output(rid) for rid in out.num_accepted}  # before the appends
         finished = self.scheduler.update_from_output(scheduled, out)
+        # a request's tokens are consecutive entries; the last one delivered may finish it
         last = {rid: i for i, rid in enumerate(out.request_ids) if deltas[i] is not None}
         outputs: list[RequestOutput] = []
         now = time.monotonic()
@@ -281,11 +281,7 @@ class LLMEngine:
             request = state.request
             if request.first_token_time is None:
                 request.first_token_time = now
-            count = None
-            if request_id in counts:  # several tokens this step: each output counts its own
-                counts[request_id] += 1
-                count = counts[request_id]
-            output = self._output(state, token_id, deltas[i], out, i, last[request_id] == i, count)
+            output = self._output(state, token_id, deltas[i], out, i, last[request_id] - i)
             if output.finished:
                 self._states.pop(request_id, None)
             if state.group is None:
@@ -308,16 +304,12 @@ class LLMEngine:
             request.pending_finish = FinishReason.STOP_SEQUENCE
         return text
 
-    def _num_output(self, request_id: str) -> int:
-        request = self.scheduler.get_request(request_id)
-        return request.num_output_tokens if request is not None else 0
-
     def _output(
-        self, state: _State, token_id: int, text: str, out: ModelRunnerOutput, i: int, last: bool = True,
-        num_output_tokens: int | None = None,
+        self, state: _State, token_id: int, text: str, out: ModelRunnerOutput, i: int, later: int = 0
     ) -> RequestOutput:
+        """`later`: tokens of this request delivered after this one in the same step (speculation)."""
         request = state.request
-        done = request.is_finished and last
+        done = request.is_finished and not later
         if done:
             text += state.detok.flush()
         details = None
@@ -333,7 +325,7 @@ class LLMEngine:
             finished=done,
             finish_reason=request.finish_reason.value if done and request.finish_reason else None,
             num_input_tokens=request.num_prompt_tokens,
-            num_output_tokens=request.num_output_tokens if num_output_tokens is None else num_output_tokens,
+            num_output_tokens=request.num_output_tokens - later,
             details=details,
         )
 

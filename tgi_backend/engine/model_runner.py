@@ -219,7 +219,9 @@ class ModelRunner:
             input_ids=self._ints(ids),
             positions=self._ints(positions),
             context=context,
-            sample_rows=self._ints([last_row[id(c)] - c.num_draft + i for c in sampled for i in range(c.num_draft + 1)]),
+            sample_rows=self._ints(
+                [last_row[id(c)] - c.num_draft + i for c in sampled for i in range(c.num_draft + 1)]
+            ),
             sampling=[  # a draft's row samples as the token after it would: one more token generated
                 SamplingRow(c.request_id, c.sampling, c.num_output_tokens + i, c.history, c.num_prompt_tokens)
                 for c in sampled for i in range(c.num_draft + 1)
