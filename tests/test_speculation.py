@@ -196,12 +196,28 @@ def test_blocks_cached_after_speculation_hold_the_right_tokens(tiny_llama_dir: s
     assert got == want
 
 
-def test_requests_whose_sampling_reads_history_do_not_speculate(speculative):
+def test_penalties_see_the_drafts_before_their_row(plain, speculative):
+    """A draft row's penalties count the drafts before it: the tokens decoding one at a time had generated."""
+    given = {"repetition_penalty": 1.5, "frequency_penalty": 0.8, "presence_penalty": 0.4, "max_new_tokens": 30}
+    before = speculative.stats()
+    _compare(plain, speculative, {"p": (PROMPTS["a"], given), "q": (PROMPTS["b"], dict(given, do_sample=True,
+                                                                                      seed=5, top_k=20))})
+    assert speculative.stats().accepted_tokens > before.accepted_tokens
+
+
+def test_watermark_seeds_each_draft_row_from_the_draft_before_it(plain, speculative):
+    given = {"watermark": True, "do_sample": True, "seed": 3, "max_new_tokens": 30}
+    _compare(plain, speculative, {"w": (PROMPTS["a"], given), "g": (PROMPTS["c"], {"watermark": True,
+                                                                                  "max_new_tokens": 30})})
+
+
+def test_best_of_does_not_speculate(speculative):
     limits = ValidationLimits.from_config(speculative.config)
-    plain_request = speculative.add_request("p", [1, 2], parse_sampling_parameters({}, limits=limits))
-    penalized = speculative.add_request("q", [1, 2], parse_sampling_parameters({"repetition_penalty": 1.2},
-                                                                               limits=limits))
-    assert plain_request.speculate == 4 and penalized.speculate == 0
+    plain_request = speculative.add_request("p", [1, 2], parse_sampling_parameters(
+        {"repetition_penalty": 1.2, "watermark": True}, limits=limits))
+    forked = speculative.add_request("q", [1, 2], parse_sampling_parameters(
+        {"best_of": 2, "do_sample": True}, limits=limits))
+    assert plain_request.speculate == 4 and forked.speculate == 0
     speculative.abort_request("p")
     speculative.abort_request("q")
 

@@ -396,8 +396,9 @@ class LLMEngine:
 
 
 def _speculates(params: SamplingParams) -> bool:
-    """Drafts need samplers that read no history (penalties, watermark) and one sequence (best_of forks)."""
-    return not (params.penalized or params.watermark or params.best_of > 1)
+    """Drafts need one sequence per request (best_of forks); samplers reading the history (penalties,
+    watermark) see each draft row's own (the runner's `_history`)."""
+    return params.best_of <= 1
 
 
 def _read_json(path: str) -> dict:

@@ -223,7 +223,7 @@ class ModelRunner:
                 [last_row[id(c)] - c.num_draft + i for c in sampled for i in range(c.num_draft + 1)]
             ),
             sampling=[  # a draft's row samples as the token after it would: one more token generated
-                SamplingRow(c.request_id, c.sampling, c.num_output_tokens + i, c.history, c.num_prompt_tokens)
+                SamplingRow(c.request_id, c.sampling, c.num_output_tokens + i, _history(c, i), c.num_prompt_tokens)
                 for c in sampled for i in range(c.num_draft + 1)
             ],
             drafts=[c.token_ids[len(c.token_ids) - c.num_draft :] if c.num_draft else [] for c in sampled],
@@ -262,6 +262,15 @@ class ModelRunner:
             segments.append(PrefillSegment(offset, offset + n, c.start_pos, table))
             offset += n
         return segments
+
+
+def _history(c: ScheduledChunk, i: int) -> list[int] | None:
+    """What the row after a chunk's first i drafts has seen (penalties, watermark): the request's tokens, then
+    those drafts. Only rows whose drafts all match their samples are kept, so this is the true history."""
+    if c.history is None or i == 0:
+        return c.history
+    first = len(c.token_ids) - c.num_draft
+    return c.history + c.token_ids[first : first + i]
 
 
 def _keep_verified(result: ModelRunnerOutput, batch: _Batch, sampled: Any) -> None:

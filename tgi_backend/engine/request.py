@@ -98,7 +98,7 @@ class Request:
     scheduled_time: float | None = None  # first admission to the running batch: queue time ends here
     first_token_time: float | None = None
     pending_finish: FinishReason | None = None  # set by the engine (stop string on decoded text) before append
-    speculate: int = 0  # draft tokens per step for this request (0: its sampling reads history, or off)
+    speculate: int = 0  # draft tokens per step for this request (0: best_of forks it, or off)
     draft_backoff: int = 0  # steps without drafts after the next fully rejected draft (doubles each time)
     draft_wait: int = 0  # steps left without drafts
 
