@@ -107,12 +107,12 @@ def make_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[in
 
 
 # ---- peers ---------------------------------------------------------------------------------------
-def bench_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Result:
+def bench_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, speculate: int = 0) -> Result:
     from tgi_backend.config import EngineConfig
     from tgi_backend.engine.engine import LLMEngine
     from tgi_backend.engine.request import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model_id=path, dtype=dtype, max_total_tokens=1024))
+    engine = LLMEngine(EngineConfig(model_id=path, dtype=dtype, max_total_tokens=1024, speculate=speculate))
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     engine.generate([prompts[0][:8]], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
     stamps: dict[str, list[float]] = {}
@@ -125,7 +125,12 @@ def bench_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: st
             stamps[out.request_id].append(time.perf_counter())
     seconds = time.perf_counter() - start
     ttft, itl = _latencies([start] * len(prompts), list(stamps.values()))
-    return Result("engine in-process", len(prompts), sum(map(len, stamps.values())), seconds, ttft, itl)
+    note = ""
+    if speculate:  # a step's accepted tokens leave together: their gaps are 0 in the ITL figures
+        stats = engine.stats()
+        share = stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0
+        note = f"--speculate {speculate}: {stats.accepted_tokens} of {stats.draft_tokens} drafts accepted ({share:.0%})"
+    return Result("engine in-process", len(prompts), sum(map(len, stamps.values())), seconds, ttft, itl, note)
 
 
 def bench_transformers(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Result:

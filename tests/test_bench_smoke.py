@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark suite's pure functions (scripts/bench/report.py): no model runs."""
+"""Smoke test of the benchmark suite: its pure functions (scripts/bench/report.py), and one peer on the tiny model."""
 from __future__ import annotations
 
 import sys
@@ -74,3 +74,12 @@ def test_markdown_table_shape() -> None:
     assert all(line.count("|") == table[0].count("|") for line in table)  # a '|' in a note is escaped
     assert "| 2.0 |" in table[2] and "200.0" in table[2]
     assert "Roofline" in R.roofline_line(R.Machine(30.0, {"bfloat16": 400.0}))
+
+
+def test_engine_speculate_peer_reports_its_accepted_drafts(tiny_llama_dir: str) -> None:
+    from bench import peers as P
+
+    prompts = [[5, 6, 7, 8] * 4, [9, 10, 11] * 5]
+    got = P.PEERS["engine-speculate"](tiny_llama_dir, prompts, 24, "float32")
+    assert got.output_tokens == 48
+    assert "--speculate 4:" in got.note and "drafts accepted" in got.note

