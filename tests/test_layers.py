@@ -33,6 +33,16 @@ def test_rotary_matches_transformers():
     torch.testing.assert_close(ours_k, rk[0].transpose(0, 1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rolled_rotary_is_bit_identical_to_rotate_half(dtype):
+    rope = RotaryEmbedding(16, 128, theta=500.0)
+    pos = torch.tensor([0, 5, 77, 127])
+    qkv = torch.randn(4, 5 * 16).to(dtype)
+    qk = qkv[:, : 3 * 16].view(4, 3, 16)  # a strided view, as llama.py rotates it
+    want = RotaryEmbedding.apply(qk, *rope.cos_sin(pos, dtype))
+    assert torch.equal(RotaryEmbedding.apply_rolled(qk, *rope.cos_signed_sin(pos, dtype)), want)
+
+
 def test_rotary_depends_only_on_relative_position():
     rope = RotaryEmbedding(16, 128, theta=500.0)
     q, k = torch.randn(1, 1, 16), torch.randn(1, 1, 16)

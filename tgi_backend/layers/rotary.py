@@ -70,6 +70,9 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [positions, head_dim]
         self.register_buffer("cos_cached", emb.cos(), persistent=False)
         self.register_buffer("sin_cached", emb.sin(), persistent=False)
+        sign = torch.ones(head_dim)
+        sign[: head_dim // 2] = -1.0
+        self.register_buffer("signed_sin_cached", emb.sin() * sign, persistent=False)  # for apply_rolled
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [tokens, 1, head_dim]; the model computes them once per step and shares them."""
@@ -77,9 +80,21 @@ class RotaryEmbedding(nn.Module):
         sin = self.sin_cached.index_select(0, positions).to(dtype).unsqueeze(1)
         return cos, sin
 
+    def cos_signed_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin as cos_sin, with sin's first half negated: what `apply_rolled` takes."""
+        cos = self.cos_cached.index_select(0, positions).to(dtype).unsqueeze(1)
+        sin = self.signed_sin_cached.index_select(0, positions).to(dtype).unsqueeze(1)
+        return cos, sin
+
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + rotate_half(x) * sin
+
+    @staticmethod
+    def apply_rolled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """`apply` with the sign of rotate_half moved into signed_sin: bit-identical, 4 ops instead of 6
+        (each op costs ~10 us in a decode step whose weights have just swept the caches)."""
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

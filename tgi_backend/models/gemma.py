@@ -117,7 +117,7 @@ class GemmaModel(LlamaModel):
         # input_ids, positions: [tokens] -> hidden: [tokens, hidden]
         x = self.embed_tokens(input_ids)
         x = x * torch.tensor(x.shape[-1] ** 0.5, dtype=x.dtype)  # the scale rounded to the dtype first
-        cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)
+        cos, sin = self.rotary_emb.cos_signed_sin(positions, x.dtype)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin)

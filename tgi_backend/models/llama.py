@@ -118,11 +118,11 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [tokens, hidden]; cos, sin: [tokens, 1, head_dim]
+        # x: [tokens, hidden]; cos, sin: [tokens, 1, head_dim], sin signed (RotaryEmbedding.cos_signed_sin)
         qkv = self.qkv_proj(x)  # [tokens, (heads + 2 * kv_heads) * head_dim]
         n_qk = self.num_heads + self.num_kv_heads
         # q and k rotated together: half the rotary ops
-        qk = RotaryEmbedding.apply(qkv[:, : n_qk * self.head_dim].view(-1, n_qk, self.head_dim), cos, sin)
+        qk = RotaryEmbedding.apply_rolled(qkv[:, : n_qk * self.head_dim].view(-1, n_qk, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, n_qk * self.head_dim :].view(-1, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v)
@@ -179,7 +179,7 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # input_ids, positions: [tokens] -> hidden: [tokens, hidden]
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)  # once per step, shared by all layers
+        cos, sin = self.rotary_emb.cos_signed_sin(positions, x.dtype)  # once per step, shared by all layers
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin)
