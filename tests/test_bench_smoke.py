@@ -83,3 +83,31 @@ def test_engine_speculate_peer_reports_its_accepted_drafts(tiny_llama_dir: str) 
     got = P.PEERS["engine-speculate"](tiny_llama_dir, prompts, 24, "float32")
     assert got.output_tokens == 48
     assert "--speculate 4:" in got.note and "drafts accepted" in got.note
+
+
+def test_ab_overrides_and_summary() -> None:
+    import bench_ab as AB
+
+    assert AB.parse_overrides(["speculate=4", "block-size = 32"]) == {"speculate": "4", "block_size": "32"}
+    for bad in (["speculate"], ["=4"]):
+        with pytest.raises(ValueError):
+            AB.parse_overrides(bad)
+    s = AB.summarize([100.0, 50.0, 80.0], [110.0, 60.0, 80.0])
+    assert s.ratios == pytest.approx([1.1, 1.2, 1.0]) and s.median == pytest.approx(1.1)
+    assert s.to_json()["min"] == 1.0 and s.to_json()["max"] == 1.2
+    with pytest.raises(ValueError):
+        AB.summarize([1.0], [])
+    assert AB.tokens_needed(3, 10, 20, 0) == 213 and AB.tokens_needed(3, 10, 20, 4) == 1033
+
+
+def test_ab_pairs_two_engines_in_one_process(tiny_llama_dir: str) -> None:
+    import bench_ab as AB
+
+    result = AB.run(tiny_llama_dir, {}, {"block_size": "32"}, rows=2, prompt_tokens=12, steps=2, rounds=2,
+                    warmup=1, dtype="float32")
+    assert len(result["a_tok_s"]) == len(result["b_tok_s"]) == 2
+    assert all(x > 0 for x in result["a_tok_s"] + result["b_tok_s"])
+    assert result["b_over_a"]["min"] <= result["b_over_a"]["median"] <= result["b_over_a"]["max"]
+    assert "block_size=32" in AB.markdown(result) and "| A | defaults |" in AB.markdown(result)
+    with pytest.raises(ValueError, match="not EngineConfig fields"):
+        AB.run(tiny_llama_dir, {"no_such_knob": "1"}, {}, rows=1, prompt_tokens=4, steps=1, rounds=1)

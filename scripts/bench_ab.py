@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Paired A/B of two engine configurations in one process (issue 7).
+
+On a shared host whose speed drifts by +-20% from one run to the next, two runs of `scripts/bench` cannot tell
+a 5% change from noise. Here both engines load the same checkpoint into one process, each holds `--rows`
+decoding requests, and they take turns: a block of `--steps` decode steps on A, then a block on B (the order
+flips every round), `--rounds` times. Each round's ratio B / A compares blocks measured a second apart, so the
+drift cancels; the report gives the median ratio and its range.
+
+    .venv/bin/python scripts/bench_ab.py --model small --rows 1 --b speculate=4
+    .venv/bin/python scripts/bench_ab.py --model medium --rows 32 --b dtype=float32
+
+--a / --b take EngineConfig fields as key=value, the names of tgi_llm's model parameters (A defaults to the
+plain engine). Knobs read once per process (OMP_WAIT_POLICY, MALLOC_* and other environment variables) cannot
+be compared this way: run `scripts/bench` alternately for those. Writes bench-results/bench-ab-<time>.json/.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """["speculate=4", "dtype=float32"] -> {"speculate": "4", "dtype": "float32"}."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+@dataclass
+class Side:
+    name: str
+    overrides: dict[str, str]
+    engine: Any = None
+    tok_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    ratios: list[float]  # B / A per round, in round order
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ratios)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ratios": [round(r, 4) for r in self.ratios], "median": round(self.median, 4),
+                "min": round(min(self.ratios), 4), "max": round(max(self.ratios), 4)}
+
+
+def summarize(a_tok_s: Sequence[float], b_tok_s: Sequence[float]) -> Summary:
+    if len(a_tok_s) != len(b_tok_s) or not a_tok_s:
+        raise ValueError("one rate per round and side, at least one round")
+    return Summary([b / a for a, b in zip(a_tok_s, b_tok_s)])
+
+
+def tokens_needed(warmup: int, rounds: int, steps: int, speculate: int) -> int:
+    """New tokens a request may produce over the run, with room to spare: each step can emit 1 + speculate
+    (the prefill step emits one too, and the request must still run after the last block)."""
+    return (warmup + rounds * steps + 2) * (1 + speculate) + 8
+
+
+def build(path: str, dtype: str, overrides: dict[str, str], prompt_tokens: int, new_tokens: int) -> Any:
+    from tgi_backend.config import EngineConfig
+    from tgi_backend.engine.engine import LLMEngine
+
+    values = {"model_id": path, "dtype": dtype, "max_total_tokens": str(prompt_tokens + new_tokens)}
+    values.update(overrides)
+    config = EngineConfig.from_strings(values)
+    if config.extra:
+        raise ValueError(f"not EngineConfig fields: {sorted(config.extra)}")
+    return LLMEngine(config)
+
+
+def start_rows(engine: Any, rows: int, prompt_tokens: int, vocab: int, warmup: int, tag: str) -> None:
+    """Adds `rows` requests and steps until every one decodes, then `warmup` steps more."""
+    from tgi_backend.engine.request import SamplingParams
+
+    budget = engine.config.max_total_tokens - prompt_tokens
+    params = SamplingParams(max_new_tokens=budget, ignore_eos=True)
+    for i in range(rows):  # distinct prompts: no prefix-cache hits between rows
+        prompt = [(7 * i + 13 * j + 3) % (vocab - 3) + 3 for j in range(prompt_tokens)]
+        engine.add_request(f"{tag}-{i}", prompt, params)
+    while not all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running) or (
+        engine.scheduler.num_running < rows
+    ):
+        engine.step()
+    for _ in range(warmup):
+        engine.step()
+
+
+def timed_block(engine: Any, steps: int, rows: int) -> float:
+    """Decode tokens/s over `steps` steps; raises if a request ended (the batch would no longer be `rows`)."""
+    tokens = 0
+    start = time.perf_counter()
+    for _ in range(steps):
+        for out in engine.step():
+            tokens += len(out.new_token_ids)
+    seconds = time.perf_counter() - start
+    if engine.scheduler.num_running < rows:
+        raise RuntimeError("a request finished during the run: raise max_total_tokens or lower --rounds")
+    return tokens / seconds
+
+
+def run(path: str, a: dict[str, str], b: dict[str, str], rows: int = 1, prompt_tokens: int = 128,
+        steps: int = 20, rounds: int = 10, warmup: int = 3, dtype: str = "bfloat16") -> dict[str, Any]:
+    sides = [Side("A", a), Side("B", b)]
+    for side in sides:
+        speculate = int(side.overrides.get("speculate", 0))
+        side.engine = build(path, dtype, side.overrides, prompt_tokens,
+                            tokens_needed(warmup, rounds, steps, speculate))
+    vocab = sides[0].engine.runner.model.args.vocab_size
+    for side in sides:
+        start_rows(side.engine, rows, prompt_tokens, vocab, warmup, side.name)
+    for r in range(rounds):
+        for side in sides if r % 2 == 0 else sides[::-1]:  # ABBA: neither side always runs first
+            side.tok_s.append(timed_block(side.engine, steps, rows))
+    summary = summarize(sides[0].tok_s, sides[1].tok_s)
+    return {
+        "model": path, "dtype": dtype, "rows": rows, "prompt_tokens": prompt_tokens, "steps": steps,
+        "rounds": rounds, "a": a, "b": b,
+        "a_tok_s": [round(x, 2) for x in sides[0].tok_s], "b_tok_s": [round(x, 2) for x in sides[1].tok_s],
+        "b_over_a": summary.to_json(),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def label(overrides: dict[str, str]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
+
+    s = result["b_over_a"]
+    return "\n".join([
+        "| side | config | decode tok/s per round (median) |",
+        "|---|---|---|",
+        f"| A | {label(result['a'])} | {statistics.median(result['a_tok_s']):.1f} |",
+        f"| B | {label(result['b'])} | {statistics.median(result['b_tok_s']):.1f} |",
+        "",
+        f"B / A over {result['rounds']} rounds of {result['steps']} steps, {result['rows']} rows: "
+        f"median {s['median']:.3f} (min {s['min']:.3f}, max {s['max']:.3f})",
+    ])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="small", help="small, medium, demo or a checkpoint folder")
+    p.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE", help="EngineConfig overrides of A")
+    p.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE", help="EngineConfig overrides of B")
+    p.add_argument("--rows", type=int, default=1, help="decoding requests per engine")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--steps", type=int, default=20, help="decode steps per block")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default=str(HERE.parent / "bench-results"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from bench_serving import resolve_model
+
+    result = run(resolve_model(args.model), parse_overrides(args.a), parse_overrides(args.b), rows=args.rows,
+                 prompt_tokens=args.prompt_tokens, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
+                 dtype=args.dtype)
+    result["model_name"] = args.model
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    md = markdown(result)
+    (out / f"bench-ab-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"bench-ab-{stamp}.md").write_text(md + "\n")
+    print(json.dumps(result))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
