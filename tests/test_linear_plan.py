@@ -127,3 +127,12 @@ def test_bf16_support_matches_the_cpu():
     onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     want = "native" if native_bf16() else ("emulated" if onednn_bf16 else "none")
     assert linear_module.bf16_support() == want
+
+
+def test_upcast_scratch_first_made_in_inference_mode_still_works_outside_it() -> None:
+    # the engine upcasts inside inference_mode; a later caller on the same thread (tests, tools) may not
+    linear_module._SCRATCH.__dict__.clear()
+    w = torch.randn(8, 4).to(torch.int8)
+    with torch.inference_mode():
+        assert torch.equal(linear_module.upcast_weight(w), w.float())
+    assert torch.equal(linear_module.upcast_weight(w[:4]), w[:4].float())

@@ -139,3 +139,27 @@ def test_format_detection_and_errors():
         strategy_for(None, {"quantization_config": {"quant_method": "gptq", "bits": 3}})
     with pytest.raises(ValueError, match="unsupported quantization format"):
         strategy_for(None, {"quantization_config": {"quant_method": "hqq"}})
+
+
+def test_int8_many_rows_take_the_float32_gemm_and_agree_with_the_int8_op(monkeypatch):
+    from tgi_backend.layers.quantization import compute
+
+    torch.manual_seed(0)
+    base = Linear(128, 48)
+    base.weight.data.normal_()
+    layer = strategy_for("eetq", {}).build(base)
+    layer.weight.weight_loader(layer.weight, base.weight.data)
+    layer.process_weights_after_loading()
+    x = torch.randn(compute.INT8_FLOAT_ROWS + 3, 128)
+    calls = []
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or _int8pack(*a))
+    wide = layer(x)  # >= INT8_FLOAT_ROWS rows: no int8 op
+    assert not calls
+    narrow = torch.cat([layer(x[i : i + 8]) for i in range(0, x.shape[0], 8)])  # the int8 op, 8 rows at a time
+    assert calls
+    ref = x @ layer.dequantized_weight().T
+    _close(wide, ref, "int8")
+    torch.testing.assert_close(wide, narrow, rtol=0.02, atol=0.02 * float(ref.abs().max()))
+
+
+_int8pack = torch._weight_int8pack_mm

@@ -165,7 +165,8 @@ def upcast_weight(weight: torch.Tensor) -> torch.Tensor:
     """weight as float32 in a reused buffer: a fresh allocation page-faults and costs twice the copy."""
     buf = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.numel() < weight.numel():
-        buf = _SCRATCH.buf = torch.empty(weight.numel(), dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: inference tensors reject in-place writes outside it
+            buf = _SCRATCH.buf = torch.empty(weight.numel(), dtype=torch.float32)
     return buf[: weight.numel()].view(weight.shape).copy_(weight)
 
 
