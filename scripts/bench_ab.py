@@ -85,17 +85,15 @@ def build(path: str, dtype: str, overrides: dict[str, str], prompt_tokens: int, 
     return LLMEngine(config)
 
 
-def start_rows(engine: Any, rows: int, prompt_tokens: int, vocab: int, warmup: int, tag: str) -> None:
-    """Adds `rows` requests and steps until every one decodes, then `warmup` steps more."""
+def start_rows(engine: Any, prompts: list[list[int]], warmup: int, tag: str) -> None:
+    """Adds one request per prompt and steps until every one decodes, then `warmup` steps more."""
     from tgi_backend.engine.request import SamplingParams
 
-    budget = engine.config.max_total_tokens - prompt_tokens
-    params = SamplingParams(max_new_tokens=budget, ignore_eos=True)
-    for i in range(rows):  # distinct prompts: no prefix-cache hits between rows
-        prompt = [(7 * i + 13 * j + 3) % (vocab - 3) + 3 for j in range(prompt_tokens)]
-        engine.add_request(f"{tag}-{i}", prompt, params)
+    for i, prompt in enumerate(prompts):
+        budget = engine.config.max_total_tokens - len(prompt)
+        engine.add_request(f"{tag}-{i}", prompt, SamplingParams(max_new_tokens=budget, ignore_eos=True))
     while not all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running) or (
-        engine.scheduler.num_running < rows
+        engine.scheduler.num_running < len(prompts)
     ):
         engine.step()
     for _ in range(warmup):
@@ -122,9 +120,12 @@ def run(path: str, a: dict[str, str], b: dict[str, str], rows: int = 1, prompt_t
         speculate = int(side.overrides.get("speculate", 0))
         side.engine = build(path, dtype, side.overrides, prompt_tokens,
                             tokens_needed(warmup, rounds, steps, speculate))
-    vocab = sides[0].engine.runner.model.args.vocab_size
+    from bench_serving import make_prompts
+
+    # the suite's random prompts, the same for both sides: distinct rows, no prefix-cache hits between them
+    prompts = make_prompts(sides[0].engine.runner.model.args.vocab_size, rows, prompt_tokens)
     for side in sides:
-        start_rows(side.engine, rows, prompt_tokens, vocab, warmup, side.name)
+        start_rows(side.engine, prompts, warmup, side.name)
     for r in range(rounds):
         for side in sides if r % 2 == 0 else sides[::-1]:  # ABBA: neither side always runs first
             side.tok_s.append(timed_block(side.engine, steps, rows))

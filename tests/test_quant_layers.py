@@ -141,6 +141,9 @@ def test_format_detection_and_errors():
         strategy_for(None, {"quantization_config": {"quant_method": "hqq"}})
 
 
+_int8pack = torch._weight_int8pack_mm  # the real op, which the test below wraps to count its calls
+
+
 def test_int8_many_rows_take_the_float32_gemm_and_agree_with_the_int8_op(monkeypatch):
     from tgi_backend.layers.quantization import compute
 
@@ -161,5 +164,3 @@ def test_int8_many_rows_take_the_float32_gemm_and_agree_with_the_int8_op(monkeyp
     _close(wide, ref, "int8")
     torch.testing.assert_close(wide, narrow, rtol=0.02, atol=0.02 * float(ref.abs().max()))
 
-
-_int8pack = torch._weight_int8pack_mm
