@@ -65,8 +65,8 @@ FORMATS = [
 ]
 
 
-@pytest.mark.parametrize("fmt,opts,compute", FORMATS, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(FORMATS)])
-def test_packed_layer_equals_dequantized_reference(fmt, opts, compute):
+def _packed_qkv(fmt: str, opts: dict) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A q/k/v layer loaded from a checkpoint of format `fmt`, and its dequantized [out, in] reference."""
     torch.manual_seed(0)
     base = _qkv_base()
     layer = strategy_for(None, {"quantization_config": quantization_config(fmt, opts)}).build(base)
@@ -78,9 +78,15 @@ def test_packed_layer_equals_dequantized_reference(fmt, opts, compute):
         for name, t in tensors.items():
             params[name].weight_loader(params[name], t, shard)
     layer.process_weights_after_loading()
+    return layer, torch.cat(reference)
+
+
+@pytest.mark.parametrize("fmt,opts,compute", FORMATS, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(FORMATS)])
+def test_packed_layer_equals_dequantized_reference(fmt, opts, compute):
+    layer, reference = _packed_qkv(fmt, opts)
     assert layer.weight_format == compute and layer.bias is None
     x = torch.randn(5, 64)
-    ref = x @ torch.cat(reference).T
+    ref = x @ reference.T
     _close(layer(x), ref, compute)
     assert [t.shape[-1] for t in layer.split(layer(x))] == [64, 32, 32]
 
@@ -164,3 +170,47 @@ def test_int8_many_rows_take_the_float32_gemm_and_agree_with_the_int8_op(monkeyp
     _close(wide, ref, "int8")
     torch.testing.assert_close(wide, narrow, rtol=0.02, atol=0.02 * float(ref.abs().max()))
 
+
+
+_int4pack = torch._weight_int4pack_mm_for_cpu  # the real op, which the tests below wrap to count its calls
+INT4_FORMATS = [f for f in FORMATS if f[2] == "int4"]
+
+
+@pytest.mark.parametrize("fmt,opts,_", INT4_FORMATS, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(INT4_FORMATS)])
+def test_int4_many_rows_take_the_float32_gemm_and_agree_with_the_int4_op(fmt, opts, _, monkeypatch):
+    from tgi_backend.layers.quantization import compute
+
+    layer, reference = _packed_qkv(fmt, opts)  # 128 output rows: two of the op's blocks; act-order permutes
+    assert layer.weight_format == "int4" and layer.int4_unpacks
+    x = torch.randn(compute.INT4_FLOAT_ROWS + 3, 64)
+    calls = []
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or _int4pack(*a))
+    wide = layer(x)
+    assert not calls
+    narrow = torch.cat([layer(x[i : i + 64]) for i in range(0, x.shape[0], 64)])  # the op, 64 rows at a time
+    assert calls
+    ref = x @ reference.T
+    _close(wide, ref, "int4")
+    torch.testing.assert_close(wide, narrow, rtol=0.02, atol=0.02 * float(ref.abs().max()))
+
+
+def test_int4_unpack_is_checked_against_the_values_packed(monkeypatch):
+    from tgi_backend.layers.quantization import compute
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (96, 128), generator=g)  # [in, out]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous().to(torch.int32), 8)
+    assert compute._unpacks_to(packed, q)
+    assert not compute._unpacks_to(packed, q.roll(1, dims=1))  # a layout that moved the output rows
+    # 48 output rows: not whole blocks of the op, so a layer keeps the op at any row count
+    base = Linear(128, 48)
+    base.weight.data.normal_()
+    layer = strategy_for("bitsandbytes-nf4", {}).build(base)
+    layer.weight.weight_loader(layer.weight, base.weight.data)
+    layer.process_weights_after_loading()
+    assert layer.weight_format == "int4" and not layer.int4_unpacks
+    calls = []
+    monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or _int4pack(*a))
+    x = torch.randn(compute.INT4_FLOAT_ROWS + 1, 128)
+    _close(layer(x), x @ layer.dequantized_weight().T, "int4")
+    assert calls

@@ -7,6 +7,7 @@ Parameters are created empty: the loader fills every one of them (and checks it 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -161,13 +162,20 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 _SCRATCH = threading.local()
 
 
-def upcast_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight as float32 in a reused buffer: a fresh allocation page-faults and costs twice the copy."""
-    buf = getattr(_SCRATCH, "buf", None)
-    if buf is None or buf.numel() < weight.numel():
+def scratch(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A buffer of this shape, one per dtype reused per thread: a fresh allocation page-faults on every call."""
+    numel = math.prod(shape)
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor: inference tensors reject in-place writes outside it
-            buf = _SCRATCH.buf = torch.empty(weight.numel(), dtype=torch.float32)
-    return buf[: weight.numel()].view(weight.shape).copy_(weight)
+            buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def upcast_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight as float32 in the reused buffer (a fresh one costs twice the copy)."""
+    return scratch(*weight.shape).copy_(weight)
 
 
 def linear(
