@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Quantization benchmark (issue 6): decode tokens/s at batch 1 and 16 on a random ~250M-parameter Llama
-(hidden 1024, 16 layers, 16/4 heads, intermediate 2816, vocab 32000), in-process engine, one run each:
+"""Quantization benchmark (issue 6): decode tokens/s at batch 1 and 16, and prefill tokens/s of 4 x 512-token
+prompts in one step (2,048 rows: where int8 / int4 leave their ops for a float32 GEMM), on a random ~250M-parameter
+Llama (hidden 1024, 16 layers, 16/4 heads, intermediate 2816, vocab 32000), in-process engine, one run each:
 
     float32 | bfloat16 | int8 (--quantize eetq) | int4 (--quantize bitsandbytes-nf4, groups of 128)
 
@@ -71,7 +72,8 @@ def make_engine(path: str, **overrides):
     from tgi_backend.config import EngineConfig
     from tgi_backend.engine.engine import LLMEngine
 
-    config = dict(model_id=path, max_total_tokens=256, max_batch_total_tokens=8192, enable_prefix_caching=False)
+    config = dict(model_id=path, max_total_tokens=PREFILL_LEN + 8, max_batch_total_tokens=8192,
+                  enable_prefix_caching=False)
     return LLMEngine(EngineConfig(**{**config, **overrides}), model_path=path)
 
 
@@ -96,6 +98,22 @@ def decode_rate(engine, batch: int, prompt_len: int, new_tokens: int, adapters: 
     return rows / seconds if seconds else 0.0
 
 
+PREFILL_PROMPTS, PREFILL_LEN = 4, 512
+
+
+def prefill_rate(engine) -> float:
+    """Prompt tokens/s of PREFILL_PROMPTS prompts admitted together (one step within the default budget)."""
+    from tgi_backend.engine.request import SamplingParams
+
+    for i in range(PREFILL_PROMPTS):
+        prompt = [(11 * i + 17 * j) % (VOCAB - 3) + 3 for j in range(PREFILL_LEN)]
+        engine.add_request(f"p{i}-{time.monotonic_ns()}", prompt, SamplingParams(max_new_tokens=1, ignore_eos=True))
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return PREFILL_PROMPTS * PREFILL_LEN / (time.perf_counter() - start)
+
+
 def run_variant(name: str, new_tokens: int, prompt_len: int) -> dict:
     import torch
 
@@ -108,13 +126,16 @@ def run_variant(name: str, new_tokens: int, prompt_len: int) -> dict:
               "weights_mb": round(weight_mb(engine.runner.model), 1), "rss_mb": round(rss_mb(), 1)}
     for batch in (1, 16):
         result[f"decode_tok_s_b{batch}"] = round(decode_rate(engine, batch, prompt_len, new_tokens), 1)
+    prefill_rate(engine)  # warm-up: the first large step allocates the float32 buffers
+    result["prefill_tok_s"] = round(prefill_rate(engine), 1)
     return result
 
 
 def table(results: list[dict]) -> str:
     by = {r["variant"]: r for r in results}
-    lines = ["| variant | weights MB | RSS MB | decode tok/s b1 | b16 | b1 vs bf16 | b1 vs fp32 | b16 vs bf16 | b16 vs fp32 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | weights MB | RSS MB | decode tok/s b1 | b16 | b1 vs bf16 | b1 vs fp32 | b16 vs bf16 | b16 vs fp32 "
+             "| prefill tok/s | prefill vs bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratios = []
         for b in (1, 16):
@@ -122,8 +143,13 @@ def table(results: list[dict]) -> str:
                 base = by.get(peer, {}).get(f"decode_tok_s_b{b}")
                 ratios.append(f"{r[f'decode_tok_s_b{b}'] / base:.2f}x" if base else "-")
         lines.append(f"| {r['variant']} | {r['weights_mb']} | {r['rss_mb']} | {r['decode_tok_s_b1']} | "
-                     f"{r['decode_tok_s_b16']} | " + " | ".join([ratios[0], ratios[1], ratios[2], ratios[3]]) + " |")
+                     f"{r['decode_tok_s_b16']} | " + " | ".join(ratios) + f" | {r.get('prefill_tok_s', '-')} | "
+                     + _ratio(r.get("prefill_tok_s"), by.get("bfloat16", {}).get("prefill_tok_s")) + " |")
     return "\n".join(lines)
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value and base else "-"
 
 
 def main() -> None:

@@ -111,3 +111,17 @@ def test_ab_pairs_two_engines_in_one_process(tiny_llama_dir: str) -> None:
     assert "block_size=32" in AB.markdown(result) and "| A | defaults |" in AB.markdown(result)
     with pytest.raises(ValueError, match="not EngineConfig fields"):
         AB.run(tiny_llama_dir, {"no_such_knob": "1"}, {}, rows=1, prompt_tokens=4, steps=1, rounds=1)
+
+
+def test_quant_table_has_prefill_against_bf16() -> None:
+    import bench_quant
+
+    def row(name: str, b1: float, b16: float, prefill: float | None) -> dict:
+        r = {"variant": name, "weights_mb": 1.0, "rss_mb": 2.0, "decode_tok_s_b1": b1, "decode_tok_s_b16": b16}
+        return r if prefill is None else {**r, "prefill_tok_s": prefill}
+
+    table = bench_quant.table([row("bfloat16", 10, 100, 500.0), row("int4", 20, 110, 600.0),
+                               row("old", 10, 100, None)]).splitlines()
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert table[3].endswith("| 600.0 | 1.20x |")
+    assert table[4].endswith("| - | - |")  # a result from before the prefill figure
