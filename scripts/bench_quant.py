@@ -137,11 +137,8 @@ def table(results: list[dict]) -> str:
              "| prefill tok/s | prefill vs bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        ratios = []
-        for b in (1, 16):
-            for peer in ("bfloat16", "float32"):
-                base = by.get(peer, {}).get(f"decode_tok_s_b{b}")
-                ratios.append(f"{r[f'decode_tok_s_b{b}'] / base:.2f}x" if base else "-")
+        ratios = [_ratio(r[f"decode_tok_s_b{b}"], by.get(peer, {}).get(f"decode_tok_s_b{b}"))
+                  for b in (1, 16) for peer in ("bfloat16", "float32")]
         lines.append(f"| {r['variant']} | {r['weights_mb']} | {r['rss_mb']} | {r['decode_tok_s_b1']} | "
                      f"{r['decode_tok_s_b16']} | " + " | ".join(ratios) + f" | {r.get('prefill_tok_s', '-')} | "
                      + _ratio(r.get("prefill_tok_s"), by.get("bfloat16", {}).get("prefill_tok_s")) + " |")
@@ -149,7 +146,7 @@ def table(results: list[dict]) -> str:
 
 
 def _ratio(value: float | None, base: float | None) -> str:
-    return f"{value / base:.2f}x" if value and base else "-"
+    return f"{value / base:.2f}x" if value is not None and base else "-"
 
 
 def main() -> None:
