@@ -1,8 +1,10 @@
 """Op sets per platform: the few hot ops a decoder layer calls, behind one registry instead of branches.
 
-"torch" is the plain PyTorch path (layers/attention.py, norm.py, rotary.py), the one the CPU runs. "triton" is
-the Triton-language kernels of kernels/ for CUDA devices. `select_ops(device)` picks one from the device alone;
-the triton set is imported lazily, so nothing imports triton unless it is chosen (on the CPU it never is).
+"torch" is the plain PyTorch path (layers/attention.py, norm.py, rotary.py). "cpu" is that path with decode
+attention on the native kernel of kernels/cpu (built on first use), the one the CPU runs when it builds.
+"triton" is the Triton-language kernels of kernels/ for CUDA devices. `select_ops(device)` picks one from the
+device alone; the triton set is imported lazily, so nothing imports triton unless it is chosen (on the CPU it
+never is).
 
 Contracts (same for every set; shapes as in the layers):
 - store_kv(k_cache, v_cache, k, v, slot_mapping) -> None
@@ -16,6 +18,7 @@ Contracts (same for every set; shapes as in the layers):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -61,6 +64,15 @@ def _torch_ops() -> Ops:
     )
 
 
+def _cpu_ops() -> Ops:
+    from tgi_backend.kernels.cpu import library
+    from tgi_backend.kernels.cpu import paged_decode
+
+    if library() is None:
+        raise ImportError("the native CPU kernels did not build (see the log)")
+    return dataclasses.replace(_torch_ops(), name="cpu", decode_attention=paged_decode.decode_attention)
+
+
 def _triton_ops() -> Ops:
     # imported here: importing the kernels imports triton, which only the GPU set may do
     from tgi_backend.kernels import kv_store, norm_rotary, paged_attention
@@ -76,7 +88,7 @@ def _triton_ops() -> Ops:
     )
 
 
-OP_SETS: dict[str, Callable[[], Ops]] = {"torch": _torch_ops, "triton": _triton_ops}
+OP_SETS: dict[str, Callable[[], Ops]] = {"torch": _torch_ops, "cpu": _cpu_ops, "triton": _triton_ops}
 
 
 @functools.cache
@@ -88,12 +100,18 @@ def get_ops(name: str) -> Ops:
 
 
 def select_ops(device: torch.device, name: str | None = None) -> Ops:
-    """`name` if given (tests); else "triton" on a CUDA device when triton imports, "torch" otherwise."""
+    """`name` if given (tests); else "triton" on a CUDA device when triton imports, "cpu" on the CPU when its
+    kernels build, "torch" otherwise."""
     if name is not None:
         return get_ops(name)
     if torch.device(device).type == "cuda":
         try:
             return get_ops("triton")
         except ImportError:  # no triton wheel for this install: the PyTorch path still runs on the GPU
+            pass
+    elif torch.device(device).type == "cpu":
+        try:
+            return get_ops("cpu")
+        except ImportError:  # no compiler, or TGI_CPU_KERNELS=0
             pass
     return get_ops("torch")

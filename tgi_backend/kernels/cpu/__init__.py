@@ -1,0 +1,93 @@
+"""Native CPU kernels: C sources built with the system's C compiler on first use, loaded with ctypes.
+
+Built for this machine (-march=native) into a cache keyed by source, flags, compiler and CPU, so each host
+compiles once (~0.5 s). No compiler, a failed build or TGI_CPU_KERNELS=0: `library()` returns None and the
+callers keep the PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_decode.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+BUILD_TIMEOUT_S = 120
+
+
+def enabled() -> bool:
+    return os.environ.get("TGI_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("TGI_KERNEL_CACHE"):
+        return Path(os.environ["TGI_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tgi-triton" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
+    """The shared library of `source`, compiled unless the cache has it; raises OSError when it cannot."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler (cc, gcc or clang) on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
+    directory = directory or cache_dir()
+    target = directory / f"{source.stem}-{key[:16]}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)  # then renamed: concurrent builders never clash
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(source)], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if proc.returncode != 0:
+            raise OSError(f"{cc} failed on {source.name}: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded paged-decode library, or None (disabled, or the build failed: logged once)."""
+    if not enabled():
+        return None
+    import torch  # noqa: F401  # first: the library's libgomp must resolve to the OpenMP runtime torch loaded
+
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("native CPU kernels unavailable, keeping the PyTorch path: %s", exc)
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.paged_decode.argtypes = [p, i64, p, p, p, i64, p, p, i32, i32, i32, i32, i32, i32, ctypes.c_float, i32, i32, i32]
+    lib.paged_decode.restype = i32
+    return lib

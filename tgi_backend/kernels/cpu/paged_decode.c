@@ -1,0 +1,216 @@
+/* Decode attention straight from the paged KV cache, for the CPU: one query token per row, its keys read
+ * block by block through the block table (no gathered copy), float32 arithmetic, bf16 or float32 tensors.
+ *
+ * One work item is a (row, KV head): the scores of the head's `group` query heads against every visible key,
+ * their softmax, then the weighted sum of the values. Items are spread over OpenMP threads; this library is
+ * loaded after torch, so its libgomp soname resolves to the OpenMP runtime torch already runs.
+ * GCC vector extensions (16 floats) keep it portable: the compiler lowers them to AVX-512, AVX2 or SSE.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+#define MAX_GROUP 16
+#define MAX_VECS 16 /* head_dim up to 256 */
+
+static inline v16f load16(const void *base, int64_t offset, int bf16) {
+    v16f out;
+    if (bf16) {
+        v16h h;
+        memcpy(&h, (const uint16_t *)base + offset, sizeof h);
+        v16u u = __builtin_convertvector(h, v16u) << 16;
+        memcpy(&out, &u, sizeof out);
+    } else {
+        memcpy(&out, (const float *)base + offset, sizeof out);
+    }
+    return out;
+}
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline float hsum(v16f x) { /* a tree: a serial sum would wait on 16 dependent adds */
+    v8f a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* exp(x) for x <= 0 (scores minus their max): 2^i * 2^f, 2^f by its Taylor series to degree 7 (relative
+ * error < 2e-6), plain arithmetic so that the loop vectorizes. */
+static inline float exp_nonpositive(float x) {
+    float t = x * 1.4426950408889634f;
+    t = t < -126.0f ? -126.0f : t;
+    int i = (int)(t + 128.0f) - 128; /* floor(t): truncation of a positive number */
+    float f = (t - (float)i) * 0.6931471805599453f;
+    float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (1.0f / 720 + f * (1.0f / 5040)))))));
+    uint32_t bits = (uint32_t)(i + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+typedef struct {
+    const void *q, *k_cache, *v_cache;
+    const int64_t *table, *positions;
+    void *out;
+    int64_t q_row_stride, table_row_stride;
+    int rows, heads, kv_heads, dim, block_size, window;
+    float scale;
+} Problem;
+
+/* The next block's rows of head h, while this block computes: blocks are scattered, which defeats the
+ * hardware prefetcher at every block boundary. */
+static inline void prefetch_block(const void *cache, int64_t block, const Problem *p, int h, int bf16) {
+    const int64_t esize = bf16 ? 2 : 4, row = (int64_t)p->dim * esize;
+    const char *at = (const char *)cache + (block * p->block_size * p->kv_heads + h) * row;
+    for (int t = 0; t < p->block_size; t++)
+        for (int64_t b = 0; b < row; b += 64) __builtin_prefetch(at + t * p->kv_heads * row + b, 0, 3);
+}
+
+/* r[i] = sum of the lanes of a[bitrev4(i)]: four rounds, each adding pairs of half-vectors (the lanes come
+ * out in bit-reversed order of the inputs, which the caller feeds bit-reversed). */
+#define PAIR(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
+static inline v16f reduce16(const v16f *a) {
+    v16f b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = PAIR(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               PAIR(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)
+        c[i] = PAIR(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+               PAIR(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)
+        d[i] = PAIR(c[2 * i], c[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+               PAIR(c[2 * i], c[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    return PAIR(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           PAIR(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+static const int BITREV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+/* One (row, KV head); G query heads of NV vectors each (compile-time constants where specialized).
+ * Scores are kept key-major, s[i * G + g] for key start + i: a tile of 16 / G keys x G heads is one vector. */
+static inline __attribute__((always_inline)) void item(const Problem *p, int r, int h, float *s, const int G,
+                                                        const int NV, const int bf16) {
+    const int64_t token_stride = (int64_t)p->kv_heads * p->dim;
+    const int64_t end = p->positions[r] + 1;
+    const int64_t start = (p->window > 0 && end - p->window > 0) ? end - p->window : 0;
+    const int n = (int)(end - start);
+    const int64_t *table = p->table + r * p->table_row_stride;
+    const int bs = p->block_size;
+    const int T = (16 % G == 0) ? 16 / G : 0; /* keys per tile; 0: no tiles (G does not divide 16) */
+    v16f q[G * NV];
+    for (int g = 0; g < G; g++)
+        for (int v = 0; v < NV; v++)
+            q[g * NV + v] = load16(p->q, r * p->q_row_stride + (int64_t)(h * G + g) * p->dim + v * 16, bf16) * p->scale;
+    for (int64_t j = start; j < end;) { /* scores, block by block */
+        const int64_t blk = j / bs, stop = (blk + 1) * bs < end ? (blk + 1) * bs : end;
+        const int64_t base = (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim;
+        if (stop < end) prefetch_block(p->k_cache, table[blk + 1], p, h, bf16);
+        for (; T && j + T <= stop; j += T) {
+            v16f acc[16];
+            for (int i = 0; i < 16; i++) acc[i] = (v16f){0};
+            for (int v = 0; v < NV; v++)
+                for (int t = 0; t < T; t++) {
+                    const v16f k = load16(p->k_cache, base + (j + t) * token_stride + v * 16, bf16);
+                    for (int g = 0; g < G; g++) acc[BITREV4[t * G + g]] += q[g * NV + v] * k;
+                }
+            const v16f tile = reduce16(acc);
+            memcpy(s + (j - start) * G, &tile, sizeof tile);
+        }
+        for (; j < stop; j++) { /* the keys left over: one at a time */
+            v16f acc[G];
+            for (int g = 0; g < G; g++) acc[g] = (v16f){0};
+            for (int v = 0; v < NV; v++) {
+                const v16f k = load16(p->k_cache, base + j * token_stride + v * 16, bf16);
+                for (int g = 0; g < G; g++) acc[g] += q[g * NV + v] * k;
+            }
+            for (int g = 0; g < G; g++) s[(j - start) * G + g] = hsum(acc[g]);
+        }
+    }
+    float mx[MAX_GROUP], inv[MAX_GROUP];
+    for (int g = 0; g < G; g++) mx[g] = -INFINITY;
+    for (int i = 0; i < n; i++)
+        for (int g = 0; g < G; g++) mx[g] = s[i * G + g] > mx[g] ? s[i * G + g] : mx[g];
+    for (int g = 0; g < G; g++) inv[g] = 0.0f;
+    for (int i = 0; i < n; i++)
+        for (int g = 0; g < G; g++) {
+            const float e = exp_nonpositive(s[i * G + g] - mx[g]);
+            s[i * G + g] = e;
+            inv[g] += e;
+        }
+    for (int g = 0; g < G; g++) inv[g] = 1.0f / inv[g];
+    v16f o[G * NV];
+    for (int i = 0; i < G * NV; i++) o[i] = (v16f){0};
+    for (int64_t j = start; j < end;) { /* weighted values */
+        const int64_t blk = j / bs, stop = (blk + 1) * bs < end ? (blk + 1) * bs : end;
+        const int64_t base = (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim;
+        if (stop < end) prefetch_block(p->v_cache, table[blk + 1], p, h, bf16);
+        for (; j < stop; j++) {
+            const float *w = s + (j - start) * G;
+            for (int v = 0; v < NV; v++) {
+                const v16f x = load16(p->v_cache, base + j * token_stride + v * 16, bf16);
+                for (int g = 0; g < G; g++) o[g * NV + v] += w[g] * x;
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const int64_t at = ((int64_t)r * p->heads + h * G + g) * p->dim;
+        for (int v = 0; v < NV; v++) {
+            const v16f x = o[g * NV + v] * inv[g];
+            if (bf16) {
+                uint16_t *dst = (uint16_t *)p->out + at + v * 16;
+                for (int i = 0; i < 16; i++) dst[i] = f32_to_bf16(x[i]);
+            } else {
+                memcpy((float *)p->out + at + v * 16, &x, sizeof x);
+            }
+        }
+    }
+}
+
+#define CASE(G, NV)                                                                                             \
+    if (group == G && nv == NV) {                                                                               \
+        if (bf16) item(p, r, h, s, G, NV, 1);                                                                   \
+        else item(p, r, h, s, G, NV, 0);                                                                        \
+        continue;                                                                                               \
+    }
+
+static void run(const Problem *p, int threads, int max_len, int bf16) {
+    const int group = p->heads / p->kv_heads, nv = p->dim / 16;
+#pragma omp parallel num_threads(threads)
+    {
+        float *s = malloc(sizeof(float) * (size_t)group * (size_t)(max_len > 0 ? max_len : 1));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < (int64_t)p->rows * p->kv_heads; w++) {
+            const int r = (int)(w / p->kv_heads), h = (int)(w % p->kv_heads);
+            CASE(1, 4) CASE(2, 4) CASE(4, 4) CASE(8, 4)
+            CASE(1, 8) CASE(2, 8) CASE(4, 8) CASE(8, 8)
+            if (bf16) item(p, r, h, s, group, nv, 1); /* any other shape: same code, runtime sizes */
+            else item(p, r, h, s, group, nv, 0);
+        }
+        free(s);
+    }
+}
+
+/* Returns 0, or -1 for a shape this kernel does not take (the caller keeps the PyTorch path for those). */
+int paged_decode(const void *q, int64_t q_row_stride, const void *k_cache, const void *v_cache, const int64_t *table,
+                 int64_t table_row_stride, const int64_t *positions, void *out, int rows, int heads, int kv_heads,
+                 int dim, int block_size, int window, float scale, int threads, int max_len, int bf16) {
+    if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP || dim % 16 || dim / 16 > MAX_VECS)
+        return -1;
+    const Problem p = {q, k_cache, v_cache, table, positions, out, q_row_stride, table_row_stride,
+                       rows, heads, kv_heads, dim, block_size, window, scale};
+    run(&p, threads, max_len, bf16);
+    return 0;
+}
