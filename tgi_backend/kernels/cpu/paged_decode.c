@@ -62,6 +62,61 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+/* Lane-wise max (C has no vector ?:; a compare gives an all-ones mask per lane). */
+static inline v16f vmax(v16f a, v16f b) {
+    const v16i take_a = a > b;
+    v16i ai, bi;
+    memcpy(&ai, &a, sizeof ai);
+    memcpy(&bi, &b, sizeof bi);
+    const v16i r = (ai & take_a) | (bi & ~take_a);
+    v16f out;
+    memcpy(&out, &r, sizeof out);
+    return out;
+}
+
+/* exp_nonpositive on 16 lanes. */
+static inline v16f exp_nonpositive16(v16f x) {
+    v16f t = x * 1.4426950408889634f;
+    t = vmax(t, (v16f){0} - 126.0f);
+    const v16i i = __builtin_convertvector(t + 128.0f, v16i) - 128;
+    const v16f f = (t - __builtin_convertvector(i, v16f)) * 0.6931471805599453f;
+    const v16f p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (1.0f / 720 + f * (1.0f / 5040)))))));
+    const v16i bits = (i + 127) << 23;
+    v16f scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* In place: s[i] = exp(s[i] - max of its head) for len = n * G scores laid out key-major (head i % G, G
+ * dividing 16); mx[g], inv[g] get each head's max and sum. */
+static inline void softmax_tiled(float *s, int len, int G, float *mx, float *inv) {
+    const int whole = len - len % 16;
+    v16f m = (v16f){0} - INFINITY, sum = (v16f){0};
+    for (int i = 0; i < whole; i += 16) {
+        v16f x;
+        memcpy(&x, s + i, sizeof x);
+        m = vmax(x, m);
+    }
+    for (int g = 0; g < G; g++) mx[g] = -INFINITY, inv[g] = 0.0f;
+    for (int l = 0; l < 16; l++) mx[l % G] = m[l] > mx[l % G] ? m[l] : mx[l % G];
+    for (int i = whole; i < len; i++) mx[i % G] = s[i] > mx[i % G] ? s[i] : mx[i % G];
+    for (int l = 0; l < 16; l++) m[l] = mx[l % G];
+    for (int i = 0; i < whole; i += 16) {
+        v16f x;
+        memcpy(&x, s + i, sizeof x);
+        x = exp_nonpositive16(x - m);
+        memcpy(s + i, &x, sizeof x);
+        sum += x;
+    }
+    for (int l = 0; l < 16; l++) inv[l % G] += sum[l];
+    for (int i = whole; i < len; i++) {
+        s[i] = exp_nonpositive(s[i] - mx[i % G]);
+        inv[i % G] += s[i];
+    }
+}
+
 typedef struct {
     const void *q, *k_cache, *v_cache;
     const int64_t *table, *positions;
@@ -140,16 +195,19 @@ static inline __attribute__((always_inline)) void item(const Problem *p, int r, 
         }
     }
     float mx[MAX_GROUP], inv[MAX_GROUP];
-    for (int g = 0; g < G; g++) mx[g] = -INFINITY;
-    for (int i = 0; i < n; i++)
-        for (int g = 0; g < G; g++) mx[g] = s[i * G + g] > mx[g] ? s[i * G + g] : mx[g];
-    for (int g = 0; g < G; g++) inv[g] = 0.0f;
-    for (int i = 0; i < n; i++)
-        for (int g = 0; g < G; g++) {
-            const float e = exp_nonpositive(s[i * G + g] - mx[g]);
-            s[i * G + g] = e;
-            inv[g] += e;
-        }
+    if (T) { /* 16 / G heads' scores per vector: the softmax runs on whole vectors, lane l being head l % G */
+        softmax_tiled(s, n * G, G, mx, inv);
+    } else {
+        for (int g = 0; g < G; g++) mx[g] = -INFINITY, inv[g] = 0.0f;
+        for (int i = 0; i < n; i++)
+            for (int g = 0; g < G; g++) mx[g] = s[i * G + g] > mx[g] ? s[i * G + g] : mx[g];
+        for (int i = 0; i < n; i++)
+            for (int g = 0; g < G; g++) {
+                const float e = exp_nonpositive(s[i * G + g] - mx[g]);
+                s[i * G + g] = e;
+                inv[g] += e;
+            }
+    }
     for (int g = 0; g < G; g++) inv[g] = 1.0f / inv[g];
     v16f o[G * NV];
     for (int i = 0; i < G * NV; i++) o[i] = (v16f){0};
