@@ -2,6 +2,8 @@
 fallbacks (shapes it does not take, no compiler, disabled), and the op set that carries it."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,3 +143,13 @@ def test_disabled_or_unbuildable_selects_the_torch_set(monkeypatch):
         assert select_ops(torch.device("cpu")).name == "cpu"
         assert get_ops("cpu").decode_attention is paged_decode.decode_attention
         assert get_ops("cpu").prefill_attention is get_ops("torch").prefill_attention
+
+
+def test_an_unusable_cache_dir_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("TGI_KERNEL_CACHE", str(blocker / "kernels"))  # under a file: cannot be created
+    monkeypatch.setattr(cpu.tempfile, "gettempdir", lambda: str(tmp_path))
+    assert cpu.cache_dir() == tmp_path / f"tgi-triton-kernels-{os.getuid()}"
+    monkeypatch.setenv("TGI_KERNEL_CACHE", str(tmp_path / "mine"))
+    assert cpu.cache_dir() == tmp_path / "mine" and (tmp_path / "mine").is_dir()

@@ -28,10 +28,19 @@ def enabled() -> bool:
 
 
 def cache_dir() -> Path:
+    """TGI_KERNEL_CACHE, else ~/.cache/tgi-triton/kernels; the temporary directory where that is not writable."""
     if os.environ.get("TGI_KERNEL_CACHE"):
-        return Path(os.environ["TGI_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tgi-triton" / "kernels"
+        wanted = Path(os.environ["TGI_KERNEL_CACHE"])
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        wanted = Path(base) / "tgi-triton" / "kernels"
+    try:
+        wanted.mkdir(parents=True, exist_ok=True)
+        if os.access(wanted, os.W_OK):
+            return wanted
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"tgi-triton-kernels-{os.getuid()}"
 
 
 def _cpu_flags() -> str:
