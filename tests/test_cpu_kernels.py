@@ -153,3 +153,13 @@ def test_an_unusable_cache_dir_falls_back_to_the_temp_dir(tmp_path, monkeypatch)
     assert cpu.cache_dir() == tmp_path / f"tgi-triton-kernels-{os.getuid()}"
     monkeypatch.setenv("TGI_KERNEL_CACHE", str(tmp_path / "mine"))
     assert cpu.cache_dir() == tmp_path / "mine" and (tmp_path / "mine").is_dir()
+
+
+@needs_kernel
+def test_out_of_bounds_batches_are_refused_not_read():
+    q, kc, vc, dec = _problem(2, 8, 2, 64, 16, torch.float32, seed=4, lengths=[5, 20])
+    bad_pos = DecodeBatch(2, dec.block_table, torch.tensor([4, dec.max_ctx]), 16)  # past its table row
+    bad_block = DecodeBatch(2, dec.block_table + kc.shape[0], dec.positions, 16)  # past the cache
+    for bad in (bad_pos, bad_block):
+        with pytest.raises(ValueError, match="out of bounds"):
+            paged_decode.decode_attention(q, kc, vc, bad, 0.125, None)
