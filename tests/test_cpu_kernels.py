@@ -1,17 +1,21 @@
-"""The native CPU decode-attention kernel (kernels/cpu) against a float64 reference of the same attention, its
-fallbacks (shapes it does not take, no compiler, disabled), and the op set that carries it."""
+"""The native CPU kernels (kernels/cpu): decode attention against a float64 reference of the same attention,
+the residual RMSNorm against the layer's PyTorch code, their fallbacks (shapes they do not take, no compiler,
+disabled), and the op set that carries them."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tgi_backend.engine.forward_context import DecodeBatch
+from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, forward_context
 from tgi_backend.kernels import cpu
-from tgi_backend.kernels.cpu import paged_decode
+from tgi_backend.kernels.cpu import paged_decode, rms_norm
 from tgi_backend.layers import attention
+from tgi_backend.layers.norm import RMSNorm
+from tgi_backend.layers.norm import rms_norm as rms_norm_torch
 from tgi_backend.layers.platform import get_ops, select_ops
 
 needs_kernel = pytest.mark.skipif(cpu.library() is None, reason="no C compiler: the kernel did not build")
@@ -163,3 +167,48 @@ def test_out_of_bounds_batches_are_refused_not_read():
     for bad in (bad_pos, bad_block):
         with pytest.raises(ValueError, match="out of bounds"):
             paged_decode.decode_attention(q, kc, vc, bad, 0.125, None)
+
+
+# ---- residual RMSNorm --------------------------------------------------------------------------------------
+needs_norm = pytest.mark.skipif(cpu.library("rms_norm") is None, reason="no C compiler: the kernel did not build")
+
+
+@needs_norm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7, 300])  # 300 x 512 rows run on several threads
+def test_rms_norm_matches_the_layer(dtype, rows):
+    g = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(512, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(512, generator=g).to(dtype)
+    x, r = torch.randn(rows, 512, generator=g).to(dtype), torch.randn(rows, 512, generator=g).to(dtype)
+    y, s = rms_norm.rms_norm_residual(x, norm.weight, norm.eps, r)
+    y_want, s_want = norm(x, r)  # no forward context: the layer's PyTorch code
+    assert torch.equal(s, s_want)  # the residual stream is bit for bit torch's add
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype is torch.float32 else dict(rtol=8e-3, atol=8e-3)  # one bf16 rounding
+    torch.testing.assert_close(y, y_want, **tol)
+    torch.testing.assert_close(rms_norm.rms_norm_residual(x, norm.weight, norm.eps), norm(x), **tol)
+
+
+def test_rms_norm_shapes_it_does_not_take_keep_the_torch_code():
+    w = torch.randn(16)
+    x3 = torch.randn(2, 3, 16)  # per-head norms (3-D)
+    assert torch.equal(rms_norm.rms_norm_residual(x3, w, 1e-6), rms_norm_torch(x3, w, 1e-6))
+    xt = torch.randn(16, 4).t()  # not contiguous
+    y, s = rms_norm.rms_norm_residual(xt, w, 1e-6, torch.ones(4, 16))
+    assert torch.equal(s, xt + 1) and torch.equal(y, rms_norm_torch(xt + 1, w, 1e-6))
+
+
+@needs_norm
+def test_the_layer_runs_the_op_set_norm_inside_a_step():
+    norm = RMSNorm(32, 1e-6)
+    norm.weight.data = torch.randn(32)
+    x, r = torch.randn(3, 32), torch.randn(3, 32)
+    calls = []
+    ops = dataclasses.replace(get_ops("cpu"), rms_norm_residual=lambda *a: calls.append(a) or a[0])
+    dec = DecodeBatch(1, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 4)
+    with forward_context(ForwardContext(torch.zeros(1, dtype=torch.long), dec, [], 4, ops=ops)):
+        norm(x, r)
+    assert len(calls) == 1 and calls[0][0] is x and calls[0][3] is r
+    with forward_context(ForwardContext(torch.zeros(1, dtype=torch.long), dec, [], 4, ops=get_ops("torch"))):
+        y, _ = norm(x, r)  # the torch set keeps the layer's own code
+    assert torch.equal(y, norm(x, r)[0])

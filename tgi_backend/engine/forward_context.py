@@ -186,6 +186,11 @@ def get_forward_context() -> ForwardContext:
     return _CONTEXT[-1]
 
 
+def current_ops() -> Any:
+    """The op set of the step being run, or None outside one (a layer called on its own)."""
+    return _CONTEXT[-1].ops if _CONTEXT else None
+
+
 @contextmanager
 def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
     _CONTEXT.append(ctx)

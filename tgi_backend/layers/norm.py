@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgi_backend.engine.forward_context import current_ops
+
 # Up to this many rows (decode steps) the CPU normalizes with layer_norm over [x, -x]: its mean is 0, so it is
 # RMSNorm, in one native kernel where F.rms_norm runs ~8 ops. Small model, batch 1: 5.5 -> 5.2 ms per step;
 # from ~128 rows it is no faster (twice the data), so prefill keeps F.rms_norm.
@@ -40,6 +42,9 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        ops = current_ops()
+        if ops is not None and ops.norm_in_layers:
+            return ops.rms_norm_residual(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

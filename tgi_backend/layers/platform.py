@@ -1,7 +1,8 @@
 """Op sets per platform: the few hot ops a decoder layer calls, behind one registry instead of branches.
 
 "torch" is the plain PyTorch path (layers/attention.py, norm.py, rotary.py). "cpu" is that path with decode
-attention on the native kernel of kernels/cpu (built on first use), the one the CPU runs when it builds.
+attention and the residual RMSNorm on the native kernels of kernels/cpu (built on first use), the one the CPU
+runs when they build.
 "triton" is the Triton-language kernels of kernels/ for CUDA devices. `select_ops(device)` picks one from the
 device alone; the triton set is imported lazily, so nothing imports triton unless it is chosen (on the CPU it
 never is).
@@ -40,6 +41,9 @@ class Ops:
     prefill_attention: Callable[..., torch.Tensor]
     rms_norm_residual: Callable[..., Any]
     rotary_apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    # RMSNorm layers call rms_norm_residual (the cpu set); otherwise they keep their own PyTorch code (torch
+    # set), or the triton kernel is checked against it without the model running it (triton set)
+    norm_in_layers: bool = False
 
 
 def torch_rms_norm_residual(
@@ -65,12 +69,14 @@ def _torch_ops() -> Ops:
 
 
 def _cpu_ops() -> Ops:
-    from tgi_backend.kernels.cpu import library
-    from tgi_backend.kernels.cpu import paged_decode
+    from tgi_backend.kernels.cpu import library, paged_decode, rms_norm
 
-    if library() is None:
+    if library("paged_decode") is None or library("rms_norm") is None:
         raise ImportError("the native CPU kernels did not build (see the log)")
-    return dataclasses.replace(_torch_ops(), name="cpu", decode_attention=paged_decode.decode_attention)
+    return dataclasses.replace(
+        _torch_ops(), name="cpu", decode_attention=paged_decode.decode_attention,
+        rms_norm_residual=rms_norm.rms_norm_residual, norm_in_layers=True,
+    )
 
 
 def _triton_ops() -> Ops:

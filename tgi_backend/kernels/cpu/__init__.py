@@ -19,6 +19,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+# library name (its .c file here) -> its one function's argument types; every function returns an int status
+SIGNATURES = {
+    "paged_decode": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32, _F32, _I32, _I32, _I32],
+    "rms_norm": [_P, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32],
+}
+FUNCTIONS = {"paged_decode": "paged_decode", "rms_norm": "rms_norm_residual"}
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 BUILD_TIMEOUT_S = 120
 
@@ -85,18 +92,17 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded paged-decode library, or None (disabled, or the build failed: logged once)."""
+def library(name: str = "paged_decode") -> ctypes.CDLL | None:
+    """The loaded library built from `name`.c, or None (disabled, or the build failed: logged once)."""
     if not enabled():
         return None
     import torch  # noqa: F401  # first: the library's libgomp must resolve to the OpenMP runtime torch loaded
 
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = ctypes.CDLL(str(build(SOURCE.with_name(f"{name}.c"))))
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("native CPU kernels unavailable, keeping the PyTorch path: %s", exc)
+        log.warning("native CPU kernel %s unavailable, keeping the PyTorch path: %s", name, exc)
         return None
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.paged_decode.argtypes = [p, i64, p, p, p, i64, p, p, i32, i32, i32, i32, i32, i32, ctypes.c_float, i32, i32, i32]
-    lib.paged_decode.restype = i32
+    fn = getattr(lib, FUNCTIONS[name])
+    fn.argtypes, fn.restype = SIGNATURES[name], ctypes.c_int
     return lib
