@@ -71,7 +71,8 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
     if cc is None:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # the sources' shared includes
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
     directory = directory or cache_dir()
     target = directory / f"{source.stem}-{key[:16]}.so"
     if target.exists():
