@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #include "bf16.h"
 
@@ -238,11 +239,14 @@ static inline __attribute__((always_inline)) void item(const Problem *p, int r, 
         continue;                                                                                               \
     }
 
-static void run(const Problem *p, int threads, int max_len, int bf16) {
+static int run(const Problem *p, int threads, int max_len, int bf16) {
     const int group = p->heads / p->kv_heads, nv = p->dim / 16;
+    const size_t per_thread = (size_t)group * (size_t)(max_len > 0 ? max_len : 1); /* one row's scores */
+    float *scratch = malloc(sizeof(float) * per_thread * (size_t)(threads > 0 ? threads : 1));
+    if (!scratch) return -2;
 #pragma omp parallel num_threads(threads)
     {
-        float *s = malloc(sizeof(float) * (size_t)group * (size_t)(max_len > 0 ? max_len : 1));
+        float *s = scratch + per_thread * (size_t)omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < (int64_t)p->rows * p->kv_heads; w++) {
             const int r = (int)(w / p->kv_heads), h = (int)(w % p->kv_heads);
@@ -251,11 +255,12 @@ static void run(const Problem *p, int threads, int max_len, int bf16) {
             if (bf16) item(p, r, h, s, group, nv, 1); /* any other shape: same code, runtime sizes */
             else item(p, r, h, s, group, nv, 0);
         }
-        free(s);
     }
+    free(scratch);
+    return 0;
 }
 
-/* Returns 0, or -1 for a shape this kernel does not take (the caller keeps the PyTorch path for those). */
+/* Returns 0; -1 for a shape this kernel does not take (the caller checks first), -2 when out of memory. */
 int paged_decode(const void *q, int64_t q_row_stride, const void *k_cache, const void *v_cache, const int64_t *table,
                  int64_t table_row_stride, const int64_t *positions, void *out, int rows, int heads, int kv_heads,
                  int dim, int block_size, int window, float scale, int threads, int max_len, int bf16) {
@@ -263,6 +268,5 @@ int paged_decode(const void *q, int64_t q_row_stride, const void *k_cache, const
         return -1;
     const Problem p = {q, k_cache, v_cache, table, positions, out, q_row_stride, table_row_stride,
                        rows, heads, kv_heads, dim, block_size, window, scale};
-    run(&p, threads, max_len, bf16);
-    return 0;
+    return run(&p, threads, max_len, bf16);
 }

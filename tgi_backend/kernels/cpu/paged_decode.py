@@ -56,6 +56,8 @@ def decode_attention(
         dec.block_table.stride(0), dec.positions.data_ptr(), out.data_ptr(), rows, heads, k_cache.shape[2], dim,
         k_cache.shape[1], window or 0, scale, torch.get_num_threads(), dec.max_ctx, DTYPES[q.dtype],
     )
+    if status == -2:
+        raise MemoryError(f"paged_decode: no memory for the scores of {rows} rows")
     if status != 0:
         raise RuntimeError(f"paged_decode rejected heads {heads}, kv_heads {k_cache.shape[2]}, dim {dim}")
     return out
