@@ -24,7 +24,7 @@ WORKDIR /opt/tgi-triton
 # Dependencies first, so that code changes do not reinstall torch. The CUDA build of torch is right here
 # (GPU image); the `serve` extra is skipped: the image has tritonserver, nvidia-pytriton is not needed.
 COPY pyproject.toml README.md ./
-# gcc: on a CPU-only host the engine builds its native decode-attention kernel (tgi_backend/kernels/cpu) on first use
+# gcc: on a CPU-only host the engine builds its native kernels (tgi_backend/kernels/cpu) on first use
 RUN apt-get update && apt-get install -y --no-install-recommends gcc && rm -rf /var/lib/apt/lists/*
 RUN python3 -m pip install --upgrade pip \
  && python3 -m pip install "torch>=2.4" "numpy<2" safetensors tokenizers transformers huggingface_hub jinja2 \

@@ -89,7 +89,7 @@ class ModelRunner:
         self.device = default_device()
         if self.device.type == "cpu":
             keep_freed_memory()  # activations live in host memory: reuse their pages (engine/host_memory.py)
-        self.ops = select_ops(self.device)  # "cpu" (native decode attention) or "torch" on the CPU, "triton" on a GPU
+        self.ops = select_ops(self.device)  # "cpu" (native kernels) or "torch" on the CPU, "triton" on a GPU
         if self.device.type != "cpu":
             self.model.to(self.device)
         self.lora = build_lora_manager(self.model, config, self.dtype)  # wraps linears by path; None: LoRA off
