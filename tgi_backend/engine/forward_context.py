@@ -70,6 +70,19 @@ class DecodeBatch:
     def max_ctx(self) -> int:
         return self.block_table.shape[1] * self.block_size
 
+    def fits(self, num_blocks: int) -> bool:
+        """Every position inside its row of the table and every block id below num_blocks (what code that
+        indexes memory with them unchecked needs); computed once per step, the layers share the batch."""
+        key = ("fits", num_blocks)
+        if key not in self._views:
+            pos, table = self.positions, self.block_table
+            self._views[key] = bool(
+                pos.numel() == 0
+                or (int(pos.min()) >= 0 and int(pos.max()) < self.max_ctx
+                    and int(table.min()) >= 0 and int(table.max()) < num_blocks)
+            )
+        return self._views[key]
+
     def _hidden(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(block_table [rows, width], hidden [rows, width * block_size] bool: True where a key is not seen)."""
         key = ("hidden", window)

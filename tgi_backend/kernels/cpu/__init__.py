@@ -20,12 +20,12 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-# library name (its .c file here) -> its one function's argument types; every function returns an int status
-SIGNATURES = {
-    "paged_decode": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32, _F32, _I32, _I32, _I32],
-    "rms_norm": [_P, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32],
+# library name (its .c file here) -> (its one function, argument types); every function returns an int status
+FUNCTIONS = {
+    "paged_decode": ("paged_decode",
+                     [_P, _I64, _P, _P, _P, _I64, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32, _F32, _I32, _I32, _I32]),
+    "rms_norm": ("rms_norm_residual", [_P, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32]),
 }
-FUNCTIONS = {"paged_decode": "paged_decode", "rms_norm": "rms_norm_residual"}
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 BUILD_TIMEOUT_S = 120
 
@@ -104,6 +104,7 @@ def library(name: str = "paged_decode") -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("native CPU kernel %s unavailable, keeping the PyTorch path: %s", name, exc)
         return None
-    fn = getattr(lib, FUNCTIONS[name])
-    fn.argtypes, fn.restype = SIGNATURES[name], ctypes.c_int
+    function, argtypes = FUNCTIONS[name]
+    fn = getattr(lib, function)
+    fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib

@@ -43,20 +43,6 @@ static inline float hsum(v16f x) { /* a tree: a serial sum would wait on 16 depe
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-/* exp(x) for x <= 0 (scores minus their max): 2^i * 2^f, 2^f by its Taylor series to degree 7 (relative
- * error < 2e-6), plain arithmetic so that the loop vectorizes. */
-static inline float exp_nonpositive(float x) {
-    float t = x * 1.4426950408889634f;
-    t = t < -126.0f ? -126.0f : t;
-    int i = (int)(t + 128.0f) - 128; /* floor(t): truncation of a positive number */
-    float f = (t - (float)i) * 0.6931471805599453f;
-    float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (1.0f / 720 + f * (1.0f / 5040)))))));
-    uint32_t bits = (uint32_t)(i + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-
 typedef int32_t v16i __attribute__((vector_size(64)));
 
 /* Lane-wise max (C has no vector ?:; a compare gives an all-ones mask per lane). */
@@ -71,7 +57,8 @@ static inline v16f vmax(v16f a, v16f b) {
     return out;
 }
 
-/* exp_nonpositive on 16 lanes. */
+/* exp(x) for x <= 0 (scores minus their max), 16 lanes: 2^i * 2^f, 2^f by its Taylor series to degree 7
+ * (relative error < 2e-6), plain arithmetic so that it vectorizes. */
 static inline v16f exp_nonpositive16(v16f x) {
     v16f t = x * 1.4426950408889634f;
     t = vmax(t, (v16f){0} - 126.0f);
@@ -83,6 +70,8 @@ static inline v16f exp_nonpositive16(v16f x) {
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
+
+static inline float exp_nonpositive(float x) { return exp_nonpositive16((v16f){0} + x)[0]; }
 
 /* In place: s[i] = exp(s[i] - max of its head) for len = n * G scores laid out key-major (head i % G, G
  * dividing 16); mx[g], inv[g] get each head's max and sum. */

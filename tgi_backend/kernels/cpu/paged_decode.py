@@ -25,20 +25,6 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, dec: DecodeBatch) -> bool:
     )
 
 
-def in_bounds(dec: DecodeBatch, num_blocks: int) -> bool:
-    """Every position inside its row of the table and every block id inside the cache: the C code indexes
-    memory with them unchecked. Checked once per step (the layers share the DecodeBatch)."""
-    key = ("native_in_bounds", num_blocks)
-    if key not in dec._views:
-        pos, table = dec.positions, dec.block_table
-        dec._views[key] = bool(
-            pos.numel() == 0
-            or (int(pos.min()) >= 0 and int(pos.max()) < dec.max_ctx
-                and int(table.min()) >= 0 and int(table.max()) < num_blocks)
-        )
-    return dec._views[key]
-
-
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, dec: DecodeBatch, scale: float,
     window: int | None,
@@ -49,7 +35,7 @@ def decode_attention(
         return attention.decode_attention(q, k_cache, v_cache, dec, scale, window)
     rows, heads, dim = q.shape
     out = torch.empty(rows, heads, dim, dtype=q.dtype)
-    if not in_bounds(dec, k_cache.shape[0]):
+    if not dec.fits(k_cache.shape[0]):  # the C code indexes memory with them unchecked
         raise ValueError("decode batch out of bounds: a position past its block table, or a block id past the cache")
     status = lib.paged_decode(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), dec.block_table.data_ptr(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tgi_backend.kernels.cpu import library
-from tgi_backend.layers.norm import rms_norm
+from tgi_backend.layers.platform import torch_rms_norm_residual
 
 DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 
@@ -24,10 +24,7 @@ def rms_norm_residual(
     """y, or (y, x + residual) when a residual is given; x: [tokens, hidden]."""
     lib = library("rms_norm")
     if lib is None or not _supported(x, weight, residual):
-        if residual is None:
-            return rms_norm(x, weight, eps)
-        x = x + residual
-        return rms_norm(x, weight, eps), x
+        return torch_rms_norm_residual(x, weight, eps, residual)
     y = torch.empty_like(x)
     total = torch.empty_like(x) if residual is not None else None
     lib.rms_norm_residual(
