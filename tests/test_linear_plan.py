@@ -117,6 +117,7 @@ def test_plan_follows_the_cpu_and_the_weights_size(monkeypatch):
     monkeypatch.setattr(linear_module, "bf16_support", lambda: "native")
     assert linear_module.matmul_plan(100 * gib) is NATIVE_BF16  # no float32 copy: no memory limit
     monkeypatch.setattr(linear_module, "bf16_support", lambda: "emulated")
+    monkeypatch.setattr(linear_module.gemv, "available", lambda: False)  # tests/test_cpu_gemv.py: with it
     assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16  # float32 copies: 2 GiB of 24
     assert linear_module.matmul_plan(8 * gib) is None  # over a quarter of memory
     monkeypatch.setattr(linear_module, "bf16_support", lambda: "none")

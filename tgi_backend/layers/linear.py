@@ -10,11 +10,14 @@ import functools
 import math
 import os
 import threading
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tgi_backend.kernels.cpu import gemv
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -65,14 +68,19 @@ class MatmulPlan:
     packed_fp32_rows: float32 weights: from this many rows a packed copy computes (None: never); fewer rows
     keep F.linear on the plain weight (MKL), faster there for small matrices; small float32 model, 32 rows:
     60 -> 39 ms per step, 4 rows: 19.8 -> 19.1 (A/B in one process).
+    native_rows: bf16 weights: up to this many rows the native kernel of kernels/cpu/gemv.c computes on the
+    plain weight, kept in place of oneDNN's bf16 layout (0: never); 1.0-2.2x oneDNN's bf16 GEMV at one row and
+    1.3-2.9x its float32 path at 2-8 (Ice Lake, the small and medium models' matrices).
     """
 
     fp32_rows: int | None
     packed_fp32_rows: int | None = None
+    native_rows: int = 0
 
 
 NATIVE_BF16 = MatmulPlan(fp32_rows=None)  # float32 packed measured slower than F.linear with AMX
 EMULATED_BF16 = MatmulPlan(fp32_rows=2, packed_fp32_rows=4)
+EMULATED_BF16_NATIVE = dataclasses.replace(EMULATED_BF16, native_rows=gemv.MAX_ROWS)  # where gemv.c builds
 # oneDNN's blocking follows a batch-size hint: with 1, a [32000, 512] LM head's bf16 GEMV ran 1.8x slower
 # (Ice Lake); small model, batch 1: 11.7 -> 10.3 ms per step with 16; with native bf16, 32 measured as 1
 PACK_BATCH_HINT = 16
@@ -88,7 +96,7 @@ def matmul_plan(extra_bytes: int) -> MatmulPlan | None:
     if support == "native":
         return NATIVE_BF16
     if support == "emulated" and extra_bytes <= COPY_MEMORY_FRACTION * _physical_memory():
-        return EMULATED_BF16
+        return EMULATED_BF16_NATIVE if gemv.available() else EMULATED_BF16
     return None
 
 
@@ -106,7 +114,8 @@ def copy_bytes(weight: torch.Tensor) -> int:
 @dataclass(slots=True)
 class PackedWeight:
     """A weight [out, in] as a plan runs it: `small` for inputs of fewer than `large_rows` rows (bf16 in
-    oneDNN's blocked layout, or a float32 weight as it is), `large` (float32, blocked) from there.
+    oneDNN's blocked layout, or a weight as it is), `large` (float32, blocked) from there; up to `native_rows`
+    rows the native kernel (gemv.linear) runs on `small`, then the plain bf16 weight.
 
     Packed, a matmul streams the weight at ~29 GB/s against ~13 for F.linear (which repacks on every call):
     1.6-2.2x faster from 1 to 128 rows with native bf16.
@@ -118,14 +127,19 @@ class PackedWeight:
     large: torch.Tensor | None = None
     large_bias: torch.Tensor | None = None
     large_rows: int = 1 << 62
+    native_rows: int = 0
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # x: [tokens, in] in self.dtype -> [tokens, out] in self.dtype (float32 from large_rows rows)
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        # x: [tokens, in] in self.dtype -> [tokens, out] in out_dtype
+        if x.shape[0] <= self.native_rows:
+            return gemv.linear(x.contiguous(), self.small, bias, out_dtype)
         if x.shape[0] >= self.large_rows:
-            return packed_linear(x.float(), self.large, self.large_bias)
-        if self.small_packed:
-            return packed_linear(x, self.small, bias)
-        return F.linear(x, self.small, bias)
+            y = packed_linear(x.float(), self.large, self.large_bias)
+        elif self.small_packed:
+            y = packed_linear(x, self.small, bias)
+        else:
+            y = F.linear(x, self.small, bias)
+        return y if y.dtype is out_dtype else y.to(out_dtype)  # hot path: no no-op dispatch per layer
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.small, self.large, self.large_bias) if t is not None]
@@ -137,7 +151,10 @@ def prepack(weight: torch.Tensor, plan: MatmulPlan | None, bias: torch.Tensor | 
         return None
     w = weight.detach().contiguous()
     try:
-        if w.dtype is torch.bfloat16:
+        if w.dtype is torch.bfloat16 and plan.native_rows and (bias is None or bias.dtype is torch.bfloat16):
+            packed = PackedWeight(w.dtype, w, small_packed=False, native_rows=plan.native_rows)
+            rows = plan.fp32_rows
+        elif w.dtype is torch.bfloat16:
             packed = PackedWeight(w.dtype, torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT))
             rows = plan.fp32_rows
         elif w.dtype is torch.float32 and plan.packed_fp32_rows is not None:
@@ -185,8 +202,7 @@ def linear(
     # x: [tokens, in] -> [tokens, out]; big bf16 batches computed in float32 where bf16 GEMM is emulated
     out_dtype = out_dtype or x.dtype
     if packed is not None and x.dtype is packed.dtype:
-        y = packed.matmul(x, bias)
-        return y if y.dtype is out_dtype else y.to(out_dtype)  # hot path: no no-op dispatch per layer
+        return packed.matmul(x, bias, out_dtype)
     if x.dtype is torch.bfloat16 and x.shape[0] >= upcast_rows:
         b = None if bias is None else bias.float()
         return F.linear(x.float(), upcast_weight(weight), b).to(out_dtype)

@@ -1,0 +1,125 @@
+/* A linear layer for a few rows, for the CPU: y = x @ w.T (+ bias), w bf16 [out, in] row-major as loaded.
+ * A decode step with a few rows is bound by reading the weights: each bf16 cache line is widened to float32
+ * in registers and used by every row at once, so the weights are read once, at half float32's bytes.
+ * x is bf16 (converted once to a float32 buffer), the sums float32, y rounded to bf16 once (stored as bf16,
+ * or as float32 for the LM head's logits). Output tiles are spread over OpenMP threads.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#include "bf16.h"
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+#define MAX_ROWS 8
+#ifndef PREFETCH_TILES
+#define PREFETCH_TILES 1
+#endif
+#ifndef PREFETCH_LOCALITY
+#define PREFETCH_LOCALITY 3
+#endif
+#define MIN_PARALLEL_WEIGHTS 32768 /* below this a fork-join costs more than the outputs */
+
+static inline v16f widen(const uint16_t *p) {
+    v16h h;
+    memcpy(&h, p, sizeof h);
+    v16u u = __builtin_convertvector(h, v16u) << 16;
+    v16f out;
+    memcpy(&out, &u, sizeof out);
+    return out;
+}
+
+static inline v16f load(const float *p) {
+    v16f out;
+    memcpy(&out, p, sizeof out);
+    return out;
+}
+
+static inline float hsum(v16f x) {
+    v8f a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* T outputs from o for R rows: R * T independent sums, so the FMA latency is hidden and each x vector loaded
+ * serves T weight rows. */
+static inline __attribute__((always_inline)) void tile(const float *xf, int64_t in, const uint16_t *w, int64_t o,
+                                                        const int R, const int T, float *sums) {
+    v16f acc[MAX_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) acc[r][t] = (v16f){0};
+    const int64_t whole = in - in % 16;
+    for (int64_t i = 0; i < whole; i += 16) {
+        v16f wv[4];
+        if ((i & 31) == 0) /* the next tile's line at this offset, into L2: one core alone waits on DRAM */
+            for (int t = 0; t < T; t++) __builtin_prefetch(w + (o + PREFETCH_TILES * T + t) * in + i, 0, PREFETCH_LOCALITY);
+        for (int t = 0; t < T; t++) wv[t] = widen(w + (o + t) * in + i);
+        for (int r = 0; r < R; r++) {
+            const v16f xv = load(xf + r * in + i);
+            for (int t = 0; t < T; t++) acc[r][t] += wv[t] * xv;
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) {
+            float s = hsum(acc[r][t]);
+            for (int64_t i = whole; i < in; i++) s += bf16_to_f32(w[(o + t) * in + i]) * xf[r * in + i];
+            sums[r * T + t] = s;
+        }
+}
+
+/* Outputs [first, last) (whole tiles of T, then one at a time) for R rows. */
+static inline __attribute__((always_inline)) void outputs(const float *xf, int64_t in, const uint16_t *w,
+                                                           int64_t out, int64_t first, int64_t last,
+                                                           const uint16_t *bias, void *y, int y_f32, const int R,
+                                                           const int T) {
+    for (int64_t o = first; o < last;) {
+        float sums[MAX_ROWS * 4];
+        const int width = o + T <= last ? T : 1;
+        if (width == T) tile(xf, in, w, o, R, T, sums);
+        else tile(xf, in, w, o, R, 1, sums);
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < width; t++) {
+                const float b = bias ? bf16_to_f32(bias[o + t]) : 0.0f;
+                const uint16_t h = f32_to_bf16(sums[r * width + t] + b);
+                if (y_f32) ((float *)y)[r * out + o + t] = bf16_to_f32(h);
+                else ((uint16_t *)y)[r * out + o + t] = h;
+            }
+        o += width;
+    }
+}
+
+/* x: [rows, in] bf16, w: [out, in] bf16, bias: [out] bf16 or NULL, y: [rows, out] bf16 (y_f32 = 0) or float32.
+ * Returns 0; -1 for rows outside 1..MAX_ROWS; -2 when the float32 copy of x cannot be allocated. */
+int linear_bf16(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w, int64_t out, const uint16_t *bias,
+                void *y, int y_f32, int threads) {
+    if (rows < 1 || rows > MAX_ROWS) return -1;
+    float *xf = malloc(sizeof(float) * (size_t)(rows * in));
+    if (!xf) return -2;
+    for (int64_t i = 0; i < rows * in; i++) xf[i] = bf16_to_f32(x[i]);
+    if (out * in < MIN_PARALLEL_WEIGHTS) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        /* each thread a contiguous range of whole 4-output tiles; the switch sits inside the parallel region so
+         * that every case is compiled with constant R and T (the tile's loops unroll into registers) */
+        const int64_t n = omp_get_num_threads(), id = omp_get_thread_num(), quads = out / 4;
+        const int64_t first = quads * id / n * 4, last = id == n - 1 ? out : quads * (id + 1) / n * 4;
+        switch (rows) {
+        case 1: outputs(xf, in, w, out, first, last, bias, y, y_f32, 1, 4); break;
+        case 2: outputs(xf, in, w, out, first, last, bias, y, y_f32, 2, 4); break;
+        case 3: outputs(xf, in, w, out, first, last, bias, y, y_f32, 3, 4); break;
+        case 4: outputs(xf, in, w, out, first, last, bias, y, y_f32, 4, 4); break;
+        case 5: outputs(xf, in, w, out, first, last, bias, y, y_f32, 5, 2); break;
+        case 6: outputs(xf, in, w, out, first, last, bias, y, y_f32, 6, 2); break;
+        case 7: outputs(xf, in, w, out, first, last, bias, y, y_f32, 7, 2); break;
+        default: outputs(xf, in, w, out, first, last, bias, y, y_f32, 8, 2); break;
+        }
+    }
+    free(xf);
+    return 0;
+}
