@@ -107,3 +107,30 @@ def test_plan_takes_the_kernel_where_it_builds(monkeypatch):
     assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16_NATIVE
     monkeypatch.setattr(gemv, "available", lambda: False)  # no compiler, or TGI_CPU_KERNELS=0
     assert linear_module.matmul_plan(2 * gib) is linear_module.EMULATED_BF16
+
+
+@needs_kernel
+def test_no_copy_plan_runs_the_kernel_then_the_plain_path():
+    torch.manual_seed(0)
+    layer = Linear(64, 48, bias=True).to(torch.bfloat16)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    assert prepack_linears(torch.nn.ModuleList([layer]), linear_module.EMULATED_BF16_NO_COPY) == 1
+    assert layer.packed.large is None and layer.packed.upcast_rows == linear_module.bf16_upcast_min_rows()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), gemv.linear(x, w, b))
+    for rows in (gemv.MAX_ROWS + 1, 40):  # bf16 F.linear, then float32 upcast per call (past upcast_rows)
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        torch.testing.assert_close(layer(x).float(), F.linear(x.float(), w.float(), b.float()).float(),
+                                   rtol=2e-2, atol=5e-2)
+
+
+def test_without_room_for_copies_the_kernel_alone(monkeypatch):
+    gib = 1 << 30
+    monkeypatch.setattr(linear_module, "_physical_memory", lambda: 24 * gib)
+    monkeypatch.setattr(linear_module, "bf16_support", lambda: "emulated")
+    monkeypatch.setattr(gemv, "available", lambda: True)
+    assert linear_module.matmul_plan(8 * gib) is linear_module.EMULATED_BF16_NO_COPY  # a model of ~2B parameters
+    monkeypatch.setattr(gemv, "available", lambda: False)
+    assert linear_module.matmul_plan(8 * gib) is None

@@ -81,6 +81,8 @@ class MatmulPlan:
 NATIVE_BF16 = MatmulPlan(fp32_rows=None)  # float32 packed measured slower than F.linear with AMX
 EMULATED_BF16 = MatmulPlan(fp32_rows=2, packed_fp32_rows=4)
 EMULATED_BF16_NATIVE = dataclasses.replace(EMULATED_BF16, native_rows=gemv.MAX_ROWS)  # where gemv.c builds
+# no room for float32 copies: the native kernel for few rows, the plain weight upcast per call past them
+EMULATED_BF16_NO_COPY = MatmulPlan(fp32_rows=None, native_rows=gemv.MAX_ROWS)
 # oneDNN's blocking follows a batch-size hint: with 1, a [32000, 512] LM head's bf16 GEMV ran 1.8x slower
 # (Ice Lake); small model, batch 1: 11.7 -> 10.3 ms per step with 16; with native bf16, 32 measured as 1
 PACK_BATCH_HINT = 16
@@ -97,6 +99,8 @@ def matmul_plan(extra_bytes: int) -> MatmulPlan | None:
         return NATIVE_BF16
     if support == "emulated" and extra_bytes <= COPY_MEMORY_FRACTION * _physical_memory():
         return EMULATED_BF16_NATIVE if gemv.available() else EMULATED_BF16
+    if support == "emulated" and gemv.available():
+        return EMULATED_BF16_NO_COPY
     return None
 
 
@@ -115,7 +119,8 @@ def copy_bytes(weight: torch.Tensor) -> int:
 class PackedWeight:
     """A weight [out, in] as a plan runs it: `small` for inputs of fewer than `large_rows` rows (bf16 in
     oneDNN's blocked layout, or a weight as it is), `large` (float32, blocked) from there; up to `native_rows`
-    rows the native kernel (gemv.linear) runs on `small`, then the plain bf16 weight.
+    rows the native kernel (gemv.linear) runs on `small`, then the plain bf16 weight; with no `large`, a plain
+    bf16 `small` is upcast per call from `upcast_rows` rows (as the unpacked path).
 
     Packed, a matmul streams the weight at ~29 GB/s against ~13 for F.linear (which repacks on every call):
     1.6-2.2x faster from 1 to 128 rows with native bf16.
@@ -128,6 +133,7 @@ class PackedWeight:
     large_bias: torch.Tensor | None = None
     large_rows: int = 1 << 62
     native_rows: int = 0
+    upcast_rows: int = 1 << 62
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         # x: [tokens, in] in self.dtype -> [tokens, out] in out_dtype
@@ -135,6 +141,8 @@ class PackedWeight:
             return gemv.linear(x.contiguous(), self.small, bias, out_dtype)
         if x.shape[0] >= self.large_rows:
             y = packed_linear(x.float(), self.large, self.large_bias)
+        elif x.shape[0] >= self.upcast_rows:
+            y = F.linear(x.float(), upcast_weight(self.small), None if bias is None else bias.float())
         elif self.small_packed:
             y = packed_linear(x, self.small, bias)
         else:
@@ -154,6 +162,8 @@ def prepack(weight: torch.Tensor, plan: MatmulPlan | None, bias: torch.Tensor | 
         if w.dtype is torch.bfloat16 and plan.native_rows and (bias is None or bias.dtype is torch.bfloat16):
             packed = PackedWeight(w.dtype, w, small_packed=False, native_rows=plan.native_rows)
             rows = plan.fp32_rows
+            if rows is None:
+                packed.upcast_rows = bf16_upcast_min_rows()
         elif w.dtype is torch.bfloat16:
             packed = PackedWeight(w.dtype, torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT))
             rows = plan.fp32_rows
