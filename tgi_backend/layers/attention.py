@@ -6,13 +6,14 @@ SDPA), prefill chunks one SDPA each (a chunk with history reads it back from the
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgi_backend.engine.forward_context import DecodeBatch, PrefillSegment, get_forward_context
+from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, get_forward_context
+from tgi_backend.layers.rotary import RotaryEmbedding
 
 
 def store_kv(
@@ -21,6 +22,30 @@ def store_kv(
     # k, v: [tokens, kv_heads, head_dim]; caches viewed as [slots, kv_heads, head_dim]
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def split_rotated(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k (rotated, `RotaryEmbedding.apply_rolled`: sin signed) and v of a packed qkv projection."""
+    # qkv: [tokens, (heads + 2 * kv_heads) * dim] -> [tokens, heads | kv_heads | kv_heads, dim]
+    dim = qkv.shape[1] // (heads + 2 * kv_heads)
+    n_qk = heads + kv_heads
+    qk = RotaryEmbedding.apply_rolled(qkv[:, : n_qk * dim].view(-1, n_qk, dim), cos, sin)  # q and k at once
+    q, k = qk.split([heads, kv_heads], dim=1)
+    return q, k, qkv[:, n_qk * dim :].view(-1, kv_heads, dim)
+
+
+def rope_then_store(store: Callable[..., None]) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The op-set contract rope_store as its two steps: split_rotated, then `store` (a store_kv)."""
+    def rope_store(qkv, cos, sin, heads, kv_heads, k_cache, v_cache, slot_mapping):  # type: ignore[no-untyped-def]
+        q, k, v = split_rotated(qkv, cos, sin, heads, kv_heads)
+        store(k_cache, v_cache, k, v, slot_mapping)
+        return q, k, v
+    return rope_store
+
+
+TORCH_ROPE_STORE = rope_then_store(store_kv)  # rope_store in PyTorch (tests; shapes the kernel does not take)
 
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -101,6 +126,9 @@ def _decode_sdpa(
 class PagedAttention(nn.Module):
     """Attention over this layer's paged cache; the runner binds the cache with `bind_kv_cache`."""
 
+    fuses_rope_store = True  # forward_packed may hand rotary and the store to the op set (not for subclasses
+    # whose forward attends differently)
+
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, sliding_window: int | None = None
     ) -> None:
@@ -114,15 +142,31 @@ class PagedAttention(nn.Module):
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
 
+    def forward_packed(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary on q and k of a packed qkv projection, the cache store, then the attention; the op set's
+        rope_store does the first two in one pass where it has one (the cpu set)."""
+        # qkv: [tokens, (heads + 2 * kv_heads) * dim]; cos, sin: [tokens, 1, dim], sin signed -> [tokens, heads, dim]
+        ctx = get_forward_context()
+        rope_store = ctx.ops.rope_store if ctx.ops is not None and self.fuses_rope_store else None
+        if rope_store is None:
+            return self(*split_rotated(qkv, cos, sin, self.num_heads, self.num_kv_heads))
+        q, k, v = rope_store(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.k_cache, self.v_cache,
+                             ctx.slot_mapping)
+        return self._attend(ctx, q, k, v)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] -> [tokens, heads, dim]
         ctx = get_forward_context()
+        store = ctx.ops.store_kv if ctx.ops else store_kv
+        store(self.k_cache, self.v_cache, k, v, ctx.slot_mapping)
+        return self._attend(ctx, q, k, v)
+
+    def _attend(self, ctx: ForwardContext, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention of a step whose K/V are in the cache already (k, v: this chunk's, for prefill)."""
         ops = ctx.ops  # the platform's op set, which the runner picks from the device; None: this module's
-        store = ops.store_kv if ops else store_kv
         decode = ops.decode_attention if ops else decode_attention
         prefill = ops.prefill_attention if ops else prefill_segments_attention
         kc, vc, w = self.k_cache, self.v_cache, self.sliding_window
-        store(kc, vc, k, v, ctx.slot_mapping)
         if ctx.decode is not None and not ctx.prefills:
             return decode(q, kc, vc, ctx.decode, self.scale, w)
         out = torch.empty_like(q)

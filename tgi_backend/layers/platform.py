@@ -1,8 +1,8 @@
 """Op sets per platform: the few hot ops a decoder layer calls, behind one registry instead of branches.
 
 "torch" is the plain PyTorch path (layers/attention.py, norm.py, rotary.py). "cpu" is that path with decode
-attention and the residual RMSNorm on the native kernels of kernels/cpu (built on first use), the one the CPU
-runs when they build.
+attention, the residual RMSNorm, and rotary with the K/V store on the native kernels of kernels/cpu (built on
+first use), the one the CPU runs when they build.
 "triton" is the Triton-language kernels of kernels/ for CUDA devices. `select_ops(device)` picks one from the
 device alone; the triton set is imported lazily, so nothing imports triton unless it is chosen (on the CPU it
 never is).
@@ -16,6 +16,10 @@ Contracts (same for every set; shapes as in the layers):
 - rms_norm_residual(x, weight, eps, residual=None) -> y | (y, x + residual)   (RMSNorm.forward)
 - rotary_apply(x, cos, sin) -> rotated x; the triton op rotates x in place, the torch op returns a new tensor,
   so callers use the result and do not read x afterwards
+- rope_store(qkv, cos, sin, heads, kv_heads, k_cache, v_cache, slot_mapping) -> (q, k, v), or None in a set
+  without it (PagedAttention.forward_packed then rotates with PyTorch and calls store_kv): q and k of the
+  packed qkv [tokens, (heads + 2 kv_heads) * dim] rotated (sin signed, as RotaryEmbedding.apply_rolled), k and
+  v stored at slot_mapping; q, k, v may be views of qkv, which callers do not read afterwards
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class Ops:
     prefill_attention: Callable[..., torch.Tensor]
     rms_norm_residual: Callable[..., Any]
     rotary_apply: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    rope_store: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     # RMSNorm layers call rms_norm_residual (the cpu set); otherwise they keep their own PyTorch code (torch
     # set), or the triton kernel is checked against it without the model running it (triton set)
     norm_in_layers: bool = False
@@ -69,13 +74,13 @@ def _torch_ops() -> Ops:
 
 
 def _cpu_ops() -> Ops:
-    from tgi_backend.kernels.cpu import library, paged_decode, rms_norm
+    from tgi_backend.kernels.cpu import library, paged_decode, rms_norm, rope_store
 
-    if library("paged_decode") is None or library("rms_norm") is None:
+    if any(library(name) is None for name in ("paged_decode", "rms_norm", "rope_store")):
         raise ImportError("the native CPU kernels did not build (see the log)")
     return dataclasses.replace(
         _torch_ops(), name="cpu", decode_attention=paged_decode.decode_attention,
-        rms_norm_residual=rms_norm.rms_norm_residual, norm_in_layers=True,
+        rms_norm_residual=rms_norm.rms_norm_residual, norm_in_layers=True, rope_store=rope_store.rope_store,
     )
 
 

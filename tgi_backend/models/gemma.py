@@ -61,6 +61,8 @@ class SoftcapPagedAttention(PagedAttention):
     """Paged attention with scores capped by cap * tanh(scores / cap) before the mask (explicit math: SDPA
     has no soft-capping)."""
 
+    fuses_rope_store = False  # its forward attends with the cap
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, window: int | None,
                  cap: float) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale, window)

@@ -120,13 +120,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [tokens, hidden]; cos, sin: [tokens, 1, head_dim], sin signed (RotaryEmbedding.cos_signed_sin)
         qkv = self.qkv_proj(x)  # [tokens, (heads + 2 * kv_heads) * head_dim]
-        n_qk = self.num_heads + self.num_kv_heads
-        # q and k rotated together: half the rotary ops
-        qk = RotaryEmbedding.apply_rolled(qkv[:, : n_qk * self.head_dim].view(-1, n_qk, self.head_dim), cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, n_qk * self.head_dim :].view(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v)
-        return self.o_proj(out.flatten(1))
+        return self.o_proj(self.attn.forward_packed(qkv, cos, sin).flatten(1))
 
 
 class LlamaMLP(nn.Module):
