@@ -1,8 +1,8 @@
 """Native CPU kernels: C sources built with the system's C compiler on first use, loaded with ctypes.
 
 Built for this machine (-march=native) into a cache keyed by source, flags, compiler and CPU, so each host
-compiles once (~8 s with gcc 12). No compiler, a failed build or TGI_CPU_KERNELS=0: `library()` returns None and the
-callers keep the PyTorch path.
+compiles once (~10 s with gcc 12 for all of them, most of it decode attention). No compiler, a failed build
+or TGI_CPU_KERNELS=0: `library()` returns None and the callers keep the PyTorch path.
 """
 from __future__ import annotations
 
