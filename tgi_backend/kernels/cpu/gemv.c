@@ -10,20 +10,9 @@
 #include <omp.h>
 
 #include "bf16.h"
-
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
+#include "vec16.h"
 
 #define MAX_ROWS 8
-#ifndef PREFETCH_TILES
-#define PREFETCH_TILES 1
-#endif
-#ifndef PREFETCH_LOCALITY
-#define PREFETCH_LOCALITY 3
-#endif
 #define MIN_PARALLEL_WEIGHTS 32768 /* below this a fork-join costs more than the outputs */
 
 static inline v16f widen(const uint16_t *p) {
@@ -41,12 +30,6 @@ static inline v16f load(const float *p) {
     return out;
 }
 
-static inline float hsum(v16f x) {
-    v8f a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4f b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
 /* T outputs from o for R rows: R * T independent sums, so the FMA latency is hidden and each x vector loaded
  * serves T weight rows. */
 static inline __attribute__((always_inline)) void tile(const float *xf, int64_t in, const uint16_t *w, int64_t o,
@@ -57,8 +40,8 @@ static inline __attribute__((always_inline)) void tile(const float *xf, int64_t 
     const int64_t whole = in - in % 16;
     for (int64_t i = 0; i < whole; i += 16) {
         v16f wv[4];
-        if ((i & 31) == 0) /* the next tile's line at this offset, into L2: one core alone waits on DRAM */
-            for (int t = 0; t < T; t++) __builtin_prefetch(w + (o + PREFETCH_TILES * T + t) * in + i, 0, PREFETCH_LOCALITY);
+        if ((i & 31) == 0) /* the next tile's line at this offset: alone, one core keeps too few DRAM reads in flight */
+            for (int t = 0; t < T; t++) __builtin_prefetch(w + (o + T + t) * in + i, 0, 3);
         for (int t = 0; t < T; t++) wv[t] = widen(w + (o + t) * in + i);
         for (int r = 0; r < R; r++) {
             const v16f xv = load(xf + r * in + i);
