@@ -24,6 +24,15 @@ def _problem(rows, out, inn, bias, seed=0):
     return x, w, b
 
 
+def _bf16_layer():
+    """A bf16 Linear with a bias, and copies of its weight and bias (prepacking frees the parameter)."""
+    torch.manual_seed(0)
+    layer = Linear(64, 48, bias=True).to(torch.bfloat16)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    return layer, layer.weight.detach().clone(), layer.bias.detach().clone()
+
+
 def _exact(x, w, b):
     y = x.double() @ w.double().T
     return y if b is None else y + b.double()
@@ -77,13 +86,10 @@ def test_inputs_it_does_not_take_are_refused():
 @needs_kernel
 @needs_onednn_bf16
 def test_native_plan_runs_the_kernel_up_to_max_rows_then_float32():
-    torch.manual_seed(0)
-    layer = Linear(64, 48, bias=True).to(torch.bfloat16)
-    layer.weight.data.normal_()
-    layer.bias.data.normal_()
+    layer, w, b = _bf16_layer()
     head = LMHead(32, 64).to(torch.bfloat16)
     head.weight.data.normal_()
-    w, b, hw = layer.weight.detach().clone(), layer.bias.detach().clone(), head.weight.detach().clone()
+    hw = head.weight.detach().clone()
     model = torch.nn.ModuleList([layer, head])
     assert prepack_linears(model, EMULATED_BF16_NATIVE) == 2
     assert layer.packed.native_rows == gemv.MAX_ROWS and not layer.packed.small_packed
@@ -105,17 +111,15 @@ def test_plan_takes_the_kernel_where_it_builds(monkeypatch):
     monkeypatch.setattr(linear_module, "bf16_support", lambda: "emulated")
     monkeypatch.setattr(gemv, "available", lambda: True)
     assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16_NATIVE
+    assert linear_module.matmul_plan(8 * gib) is linear_module.EMULATED_BF16_NO_COPY  # ~2B parameters: no copies
     monkeypatch.setattr(gemv, "available", lambda: False)  # no compiler, or TGI_CPU_KERNELS=0
     assert linear_module.matmul_plan(2 * gib) is linear_module.EMULATED_BF16
+    assert linear_module.matmul_plan(8 * gib) is None
 
 
 @needs_kernel
 def test_no_copy_plan_runs_the_kernel_then_the_plain_path():
-    torch.manual_seed(0)
-    layer = Linear(64, 48, bias=True).to(torch.bfloat16)
-    layer.weight.data.normal_()
-    layer.bias.data.normal_()
-    w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer, w, b = _bf16_layer()
     assert prepack_linears(torch.nn.ModuleList([layer]), linear_module.EMULATED_BF16_NO_COPY) == 1
     assert layer.packed.large is None and layer.packed.upcast_rows == linear_module.bf16_upcast_min_rows()
     x = torch.randn(3, 64, dtype=torch.bfloat16)
@@ -125,12 +129,3 @@ def test_no_copy_plan_runs_the_kernel_then_the_plain_path():
         torch.testing.assert_close(layer(x).float(), F.linear(x.float(), w.float(), b.float()).float(),
                                    rtol=2e-2, atol=5e-2)
 
-
-def test_without_room_for_copies_the_kernel_alone(monkeypatch):
-    gib = 1 << 30
-    monkeypatch.setattr(linear_module, "_physical_memory", lambda: 24 * gib)
-    monkeypatch.setattr(linear_module, "bf16_support", lambda: "emulated")
-    monkeypatch.setattr(gemv, "available", lambda: True)
-    assert linear_module.matmul_plan(8 * gib) is linear_module.EMULATED_BF16_NO_COPY  # a model of ~2B parameters
-    monkeypatch.setattr(gemv, "available", lambda: False)
-    assert linear_module.matmul_plan(8 * gib) is None
