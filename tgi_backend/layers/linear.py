@@ -6,11 +6,11 @@ Parameters are created empty: the loader fills every one of them (and checks it 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
 import threading
-import dataclasses
 from dataclasses import dataclass
 
 import torch
