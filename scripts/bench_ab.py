@@ -11,7 +11,10 @@ drift cancels; the report gives the median ratio and its range.
     .venv/bin/python scripts/bench_ab.py --model medium --rows 32 --b dtype=float32
 
 --a / --b take EngineConfig fields as key=value, the names of tgi_llm's model parameters (A defaults to the
-plain engine). Knobs read once per process (OMP_WAIT_POLICY, MALLOC_* and other environment variables) cannot
+plain engine). --a-without / --b-without switch native CPU kernels off on that side once it is built
+(NATIVE_PARTS: decode_attention, rms_norm, rope_store, gemv), which no config field does:
+
+    .venv/bin/python scripts/bench_ab.py --model small --rows 4 --a-without gemv Knobs read once per process (OMP_WAIT_POLICY, MALLOC_* and other environment variables) cannot
 be compared this way: run `scripts/bench` alternately for those. Writes bench-results/bench-ab-<time>.json/.md.
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
 class Side:
     name: str
     overrides: dict[str, str]
+    without: Sequence[str] = ()
     engine: Any = None
     tok_s: list[float] = field(default_factory=list)
 
@@ -65,6 +69,55 @@ def summarize(a_tok_s: Sequence[float], b_tok_s: Sequence[float]) -> Summary:
     if len(a_tok_s) != len(b_tok_s) or not a_tok_s:
         raise ValueError("one rate per round and side, at least one round")
     return Summary([b / a for a, b in zip(a_tok_s, b_tok_s)])
+
+
+def _without_gemv(engine: Any) -> None:
+    """Linears back on oneDNN's bf16 layout (with their float32 copy), or plain where no copy was made."""
+    from torch import nn
+
+    from tgi_backend.layers import linear
+
+    for module in engine.runner.model.modules():
+        packed = getattr(module, "packed", None)
+        if packed is None or not packed.native_rows:
+            continue
+        if packed.large is not None:
+            module.packed = linear.prepack(packed.small, linear.EMULATED_BF16, getattr(module, "bias", None))
+        else:
+            module.packed, module.weight = None, nn.Parameter(packed.small, requires_grad=False)
+
+
+def _without_op(**change: Any) -> Any:
+    def switch(engine: Any) -> None:
+        import dataclasses
+
+        engine.runner.ops = dataclasses.replace(engine.runner.ops, **change)
+    return switch
+
+
+def _without_decode_attention(engine: Any) -> None:
+    from tgi_backend.layers import attention
+
+    _without_op(decode_attention=attention.decode_attention)(engine)
+
+
+# a native CPU kernel -> how an engine runs without it (its PyTorch path)
+NATIVE_PARTS = {
+    "decode_attention": _without_decode_attention,
+    "rms_norm": _without_op(norm_in_layers=False),
+    "rope_store": _without_op(rope_store=None),
+    "gemv": _without_gemv,
+}
+
+
+def switch_off(engine: Any, parts: Sequence[str]) -> None:
+    unknown = sorted(set(parts) - set(NATIVE_PARTS))
+    if unknown:
+        raise ValueError(f"unknown native parts {unknown}; known: {sorted(NATIVE_PARTS)}")
+    if parts and engine.runner.ops.name != "cpu":
+        raise ValueError(f"the engine runs the {engine.runner.ops.name!r} op set: no native CPU kernels to switch off")
+    for part in parts:
+        NATIVE_PARTS[part](engine)
 
 
 def tokens_needed(warmup: int, rounds: int, steps: int, speculate: int) -> int:
@@ -114,12 +167,14 @@ def timed_block(engine: Any, steps: int, rows: int) -> float:
 
 
 def run(path: str, a: dict[str, str], b: dict[str, str], rows: int = 1, prompt_tokens: int = 128,
-        steps: int = 20, rounds: int = 10, warmup: int = 3, dtype: str = "bfloat16") -> dict[str, Any]:
-    sides = [Side("A", a), Side("B", b)]
+        steps: int = 20, rounds: int = 10, warmup: int = 3, dtype: str = "bfloat16",
+        a_without: Sequence[str] = (), b_without: Sequence[str] = ()) -> dict[str, Any]:
+    sides = [Side("A", a, a_without), Side("B", b, b_without)]
     for side in sides:
         speculate = int(side.overrides.get("speculate", 0))
         side.engine = build(path, dtype, side.overrides, prompt_tokens,
                             tokens_needed(warmup, rounds, steps, speculate))
+        switch_off(side.engine, side.without)
     from bench_serving import make_prompts
 
     # the suite's random prompts, the same for both sides: distinct rows, no prefix-cache hits between them
@@ -132,22 +187,23 @@ def run(path: str, a: dict[str, str], b: dict[str, str], rows: int = 1, prompt_t
     summary = summarize(sides[0].tok_s, sides[1].tok_s)
     return {
         "model": path, "dtype": dtype, "rows": rows, "prompt_tokens": prompt_tokens, "steps": steps,
-        "rounds": rounds, "a": a, "b": b,
+        "rounds": rounds, "a": a, "b": b, "a_without": list(a_without), "b_without": list(b_without),
         "a_tok_s": [round(x, 2) for x in sides[0].tok_s], "b_tok_s": [round(x, 2) for x in sides[1].tok_s],
         "b_over_a": summary.to_json(),
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
-    def label(overrides: dict[str, str]) -> str:
-        return ", ".join(f"{k}={v}" for k, v in overrides.items()) or "defaults"
+    def label(overrides: dict[str, str], without: Sequence[str]) -> str:
+        parts = [f"{k}={v}" for k, v in overrides.items()] + [f"without {p}" for p in without]
+        return ", ".join(parts) or "defaults"
 
     s = result["b_over_a"]
     return "\n".join([
         "| side | config | decode tok/s per round (median) |",
         "|---|---|---|",
-        f"| A | {label(result['a'])} | {statistics.median(result['a_tok_s']):.1f} |",
-        f"| B | {label(result['b'])} | {statistics.median(result['b_tok_s']):.1f} |",
+        f"| A | {label(result['a'], result.get('a_without', []))} | {statistics.median(result['a_tok_s']):.1f} |",
+        f"| B | {label(result['b'], result.get('b_without', []))} | {statistics.median(result['b_tok_s']):.1f} |",
         "",
         f"B / A over {result['rounds']} rounds of {result['steps']} steps, {result['rows']} rows: "
         f"median {s['median']:.3f} (min {s['min']:.3f}, max {s['max']:.3f})",
@@ -159,6 +215,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="small", help="small, medium, demo or a checkpoint folder")
     p.add_argument("--a", nargs="*", default=[], metavar="KEY=VALUE", help="EngineConfig overrides of A")
     p.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE", help="EngineConfig overrides of B")
+    p.add_argument("--a-without", nargs="*", default=[], metavar="KERNEL", help="native kernels A runs without")
+    p.add_argument("--b-without", nargs="*", default=[], metavar="KERNEL", help="native kernels B runs without")
     p.add_argument("--rows", type=int, default=1, help="decoding requests per engine")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="decode steps per block")
@@ -175,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run(resolve_model(args.model), parse_overrides(args.a), parse_overrides(args.b), rows=args.rows,
                  prompt_tokens=args.prompt_tokens, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
-                 dtype=args.dtype)
+                 dtype=args.dtype, a_without=args.a_without, b_without=args.b_without)
     result["model_name"] = args.model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,22 @@ def test_ab_pairs_two_engines_in_one_process(tiny_llama_dir: str) -> None:
         AB.run(tiny_llama_dir, {"no_such_knob": "1"}, {}, rows=1, prompt_tokens=4, steps=1, rounds=1)
 
 
+def test_ab_switches_native_kernels_off_on_one_side(tiny_llama_dir: str) -> None:
+    import bench_ab as AB
+    from tgi_backend.layers.platform import get_ops
+
+    try:
+        get_ops("cpu")
+    except ImportError:
+        pytest.skip("no C compiler: no native kernels")
+    result = AB.run(tiny_llama_dir, {"dtype": "bfloat16"}, {"dtype": "bfloat16"}, rows=2, prompt_tokens=12,
+                    steps=2, rounds=2, warmup=1, a_without=sorted(AB.NATIVE_PARTS))
+    assert all(x > 0 for x in result["a_tok_s"] + result["b_tok_s"])
+    assert "without gemv" in AB.markdown(result) and result["a_without"] == sorted(AB.NATIVE_PARTS)
+    with pytest.raises(ValueError, match="unknown native parts"):
+        AB.run(tiny_llama_dir, {}, {}, rows=1, prompt_tokens=4, steps=1, rounds=1, a_without=["nope"])
+
+
 def test_quant_table_has_prefill_against_bf16() -> None:
     import bench_quant
 
