@@ -14,8 +14,10 @@ drift cancels; the report gives the median ratio and its range.
 plain engine). --a-without / --b-without switch native CPU kernels off on that side once it is built
 (NATIVE_PARTS: decode_attention, rms_norm, rope_store, gemv), which no config field does:
 
-    .venv/bin/python scripts/bench_ab.py --model small --rows 4 --a-without gemv Knobs read once per process (OMP_WAIT_POLICY, MALLOC_* and other environment variables) cannot
-be compared this way: run `scripts/bench` alternately for those. Writes bench-results/bench-ab-<time>.json/.md.
+    .venv/bin/python scripts/bench_ab.py --model small --rows 4 --a-without gemv
+
+Knobs read once per process (OMP_WAIT_POLICY, MALLOC_* and other environment variables) cannot be compared this
+way: run `scripts/bench` alternately for those. Writes bench-results/bench-ab-<time>.json/.md.
 """
 from __future__ import annotations
 
@@ -72,7 +74,9 @@ def summarize(a_tok_s: Sequence[float], b_tok_s: Sequence[float]) -> Summary:
 
 
 def _without_gemv(engine: Any) -> None:
-    """Linears back on oneDNN's bf16 layout (with their float32 copy), or plain where no copy was made."""
+    """Linears back on oneDNN's bf16 layout (sharing their float32 copy), or plain where no copy was made."""
+    import dataclasses
+
     from torch import nn
 
     from tgi_backend.layers import linear
@@ -82,7 +86,10 @@ def _without_gemv(engine: Any) -> None:
         if packed is None or not packed.native_rows:
             continue
         if packed.large is not None:
-            module.packed = linear.prepack(packed.small, linear.EMULATED_BF16, getattr(module, "bias", None))
+            bf16_only = dataclasses.replace(linear.EMULATED_BF16, fp32_rows=None)
+            module.packed = linear.prepack(packed.small, bf16_only, getattr(module, "bias", None))
+            module.packed.large, module.packed.large_bias = packed.large, packed.large_bias
+            module.packed.large_rows = packed.large_rows
         else:
             module.packed, module.weight = None, nn.Parameter(packed.small, requires_grad=False)
 
