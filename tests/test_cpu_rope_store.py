@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tgi_backend.kernels.cpu import library, rope_store
-from tgi_backend.layers.attention import PagedAttention, TORCH_ROPE_STORE
+from tgi_backend.layers.attention import PagedAttention, torch_rope_store
 from tgi_backend.layers.platform import get_ops
 from tgi_backend.layers.rotary import RotaryEmbedding
 from tgi_backend.models.gemma import SoftcapPagedAttention
@@ -37,7 +37,7 @@ def test_kernel_equals_the_torch_path(dtype, tokens, heads, kv_heads, dim, extra
     # 700 tokens: the threaded path (a prefill chunk); extra: rows strided as in a wider buffer
     qkv, cos, sin, kc, vc, slots = _problem(tokens, heads, kv_heads, dim, dtype, extra)
     want_kc, want_vc = kc.clone(), vc.clone()
-    want = [t.clone() for t in TORCH_ROPE_STORE(qkv.clone(), cos, sin, heads, kv_heads, want_kc, want_vc, slots)]
+    want = [t.clone() for t in torch_rope_store(qkv.clone(), cos, sin, heads, kv_heads, want_kc, want_vc, slots)]
     assert rope_store.supports(qkv, cos, sin, heads, kv_heads, kc, vc, slots)
     got = rope_store.rope_store(qkv, cos, sin, heads, kv_heads, kc, vc, slots)
     for g, w in zip(got, want):
@@ -61,7 +61,7 @@ def test_shapes_it_does_not_take_keep_the_torch_path():
     qkv, cos, sin, kc, vc, slots = _problem(3, 4, 2, 16, torch.float16)  # half: not a kernel dtype
     assert not rope_store.supports(qkv, cos, sin, 4, 2, kc, vc, slots)
     want_kc = kc.clone()
-    want = TORCH_ROPE_STORE(qkv.clone(), cos, sin, 4, 2, want_kc, vc.clone(), slots)
+    want = torch_rope_store(qkv.clone(), cos, sin, 4, 2, want_kc, vc.clone(), slots)
     got = rope_store.rope_store(qkv, cos, sin, 4, 2, kc, vc, slots)
     assert all(torch.equal(g, w) for g, w in zip(got, want)) and torch.equal(kc, want_kc)
     qkv, cos, sin, kc, vc, slots = _problem(3, 4, 2, 16, torch.float32)

@@ -6,7 +6,7 @@ SDPA), prefill chunks one SDPA each (a chunk with history reads it back from the
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +36,15 @@ def split_rotated(
     return q, k, qkv[:, n_qk * dim :].view(-1, kv_heads, dim)
 
 
-def rope_then_store(store: Callable[..., None]) -> Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The op-set contract rope_store as its two steps: split_rotated, then `store` (a store_kv)."""
-    def rope_store(qkv, cos, sin, heads, kv_heads, k_cache, v_cache, slot_mapping):  # type: ignore[no-untyped-def]
-        q, k, v = split_rotated(qkv, cos, sin, heads, kv_heads)
-        store(k_cache, v_cache, k, v, slot_mapping)
-        return q, k, v
-    return rope_store
-
-
-TORCH_ROPE_STORE = rope_then_store(store_kv)  # rope_store in PyTorch (tests; shapes the kernel does not take)
+def torch_rope_store(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op-set contract rope_store in PyTorch: split_rotated, then store_kv (the native kernel's reference,
+    and its fallback for shapes it does not take)."""
+    q, k, v = split_rotated(qkv, cos, sin, heads, kv_heads)
+    store_kv(k_cache, v_cache, k, v, slot_mapping)
+    return q, k, v
 
 
 def gather_blocks(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

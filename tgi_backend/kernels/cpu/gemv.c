@@ -15,15 +15,6 @@
 #define MAX_ROWS 8
 #define MIN_PARALLEL_WEIGHTS 32768 /* below this a fork-join costs more than the outputs */
 
-static inline v16f widen(const uint16_t *p) {
-    v16h h;
-    memcpy(&h, p, sizeof h);
-    v16u u = __builtin_convertvector(h, v16u) << 16;
-    v16f out;
-    memcpy(&out, &u, sizeof out);
-    return out;
-}
-
 static inline v16f load(const float *p) {
     v16f out;
     memcpy(&out, p, sizeof out);
@@ -42,7 +33,7 @@ static inline __attribute__((always_inline)) void tile(const float *xf, int64_t 
         v16f wv[4];
         if ((i & 31) == 0) /* the next tile's line at this offset: alone, one core keeps too few DRAM reads in flight */
             for (int t = 0; t < T; t++) __builtin_prefetch(w + (o + T + t) * in + i, 0, 3);
-        for (int t = 0; t < T; t++) wv[t] = widen(w + (o + t) * in + i);
+        for (int t = 0; t < T; t++) wv[t] = widen16(w + (o + t) * in + i);
         for (int r = 0; r < R; r++) {
             const v16f xv = load(xf + r * in + i);
             for (int t = 0; t < T; t++) acc[r][t] += wv[t] * xv;

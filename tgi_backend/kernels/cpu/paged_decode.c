@@ -19,15 +19,9 @@
 #define MAX_VECS 16 /* head_dim up to 256 */
 
 static inline v16f load16(const void *base, int64_t offset, int bf16) {
+    if (bf16) return widen16((const uint16_t *)base + offset);
     v16f out;
-    if (bf16) {
-        v16h h;
-        memcpy(&h, (const uint16_t *)base + offset, sizeof h);
-        v16u u = __builtin_convertvector(h, v16u) << 16;
-        memcpy(&out, &u, sizeof out);
-    } else {
-        memcpy(&out, (const float *)base + offset, sizeof out);
-    }
+    memcpy(&out, (const float *)base + offset, sizeof out);
     return out;
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tgi_backend.kernels.cpu import library
-from tgi_backend.layers.attention import TORCH_ROPE_STORE
+from tgi_backend.layers.attention import torch_rope_store
 
 DTYPES = {torch.bfloat16: 1, torch.float32: 0}
 MAX_DIM = 512  # rope_store.c's MAX_DIM
@@ -32,7 +32,7 @@ def rope_store(
     # qkv: [tokens, (heads + 2 * kv_heads) * dim], rotated in place; cos, sin: [tokens, 1, dim] (sin signed)
     lib = library("rope_store")
     if lib is None or not supports(qkv, cos, sin, heads, kv_heads, k_cache, v_cache, slot_mapping):
-        return TORCH_ROPE_STORE(qkv, cos, sin, heads, kv_heads, k_cache, v_cache, slot_mapping)
+        return torch_rope_store(qkv, cos, sin, heads, kv_heads, k_cache, v_cache, slot_mapping)
     dim = k_cache.shape[-1]
     slots = k_cache.numel() // (kv_heads * dim)
     status = lib.rope_store(

@@ -19,6 +19,16 @@ static inline float hsum(v16f x) { /* a tree: a serial sum would wait on 16 depe
 
 typedef int32_t v16i __attribute__((vector_size(64)));
 
+/* 16 bf16 values from p as float32 (bf16 is the top half of a float32) */
+static inline v16f widen16(const uint16_t *p) {
+    v16h h;
+    memcpy(&h, p, sizeof h);
+    v16u u = __builtin_convertvector(h, v16u) << 16;
+    v16f out;
+    memcpy(&out, &u, sizeof out);
+    return out;
+}
+
 /* Lane-wise max (C has no vector ?:; a compare gives an all-ones mask per lane). */
 static inline v16f vmax(v16f a, v16f b) {
     const v16i take_a = a > b;
