@@ -29,11 +29,8 @@ def _layers() -> tuple[torch.nn.ModuleList, dict[str, torch.Tensor]]:
 
 
 def _same_bf16(got: torch.Tensor, want: torch.Tensor) -> None:
-    """Equal where the CPU has native bf16 (one kernel); else F.linear may take another kernel: within bf16."""
-    if native_bf16():
-        assert torch.equal(got, want)
-    else:
-        torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=2e-2)
+    """Within bf16 rounding: F.linear may take another kernel (a one-row GEMV on Emerald Rapids differs by 1 ulp)."""
+    torch.testing.assert_close(got.float(), want.float(), rtol=1.6e-2, atol=2e-2)
 
 
 @needs_onednn_bf16
