@@ -85,7 +85,9 @@ def _without_gemv(engine: Any) -> None:
         packed = getattr(module, "packed", None)
         if packed is None or not packed.native_rows:
             continue
-        if packed.large is not None:
+        if packed.plain is not packed.small:  # native bf16: oneDNN's layout is there for the other rows
+            packed.native_rows = 0
+        elif packed.large is not None:
             bf16_only = dataclasses.replace(linear.EMULATED_BF16, fp32_rows=None)
             module.packed = linear.prepack(packed.small, bf16_only, getattr(module, "bias", None))
             module.packed.large, module.packed.large_bias = packed.large, packed.large_bias

@@ -105,6 +105,23 @@ def test_native_plan_runs_the_kernel_up_to_max_rows_then_float32():
                                rtol=1e-2, atol=1e-2)
 
 
+@needs_kernel
+@needs_onednn_bf16
+def test_native_bf16_plan_runs_the_kernel_up_to_its_rows_then_onednn():
+    layer, w, b = _bf16_layer()
+    plan = linear_module.NATIVE_BF16_KERNEL
+    assert prepack_linears(torch.nn.ModuleList([layer]), plan) == 1
+    packed = layer.packed
+    assert packed.small_packed and packed.plain is not packed.small and packed.large is None
+    assert torch.equal(packed.plain, w) and layer.weight.numel() == 0  # the plain copy beside oneDNN's layout
+    for rows in range(1, plan.native_rows + 1):
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        assert torch.equal(layer(x), gemv.linear(x, w, b))
+    for rows in (plan.native_rows + 1, 33):  # oneDNN's bf16 layout
+        x = torch.randn(rows, 64, dtype=torch.bfloat16)
+        torch.testing.assert_close(layer(x).float(), F.linear(x, w, b).float(), rtol=1.6e-2, atol=2e-2)
+
+
 def test_plan_takes_the_kernel_where_it_builds(monkeypatch):
     gib = 1 << 30
     monkeypatch.setattr(linear_module, "_physical_memory", lambda: 24 * gib)

@@ -112,7 +112,11 @@ def test_plan_follows_the_cpu_and_the_weights_size(monkeypatch):
     gib = 1 << 30
     monkeypatch.setattr(linear_module, "_physical_memory", lambda: 24 * gib)
     monkeypatch.setattr(linear_module, "bf16_support", lambda: "native")
-    assert linear_module.matmul_plan(100 * gib) is NATIVE_BF16  # no float32 copy: no memory limit
+    monkeypatch.setattr(linear_module.gemv, "available", lambda: True)
+    assert linear_module.matmul_plan(8 * gib) is linear_module.NATIVE_BF16_KERNEL  # a bf16 copy: 4 GiB of 24
+    assert linear_module.matmul_plan(100 * gib) is NATIVE_BF16  # no room for the plain copy: oneDNN's layout only
+    monkeypatch.setattr(linear_module.gemv, "available", lambda: False)
+    assert linear_module.matmul_plan(8 * gib) is NATIVE_BF16
     monkeypatch.setattr(linear_module, "bf16_support", lambda: "emulated")
     monkeypatch.setattr(linear_module.gemv, "available", lambda: False)  # tests/test_cpu_gemv.py: with it
     assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16  # float32 copies: 2 GiB of 24

@@ -139,23 +139,24 @@ def test_mistral_window_matters(tmp_path, prompts):
     assert ours != theirs
 
 
-@pytest.mark.parametrize("plan", ["auto", "native", "emulated", "emulated-gemv", "no-copy", "plain"])
+@pytest.mark.parametrize("plan", ["auto", "native", "native-gemv", "emulated", "emulated-gemv", "no-copy", "plain"])
 def test_bfloat16_logits_close_to_transformers(llama_checkpoint, prompts, plan, monkeypatch):
     """Prefill rows, then one-row decode steps, under each CPU plan for the linears (layers/linear.py)."""
-    plans = {"native": linear_module.NATIVE_BF16, "emulated": linear_module.EMULATED_BF16,
+    plans = {"native": linear_module.NATIVE_BF16, "native-gemv": linear_module.NATIVE_BF16_KERNEL,
+             "emulated": linear_module.EMULATED_BF16,
              "emulated-gemv": linear_module.EMULATED_BF16_NATIVE, "no-copy": linear_module.EMULATED_BF16_NO_COPY,
              "plain": None}
     if plan in plans:
         if plans[plan] is not None and linear_module.bf16_support() == "none":
             pytest.skip("oneDNN has no bf16 on this CPU")
-        if plan in ("emulated-gemv", "no-copy") and not linear_module.gemv.available():
+        if plan in ("native-gemv", "emulated-gemv", "no-copy") and not linear_module.gemv.available():
             pytest.skip("no C compiler: the native linear did not build")
         monkeypatch.setattr(linear_module, "matmul_plan", lambda extra_bytes: plans[plan])
     folder, model = llama_checkpoint
     config = EngineConfig(model_id=folder, dtype="bfloat16", block_size=4, max_total_tokens=64,
                           max_batch_total_tokens=1024).resolve(128)
     runner = ModelRunner(config, folder)
-    if plan in ("native", "emulated", "emulated-gemv", "no-copy"):
+    if plan in ("native", "native-gemv", "emulated", "emulated-gemv", "no-copy"):
         assert any(getattr(m, "packed", None) is not None for m in runner.model.modules())
     assert runner.kv_cache.dtype == torch.bfloat16
     assert next(runner.model.parameters()).dtype == torch.bfloat16

@@ -69,16 +69,21 @@ class MatmulPlan:
     keep F.linear on the plain weight (MKL), faster there for small matrices; small float32 model, 32 rows:
     60 -> 39 ms per step, 4 rows: 19.8 -> 19.1 (A/B in one process).
     native_rows: bf16 weights: up to this many rows the native kernel of kernels/cpu/gemv.c computes on the
-    plain weight, kept in place of oneDNN's bf16 layout (0: never); 1.0-2.2x oneDNN's bf16 GEMV at one row and
-    1.3-2.9x its float32 path at 2-8 (Ice Lake, the small and medium models' matrices).
+    plain weight (0: never); emulated bf16 keeps it in place of oneDNN's bf16 layout (1.0-2.2x oneDNN's bf16
+    GEMV at one row, 1.3-2.9x its float32 path at 2-8 on Ice Lake), native bf16 beside oneDNN's (`plain_copy`).
+    plain_copy: the plain weight is kept in addition to oneDNN's bf16 layout, which serves more rows.
     """
 
     fp32_rows: int | None
     packed_fp32_rows: int | None = None
     native_rows: int = 0
+    plain_copy: bool = False
 
 
 NATIVE_BF16 = MatmulPlan(fp32_rows=None)  # float32 packed measured slower than F.linear with AMX
+# the kernel's vdpbf16ps up to 4 rows, AMX (oneDNN) from 5: Emerald Rapids, per matrix at 1 row 1.2-2.4x
+# oneDNN (medium's from DRAM at 26-31 GB/s against 20-24, small's from L3 at 27-51 against 12-34), even at 4
+NATIVE_BF16_KERNEL = MatmulPlan(fp32_rows=None, native_rows=4, plain_copy=True)
 EMULATED_BF16 = MatmulPlan(fp32_rows=2, packed_fp32_rows=4)
 EMULATED_BF16_NATIVE = dataclasses.replace(EMULATED_BF16, native_rows=gemv.MAX_ROWS)  # where gemv.c builds
 # no room for float32 copies: the native kernel for few rows, the plain weight upcast per call past them
@@ -95,8 +100,9 @@ def matmul_plan(extra_bytes: int) -> MatmulPlan | None:
     if not torch.backends.mkldnn.is_available():
         return None
     support = bf16_support()
-    if support == "native":
-        return NATIVE_BF16
+    if support == "native":  # the plain copy for the kernel costs half a float32 copy
+        room = extra_bytes // 2 <= COPY_MEMORY_FRACTION * _physical_memory()
+        return NATIVE_BF16_KERNEL if room and gemv.available() else NATIVE_BF16
     if support == "emulated" and extra_bytes <= COPY_MEMORY_FRACTION * _physical_memory():
         return EMULATED_BF16_NATIVE if gemv.available() else EMULATED_BF16
     if support == "emulated" and gemv.available():
@@ -109,7 +115,8 @@ def _physical_memory() -> int:
 
 
 def copy_bytes(weight: torch.Tensor) -> int:
-    """What the emulated-bf16 plan adds for this weight: a float32 copy (bf16: twice its bytes; float32: once)."""
+    """What the emulated-bf16 plan adds for this weight: a float32 copy (bf16: twice its bytes; float32: once);
+    the native plan adds half of it (a bf16 copy)."""
     if weight.device.type != "cpu" or weight.dim() != 2 or weight.dtype not in (torch.bfloat16, torch.float32):
         return 0
     return weight.numel() * 4
@@ -119,8 +126,9 @@ def copy_bytes(weight: torch.Tensor) -> int:
 class PackedWeight:
     """A weight [out, in] as a plan runs it: `small` for inputs of fewer than `large_rows` rows (bf16 in
     oneDNN's blocked layout, or a weight as it is), `large` (float32, blocked) from there; up to `native_rows`
-    rows the native kernel (gemv.linear) runs on `small`, then the plain bf16 weight; with no `large`, a plain
-    bf16 `small` is upcast per call from `upcast_rows` rows (as the unpacked path).
+    rows the native kernel (gemv.linear) runs on `plain`, the bf16 weight as loaded (`small` itself, unless
+    oneDNN's layout serves the other rows); with no `large`, a plain bf16 `small` is upcast per call from
+    `upcast_rows` rows (as the unpacked path).
 
     Packed, a matmul streams the weight at ~29 GB/s against ~13 for F.linear (which repacks on every call):
     1.6-2.2x faster from 1 to 128 rows with native bf16.
@@ -134,11 +142,12 @@ class PackedWeight:
     large_rows: int = 1 << 62
     native_rows: int = 0
     upcast_rows: int = 1 << 62
+    plain: torch.Tensor | None = None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         # x: [tokens, in] in self.dtype -> [tokens, out] in out_dtype
         if x.shape[0] <= self.native_rows:
-            return gemv.linear(x.contiguous(), self.small, bias, out_dtype)
+            return gemv.linear(x.contiguous(), self.plain, bias, out_dtype)
         if x.shape[0] >= self.large_rows:
             y = packed_linear(x.float(), self.large, self.large_bias)
         elif x.shape[0] >= self.upcast_rows:
@@ -150,7 +159,7 @@ class PackedWeight:
         return y if y.dtype is out_dtype else y.to(out_dtype)  # hot path: no no-op dispatch per layer
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.small, self.large, self.large_bias) if t is not None]
+        return [t for t in (self.small, self.large, self.large_bias, self.plain) if t is not None]
 
 
 def prepack(weight: torch.Tensor, plan: MatmulPlan | None, bias: torch.Tensor | None = None) -> PackedWeight | None:
@@ -158,14 +167,17 @@ def prepack(weight: torch.Tensor, plan: MatmulPlan | None, bias: torch.Tensor | 
     if plan is None or weight.device.type != "cpu" or weight.dim() != 2:
         return None
     w = weight.detach().contiguous()
+    kernel = plan.native_rows and w.dtype is torch.bfloat16 and (bias is None or bias.dtype is torch.bfloat16)
     try:
-        if w.dtype is torch.bfloat16 and plan.native_rows and (bias is None or bias.dtype is torch.bfloat16):
-            packed = PackedWeight(w.dtype, w, small_packed=False, native_rows=plan.native_rows)
+        if kernel and not plan.plain_copy:
+            packed = PackedWeight(w.dtype, w, small_packed=False, native_rows=plan.native_rows, plain=w)
             rows = plan.fp32_rows
             if rows is None:
                 packed.upcast_rows = bf16_upcast_min_rows()
         elif w.dtype is torch.bfloat16:
             packed = PackedWeight(w.dtype, torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT))
+            if kernel:
+                packed.plain, packed.native_rows = w, plan.native_rows
             rows = plan.fp32_rows
         elif w.dtype is torch.float32 and plan.packed_fp32_rows is not None:
             packed = PackedWeight(w.dtype, w, small_packed=False)
