@@ -175,10 +175,10 @@ def _timings(reason: str = "length", generated: int = 4) -> RequestTimings:
                           max_new_tokens=8, finish_reason=reason, inter_token_latencies=[0.1] * (generated - 1))
 
 
-@pytest.fixture()
-def metrics() -> EngineMetrics:
+@pytest.fixture(params=[True, False], ids=["inter-token", "default"])
+def metrics(request) -> EngineMetrics:
     FakeFamily.created = {}
-    return EngineMetrics(FakePb, {"model": "tgi_llm", "version": "1"}, max_total_tokens=100)
+    return EngineMetrics(FakePb, {"model": "tgi_llm", "version": "1"}, max_total_tokens=100, inter_token=request.param)
 
 
 def _metric(name: str, **labels: str) -> FakeMetric:
@@ -244,5 +244,8 @@ def test_finish_and_reject_fill_counters_and_histograms(metrics):
     assert _metric("tgi_request_mean_time_per_token_duration").observed == [pytest.approx(0.75 / 4)]
     assert _metric("tgi_request_input_length").observed == [20]
     assert _metric("tgi_request_generated_tokens").observed == [4]
-    assert _metric(INTER_TOKEN).observed == [pytest.approx(0.1)] * 3
+    if metrics.inter_token:  # one sample per token after the first
+        assert _metric(INTER_TOKEN).observed == [pytest.approx(0.1)] * 3
+    else:  # no family at all: each sample would be a round trip to tritonserver
+        assert INTER_TOKEN not in FakeFamily.created
     assert set(HISTOGRAMS) | set(GAUGES) <= set(FakeFamily.created)

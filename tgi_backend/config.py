@@ -46,6 +46,9 @@ class EngineConfig:
     stream_coalescing: bool = False
     # serving: a stream's tokens leave in responses of this many (vLLM's --stream-interval); 1: one per token
     stream_interval: int = 1
+    # metrics: tgi_request_inter_token_duration, one sample per token; each sample is an IPC round trip to
+    # tritonserver (as costly as a streamed response), so it is off unless asked for
+    inter_token_metrics: bool = False
     # n-gram speculation (TGI's --speculate): up to this many proposed tokens verified per step; 0: off
     speculate: int = 0
     # GPU only: decode batch sizes captured as CUDA graphs (TGI's --cuda-graphs); "0": none

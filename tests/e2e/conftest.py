@@ -152,8 +152,9 @@ def start_server(model_dir: str, work: Path, extra_args: tuple[str, ...] = ()) -
 
 @pytest.fixture(scope="session")
 def server(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    # n-gram speculation on: every e2e answer below must come out as it would without it
-    srv = start_server(tiny_llama_dir, tmp_path_factory.mktemp("e2e"), ("--speculate", "4"))
+    # n-gram speculation on: every e2e answer below must come out as it would without it; the inter-token
+    # histogram on (off by default), so the metrics test sees every metric
+    srv = start_server(tiny_llama_dir, tmp_path_factory.mktemp("e2e"), ("--speculate", "4", "--inter-token-metrics"))
     yield srv
     stop_server(srv)
 

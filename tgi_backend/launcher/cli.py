@@ -42,6 +42,8 @@ _ENGINE_FLAGS: tuple[tuple[str, type, object, str], ...] = (
      "response thread also runs at nice 10); off: one response per token, as TGI"),
     ("stream-interval", int, 1, "a stream's tokens leave in responses of N (vLLM's --stream-interval; the first and "
      "the last at once); a request's `stream_interval` can raise it; 1: one response per token, as TGI"),
+    ("inter-token-metrics", bool, False, "report tgi_request_inter_token_duration, one sample per generated "
+     "token; each sample costs a round trip to tritonserver, as much as a streamed response"),
     ("speculate", int, 0, "n-gram speculation (TGI's flag): up to N tokens proposed from the request's own "
      "earlier tokens, verified in one step (same outputs); helps small batches on repetitive text; 0: off"),
     ("cuda-graphs", str, "1,2,4,8,16,32", "GPU only: decode batch sizes replayed as CUDA graphs (TGI's flag); "

@@ -75,7 +75,7 @@ HISTOGRAMS: dict[str, tuple[str, str, Callable[[RequestTimings], float | None]]]
                                      lambda t: t.num_generated_tokens),
     "tgi_request_max_new_tokens": ("max_new_tokens per request (TGI)", "tokens", lambda t: t.max_new_tokens),
 }
-INTER_TOKEN = "tgi_request_inter_token_duration"  # one observation per token after the first
+INTER_TOKEN = "tgi_request_inter_token_duration"  # one observation per token after the first, when asked for
 INTER_TOKEN_DESCRIPTION = "Time between consecutive generated tokens of a request, seconds"
 FAILURE_KINDS = ("validation", "overloaded", "generation", "cancelled")
 
@@ -83,8 +83,9 @@ FAILURE_KINDS = ("validation", "overloaded", "generation", "cancelled")
 class EngineMetrics:
     """Owns the metric families (kept alive as attributes: a collected family deletes its metrics)."""
 
-    def __init__(self, pb: Any, labels: Mapping[str, str], max_total_tokens: int) -> None:
+    def __init__(self, pb: Any, labels: Mapping[str, str], max_total_tokens: int, inter_token: bool = False) -> None:
         self.labels = dict(labels)
+        self.inter_token = inter_token  # a round trip to tritonserver per generated token
         self.families: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
         buckets = {"seconds": DURATION_BUCKETS, "tokens": token_buckets(max_total_tokens)}
@@ -101,7 +102,8 @@ class EngineMetrics:
             self.metrics[f"tgi_request_failure/{kind}"] = family.Metric(labels={**self.labels, "err": kind})
         for name, (description, unit, _) in HISTOGRAMS.items():
             self._add(pb, name, description, kinds.HISTOGRAM, buckets[unit])
-        self._add(pb, INTER_TOKEN, INTER_TOKEN_DESCRIPTION, kinds.HISTOGRAM, DURATION_BUCKETS)
+        if inter_token:
+            self._add(pb, INTER_TOKEN, INTER_TOKEN_DESCRIPTION, kinds.HISTOGRAM, DURATION_BUCKETS)
         self._gauge_values: dict[str, float] = {}
         self._stat_values: dict[str, int] = {field: 0 for _, field in STAT_COUNTERS.values()}
 
@@ -143,9 +145,10 @@ class EngineMetrics:
             value = value_of(timings)
             if value is not None:
                 self.metrics[name].observe(float(value))
-        inter_token = self.metrics[INTER_TOKEN]
-        for gap in timings.inter_token_latencies:
-            inter_token.observe(gap)
+        if self.inter_token:
+            inter_token = self.metrics[INTER_TOKEN]
+            for gap in timings.inter_token_latencies:
+                inter_token.observe(gap)
 
     def on_reject(self, kind: str) -> None:
         self.metrics["tgi_request_count"].increment(1)

@@ -77,11 +77,11 @@ class TritonPythonModel:
         self.loop.start()
         self.engine = self.loop.engine
         labels = {"model": args.get("model_name", "tgi_llm"), "version": args.get("model_version", "1")}
-        # An attribute: the metric families must outlive initialize() (see PLATFORM-NOTES).
-        self.metrics = EngineMetrics(pb_utils, labels, self.engine.config.max_total_tokens)
-        self.limits = ValidationLimits.from_config(self.engine.config)
-        self.loop.observer = self.metrics  # before initialize() returns: no request has arrived yet
         c = self.engine.config
+        # An attribute: the metric families must outlive initialize() (see PLATFORM-NOTES).
+        self.metrics = EngineMetrics(pb_utils, labels, c.max_total_tokens, c.inter_token_metrics)
+        self.limits = ValidationLimits.from_config(c)
+        self.loop.observer = self.metrics  # before initialize() returns: no request has arrived yet
         log.warning(
             "tgi_llm ready: model %s, max_input_tokens %d, max_total_tokens %d, KV blocks %d x %d",
             c.model_id, c.max_input_tokens, c.max_total_tokens, c.num_blocks, c.block_size,
