@@ -12,7 +12,7 @@ drift cancels; the report gives the median ratio and its range.
 
 --a / --b take EngineConfig fields as key=value, the names of tgi_llm's model parameters (A defaults to the
 plain engine). --a-without / --b-without switch native CPU kernels off on that side once it is built
-(NATIVE_PARTS: decode_attention, rms_norm, rope_store, gemv), which no config field does:
+(NATIVE_PARTS: decode_attention, rms_norm, rope_store, gemv, decoder), which no config field does:
 
     .venv/bin/python scripts/bench_ab.py --model small --rows 4 --a-without gemv
 
@@ -116,6 +116,7 @@ NATIVE_PARTS = {
     "rms_norm": _without_op(norm_in_layers=False),
     "rope_store": _without_op(rope_store=None),
     "gemv": _without_gemv,
+    "decoder": lambda engine: setattr(engine.runner, "fused", None),  # the model's modules, op by op
 }
 
 

@@ -15,6 +15,7 @@ from tgi_backend.engine.cuda_graphs import DecodeGraphRunner, DecodeInputs, Reco
 from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, PrefillSegment, forward_context
 from tgi_backend.engine.host_memory import keep_freed_memory
 from tgi_backend.engine.scheduler_output import ModelRunnerOutput, ScheduledChunk, SchedulerOutput
+from tgi_backend.kernels.cpu.decoder import FusedDecoder
 from tgi_backend.layers.linear import prepack_linears
 from tgi_backend.layers.platform import select_ops
 from tgi_backend.layers.lora import build_lora_manager
@@ -97,6 +98,10 @@ class ModelRunner:
         self._allocate_kv_cache(args.num_layers, args.num_kv_heads, args.head_dim)
         self.sampler = Sampler(watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
         self.graphs: DecodeGraphRunner | None = None
+        # decode steps of a few rows in one native call where the model hands over its tensors (the cpu op set)
+        self.fused: FusedDecoder | None = None
+        if self.ops.name == "cpu" and self.lora is None and hasattr(self.model, "decoder_weights"):
+            self.fused = FusedDecoder.build(self.model.decoder_weights())
         sizes = parse_graph_sizes(config.cuda_graphs)
         if self.device.type == "cuda" and sizes and self.lora is None:  # LoRA keeps per-step state in Python
             self.use_decode_graphs(sizes)
@@ -157,6 +162,8 @@ class ModelRunner:
 
     def _logits(self, batch: _Batch) -> tuple[torch.Tensor, dict[str, list[tuple[int, float]]]]:
         hidden = self._replay_decode(batch) if self.graphs is not None else None
+        if hidden is None and self.fused is not None:
+            hidden = self._fused_decode(batch)
         if hidden is None:
             with forward_context(batch.context):
                 hidden = self.model(batch.input_ids, batch.positions)
@@ -173,6 +180,13 @@ class ModelRunner:
         assert self.graphs is not None
         inputs = DecodeInputs(batch.input_ids, batch.positions, dec.block_table, batch.context.slot_mapping)
         return self.graphs.run(inputs)
+
+    def _fused_decode(self, batch: _Batch) -> torch.Tensor | None:
+        """A decode-only step of up to the fused decoder's rows in one native call; None: run the model."""
+        dec = batch.context.decode
+        if dec is None or batch.context.prefills or batch.prompt_rows or dec.num_rows > self.fused.max_rows:
+            return None
+        return self.fused.forward(batch.input_ids, batch.positions, batch.context.slot_mapping, dec)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: _Batch) -> dict[str, list[tuple[int, float]]]:
         """log_softmax of the raw logits at prompt positions, gathered at the next prompt token (as TGI)."""

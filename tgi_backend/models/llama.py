@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from tgi_backend.kernels.cpu.decoder import DecoderWeights, LayerWeights
 from tgi_backend.layers.activation import GatedActivation
 from tgi_backend.layers.attention import PagedAttention
 from tgi_backend.layers.embedding import LMHead, VocabEmbedding
@@ -209,6 +210,43 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
+
+    def decoder_weights(self) -> DecoderWeights | None:
+        """This model's decode step as plain tensors, for the fused CPU decoder (kernels/cpu/decoder.py), once
+        loaded, prepacked and bound to its cache; None unless every part is this module's own (families that
+        swap layers, MLPs or norms, LoRA or quantized linears run as modules) and each linear kept its plain
+        bf16 weight for the few-row kernel."""
+        base = self.model
+        if type(base) is not LlamaModel or type(base.norm) is not RMSNorm:
+            return None
+        layers, max_rows = [], 1 << 30
+        for layer in base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if (type(layer) is not LlamaDecoderLayer or type(attn) is not LlamaAttention
+                    or type(mlp) is not LlamaMLP or type(attn.attn) is not PagedAttention
+                    or type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm
+                    or layer.input_layernorm.eps != base.norm.eps or layer.post_attention_layernorm.eps != base.norm.eps
+                    or mlp.act.act is not base.layers[0].mlp.act.act):
+                return None
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            kinds = (QKVLinear, Linear, GateUpLinear, Linear)
+            if any(type(m) is not kind or m.packed is None or m.packed.plain is None for m, kind in zip(linears, kinds)):
+                return None
+            max_rows = min([max_rows] + [m.packed.native_rows for m in linears])
+            if attn.attn.k_cache is None:
+                return None
+            layers.append(LayerWeights(
+                layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                *(t for m in linears for t in (m.packed.plain, m.bias)),
+                attn.attn.k_cache, attn.attn.v_cache, attn.attn.sliding_window,
+            ))
+        first = base.layers[0].self_attn
+        return DecoderWeights(
+            layers=layers, final_norm=base.norm.weight, eps=base.norm.eps, heads=first.num_heads,
+            kv_heads=first.num_kv_heads, head_dim=first.head_dim, scale=first.attn.scale,
+            act=base.layers[0].mlp.act.act, embed=base.embed_tokens, rotary=base.rotary_emb.cos_signed_sin,
+            max_rows=max_rows,
+        )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [rows, hidden] -> [rows, vocab]

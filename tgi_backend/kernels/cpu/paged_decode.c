@@ -1,201 +1,20 @@
-/* Decode attention straight from the paged KV cache, for the CPU: one query token per row, its keys read
- * block by block through the block table (no gathered copy), float32 arithmetic, bf16 or float32 tensors.
- *
- * One work item is a (row, KV head): the scores of the head's `group` query heads against every visible key,
- * their softmax, then the weighted sum of the values. Items are spread over OpenMP threads; this library is
- * loaded after torch, so its libgomp soname resolves to the OpenMP runtime torch already runs.
- * GCC vector extensions (16 floats, vec16.h) keep it portable.
- */
-#include <math.h>
+/* Decode attention straight from the paged KV cache, for the CPU (the work items are paged_decode.h's). */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <omp.h>
 
-#include "bf16.h"
-#include "vec16.h"
-
-#define MAX_GROUP 16
-#define MAX_VECS 16 /* head_dim up to 256 */
-
-static inline v16f load16(const void *base, int64_t offset, int bf16) {
-    if (bf16) return widen16((const uint16_t *)base + offset);
-    v16f out;
-    memcpy(&out, (const float *)base + offset, sizeof out);
-    return out;
-}
-
-/* In place: s[i] = exp(s[i] - max of its head) for len = n * G scores laid out key-major (head i % G, G
- * dividing 16); mx[g], inv[g] get each head's max and sum. */
-static inline void softmax_tiled(float *s, int len, int G, float *mx, float *inv) {
-    const int whole = len - len % 16;
-    v16f m = (v16f){0} - INFINITY, sum = (v16f){0};
-    for (int i = 0; i < whole; i += 16) {
-        v16f x;
-        memcpy(&x, s + i, sizeof x);
-        m = vmax(x, m);
-    }
-    for (int g = 0; g < G; g++) mx[g] = -INFINITY, inv[g] = 0.0f;
-    for (int l = 0; l < 16; l++) mx[l % G] = m[l] > mx[l % G] ? m[l] : mx[l % G];
-    for (int i = whole; i < len; i++) mx[i % G] = s[i] > mx[i % G] ? s[i] : mx[i % G];
-    for (int l = 0; l < 16; l++) m[l] = mx[l % G];
-    for (int i = 0; i < whole; i += 16) {
-        v16f x;
-        memcpy(&x, s + i, sizeof x);
-        x = exp_nonpositive16(x - m);
-        memcpy(s + i, &x, sizeof x);
-        sum += x;
-    }
-    for (int l = 0; l < 16; l++) inv[l % G] += sum[l];
-    for (int i = whole; i < len; i++) {
-        s[i] = exp_nonpositive(s[i] - mx[i % G]);
-        inv[i % G] += s[i];
-    }
-}
-
-typedef struct {
-    const void *q, *k_cache, *v_cache;
-    const int64_t *table, *positions;
-    void *out;
-    int64_t q_row_stride, table_row_stride;
-    int rows, heads, kv_heads, dim, block_size, window;
-    float scale;
-} Problem;
-
-/* The next block's rows of head h, while this block computes: blocks are scattered, which defeats the
- * hardware prefetcher at every block boundary. */
-static inline void prefetch_block(const void *cache, int64_t block, const Problem *p, int h, int bf16) {
-    const int64_t esize = bf16 ? 2 : 4, row = (int64_t)p->dim * esize;
-    const char *at = (const char *)cache + (block * p->block_size * p->kv_heads + h) * row;
-    for (int t = 0; t < p->block_size; t++)
-        for (int64_t b = 0; b < row; b += 64) __builtin_prefetch(at + t * p->kv_heads * row + b, 0, 3);
-}
-
-/* r[i] = sum of the lanes of a[bitrev4(i)]: four rounds, each adding pairs of half-vectors (the lanes come
- * out in bit-reversed order of the inputs, which the caller feeds bit-reversed). */
-#define PAIR(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
-static inline v16f reduce16(const v16f *a) {
-    v16f b[8], c[4], d[2];
-    for (int i = 0; i < 8; i++)
-        b[i] = PAIR(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               PAIR(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (int i = 0; i < 4; i++)
-        c[i] = PAIR(b[2 * i], b[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
-               PAIR(b[2 * i], b[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
-    for (int i = 0; i < 2; i++)
-        d[i] = PAIR(c[2 * i], c[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
-               PAIR(c[2 * i], c[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
-    return PAIR(d[0], d[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
-           PAIR(d[0], d[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
-}
-static const int BITREV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
-
-/* One (row, KV head); G query heads of NV vectors each (compile-time constants where specialized).
- * Scores are kept key-major, s[i * G + g] for key start + i: a tile of 16 / G keys x G heads is one vector. */
-static inline __attribute__((always_inline)) void item(const Problem *p, int r, int h, float *s, const int G,
-                                                        const int NV, const int bf16) {
-    const int64_t token_stride = (int64_t)p->kv_heads * p->dim;
-    const int64_t end = p->positions[r] + 1;
-    const int64_t start = (p->window > 0 && end - p->window > 0) ? end - p->window : 0;
-    const int n = (int)(end - start);
-    const int64_t *table = p->table + r * p->table_row_stride;
-    const int bs = p->block_size;
-    const int T = (16 % G == 0) ? 16 / G : 0; /* keys per tile; 0: no tiles (G does not divide 16) */
-    v16f q[G * NV];
-    for (int g = 0; g < G; g++)
-        for (int v = 0; v < NV; v++)
-            q[g * NV + v] = load16(p->q, r * p->q_row_stride + (int64_t)(h * G + g) * p->dim + v * 16, bf16) * p->scale;
-    for (int64_t j = start; j < end;) { /* scores, block by block */
-        const int64_t blk = j / bs, stop = (blk + 1) * bs < end ? (blk + 1) * bs : end;
-        const int64_t base = (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim;
-        if (stop < end) prefetch_block(p->k_cache, table[blk + 1], p, h, bf16);
-        for (; T && j + T <= stop; j += T) {
-            v16f acc[16];
-            for (int i = 0; i < 16; i++) acc[i] = (v16f){0};
-            for (int v = 0; v < NV; v++)
-                for (int t = 0; t < T; t++) {
-                    const v16f k = load16(p->k_cache, base + (j + t) * token_stride + v * 16, bf16);
-                    for (int g = 0; g < G; g++) acc[BITREV4[t * G + g]] += q[g * NV + v] * k;
-                }
-            const v16f tile = reduce16(acc);
-            memcpy(s + (j - start) * G, &tile, sizeof tile);
-        }
-        for (; j < stop; j++) { /* the keys left over: one at a time */
-            v16f acc[G];
-            for (int g = 0; g < G; g++) acc[g] = (v16f){0};
-            for (int v = 0; v < NV; v++) {
-                const v16f k = load16(p->k_cache, base + j * token_stride + v * 16, bf16);
-                for (int g = 0; g < G; g++) acc[g] += q[g * NV + v] * k;
-            }
-            for (int g = 0; g < G; g++) s[(j - start) * G + g] = hsum(acc[g]);
-        }
-    }
-    float mx[MAX_GROUP], inv[MAX_GROUP];
-    if (T) { /* 16 / G heads' scores per vector: the softmax runs on whole vectors, lane l being head l % G */
-        softmax_tiled(s, n * G, G, mx, inv);
-    } else {
-        for (int g = 0; g < G; g++) mx[g] = -INFINITY, inv[g] = 0.0f;
-        for (int i = 0; i < n; i++)
-            for (int g = 0; g < G; g++) mx[g] = s[i * G + g] > mx[g] ? s[i * G + g] : mx[g];
-        for (int i = 0; i < n; i++)
-            for (int g = 0; g < G; g++) {
-                const float e = exp_nonpositive(s[i * G + g] - mx[g]);
-                s[i * G + g] = e;
-                inv[g] += e;
-            }
-    }
-    for (int g = 0; g < G; g++) inv[g] = 1.0f / inv[g];
-    v16f o[G * NV];
-    for (int i = 0; i < G * NV; i++) o[i] = (v16f){0};
-    for (int64_t j = start; j < end;) { /* weighted values */
-        const int64_t blk = j / bs, stop = (blk + 1) * bs < end ? (blk + 1) * bs : end;
-        const int64_t base = (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim;
-        if (stop < end) prefetch_block(p->v_cache, table[blk + 1], p, h, bf16);
-        for (; j < stop; j++) {
-            const float *w = s + (j - start) * G;
-            for (int v = 0; v < NV; v++) {
-                const v16f x = load16(p->v_cache, base + j * token_stride + v * 16, bf16);
-                for (int g = 0; g < G; g++) o[g * NV + v] += w[g] * x;
-            }
-        }
-    }
-    for (int g = 0; g < G; g++) {
-        const int64_t at = ((int64_t)r * p->heads + h * G + g) * p->dim;
-        for (int v = 0; v < NV; v++) {
-            const v16f x = o[g * NV + v] * inv[g];
-            if (bf16) {
-                uint16_t *dst = (uint16_t *)p->out + at + v * 16;
-                for (int i = 0; i < 16; i++) dst[i] = f32_to_bf16(x[i]);
-            } else {
-                memcpy((float *)p->out + at + v * 16, &x, sizeof x);
-            }
-        }
-    }
-}
-
-#define CASE(G, NV)                                                                                             \
-    if (group == G && nv == NV) {                                                                               \
-        if (bf16) item(p, r, h, s, G, NV, 1);                                                                   \
-        else item(p, r, h, s, G, NV, 0);                                                                        \
-        continue;                                                                                               \
-    }
+#include "paged_decode.h"
 
 static int run(const Problem *p, int threads, int max_len, int bf16) {
-    const int group = p->heads / p->kv_heads, nv = p->dim / 16;
-    const size_t per_thread = (size_t)group * (size_t)(max_len > 0 ? max_len : 1); /* one row's scores */
+    const size_t per_thread = (size_t)(p->heads / p->kv_heads) * (size_t)(max_len > 0 ? max_len : 1); /* one row's scores */
     float *scratch = malloc(sizeof(float) * per_thread * (size_t)(threads > 0 ? threads : 1));
     if (!scratch) return -2;
 #pragma omp parallel num_threads(threads)
     {
         float *s = scratch + per_thread * (size_t)omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t w = 0; w < (int64_t)p->rows * p->kv_heads; w++) {
-            const int r = (int)(w / p->kv_heads), h = (int)(w % p->kv_heads);
-            CASE(1, 4) CASE(2, 4) CASE(4, 4) CASE(8, 4)
-            CASE(1, 8) CASE(2, 8) CASE(4, 8) CASE(8, 8)
-            if (bf16) item(p, r, h, s, group, nv, 1); /* any other shape: same code, runtime sizes */
-            else item(p, r, h, s, group, nv, 0);
-        }
+        for (int64_t w = 0; w < (int64_t)p->rows * p->kv_heads; w++)
+            attend_item(p, (int)(w / p->kv_heads), (int)(w % p->kv_heads), s, bf16);
     }
     free(scratch);
     return 0;
@@ -205,8 +24,7 @@ static int run(const Problem *p, int threads, int max_len, int bf16) {
 int paged_decode(const void *q, int64_t q_row_stride, const void *k_cache, const void *v_cache, const int64_t *table,
                  int64_t table_row_stride, const int64_t *positions, void *out, int rows, int heads, int kv_heads,
                  int dim, int block_size, int window, float scale, int threads, int max_len, int bf16) {
-    if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP || dim % 16 || dim / 16 > MAX_VECS)
-        return -1;
+    if (attention_shape_ok(heads, kv_heads, dim)) return -1;
     const Problem p = {q, k_cache, v_cache, table, positions, out, q_row_stride, table_row_stride,
                        rows, heads, kv_heads, dim, block_size, window, scale};
     return run(&p, threads, max_len, bf16);
