@@ -7,6 +7,7 @@
  * bf16 only. The activation is a table over all 65,536 bf16 inputs made by PyTorch's own function, so
  * act(gate) is bit for bit what PyTorch computes.
  */
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
@@ -42,38 +43,112 @@ typedef struct { /* one decode step: `rows` tokens, one per request */
     uint16_t *out; /* [rows, hidden]: the final norm's output */
 } Step;
 
-/* This thread's share of a linear: outputs split in whole tiles, x widened first where bf16 is emulated. */
-static inline void linear_share(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w, int64_t out,
-                                const uint16_t *bias, uint16_t *y, int tid, int nt, float *xf) {
-    int64_t first, last;
-    gemv_share(out, tid, nt, &first, &last);
+enum { NORM_IN, QKV, ROPE, ATTEND, O_PROJ, NORM_POST, GATE_UP, ACT, DOWN, PHASES }; /* per layer, in order */
+#define CHUNK 32        /* outputs per linear task: a few microseconds of weights, whole tiles */
+#define ACT_CHUNK 1024  /* elements per act task */
+#define SPINS_BEFORE_YIELD 4096
+
+typedef struct { /* where a step's activations live (bf16) */
+    uint16_t *resid, *y, *qkv, *attn, *h, *gu, *act;
+} Acts;
+
+static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    __asm__ volatile("" ::: "memory");
+#endif
+}
+
+/* Tasks of phase `phase` of a layer (the final norm is phase PHASES of the last "layer"). */
+static int64_t phase_tasks(const Model *m, int64_t R, int phase) {
+    const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * m->dim;
+    switch (phase) {
+    case QKV: return ceil_div(qkv_out, CHUNK);
+    case ATTEND: return R * m->kv_heads;
+    case O_PROJ: case DOWN: return ceil_div(m->hidden, CHUNK);
+    case GATE_UP: return ceil_div(2 * m->intermediate, CHUNK);
+    case ACT: return ceil_div(R * m->intermediate, ACT_CHUNK);
+    default: return R; /* norms, rope, the final norm: a row each */
+    }
+}
+
+/* One linear task: outputs [k * CHUNK, ...) of y = x @ w.T + bias; x widened first where bf16 is emulated
+ * (once per phase and thread: *widened remembers which). */
+static inline void linear_task(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w, int64_t out,
+                               const uint16_t *bias, uint16_t *y, int64_t k, float *xf, int64_t *widened,
+                               int64_t phase_id) {
+    const int64_t first = k * CHUNK, last = first + CHUNK < out ? first + CHUNK : out;
 #ifdef __AVX512BF16__
-    (void)xf;
+    (void)xf, (void)widened, (void)phase_id;
     gemv_rows(x, rows, in, w, out, first, last, bias, y, 0);
 #else
-    for (int64_t i = 0; i < rows * in; i++) xf[i] = bf16_to_f32(x[i]);
+    if (*widened != phase_id) {
+        for (int64_t i = 0; i < rows * in; i++) xf[i] = bf16_to_f32(x[i]);
+        *widened = phase_id;
+    }
     gemv_rows(xf, rows, in, w, out, first, last, bias, y, 0);
 #endif
 }
 
-/* Rows r = tid, tid + nt, ...: y = norm(x + residual), the sum written back into residual (NULL: first layer,
- * residual = x). */
-static inline void norm_share(const uint16_t *x, uint16_t *residual, int first_layer, uint16_t *y,
-                              const uint16_t *weight, int64_t rows, int64_t hidden, float eps, int tid, int nt) {
-    for (int64_t r = tid; r < rows; r += nt) {
-        const uint16_t *xr = x + r * hidden;
-        uint16_t *rr = residual + r * hidden;
-        if (first_layer) {
-            memcpy(rr, xr, sizeof(uint16_t) * (size_t)hidden);
-            norm_row(xr, NULL, NULL, y + r * hidden, weight, (int)hidden, eps, 1);
+/* Task k of `phase` of layer l (l == layers: the final norm). */
+static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, int phase, int64_t k, float *scores,
+                     float *xf, int64_t *widened) {
+    const int64_t R = s->rows, H = m->hidden, D = m->dim, I = m->intermediate;
+    const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D, phase_id = l * PHASES + phase;
+    if (l == m->layers) { /* the final norm of row k */
+        norm_row(a->h + k * H, a->resid + k * H, a->resid + k * H, s->out + k * H, m->final_norm, (int)H, m->eps, 1);
+        return;
+    }
+    const Layer *L = &m->layer[l];
+    switch (phase) {
+    case NORM_IN: /* y = norm(x + residual), the sum written back into residual; layer 0: residual = x */
+        if (l == 0) {
+            memcpy(a->resid + k * H, s->x + k * H, sizeof(uint16_t) * (size_t)H);
+            norm_row(s->x + k * H, NULL, NULL, a->y + k * H, L->input_norm, (int)H, m->eps, 1);
         } else {
-            norm_row(xr, rr, rr, y + r * hidden, weight, (int)hidden, eps, 1);
+            norm_row(a->h + k * H, a->resid + k * H, a->resid + k * H, a->y + k * H, L->input_norm, (int)H, m->eps, 1);
         }
+        break;
+    case QKV: linear_task(a->y, R, H, L->qkv, qkv_out, L->qkv_bias, a->qkv, k, xf, widened, phase_id); break;
+    case ROPE:
+        rope_token(a->qkv + k * qkv_out, s->cos + k * D, s->sin + k * D, L->k_cache, L->v_cache, s->slots[k],
+                   (int)m->heads, (int)m->kv_heads, (int)D, 1);
+        break;
+    case ATTEND: {
+        const Problem p = {a->qkv, L->k_cache, L->v_cache, s->table, s->positions, a->attn, qkv_out,
+                           s->table_row_stride, (int)R, (int)m->heads, (int)m->kv_heads, (int)D,
+                           (int)m->block_size, (int)L->window, m->scale};
+        attend_item(&p, (int)(k / m->kv_heads), (int)(k % m->kv_heads), scores, 1);
+        break;
+    }
+    case O_PROJ: linear_task(a->attn, R, m->heads * D, L->o, H, L->o_bias, a->h, k, xf, widened, phase_id); break;
+    case NORM_POST:
+        norm_row(a->h + k * H, a->resid + k * H, a->resid + k * H, a->y + k * H, L->post_norm, (int)H, m->eps, 1);
+        break;
+    case GATE_UP: linear_task(a->y, R, H, L->gate_up, 2 * I, L->gate_up_bias, a->gu, k, xf, widened, phase_id); break;
+    case ACT: { /* act(gate) * up, each rounded to bf16 as PyTorch's two ops */
+        const int64_t first = k * ACT_CHUNK, last = first + ACT_CHUNK < R * I ? first + ACT_CHUNK : R * I;
+        for (int64_t e = first; e < last; e++) {
+            const int64_t r = e / I, i = e % I;
+            const float g = bf16_to_f32(m->act_table[a->gu[r * 2 * I + i]]);
+            a->act[e] = f32_to_bf16(g * bf16_to_f32(a->gu[r * 2 * I + I + i]));
+        }
+        break;
+    }
+    default: linear_task(a->act, R, I, L->down, H, L->down_bias, a->h, k, xf, widened, phase_id); break;
     }
 }
 
 /* Returns 0; -1 for a shape it does not take (rows outside 1..MAX_ROWS, head dim, group); -2 out of memory;
- * -3 a slot outside the cache (nothing written). Positions and block ids are the caller's to check. */
+ * -3 a slot outside the cache (nothing written). Positions and block ids are the caller's to check.
+ *
+ * The step is a chain of phases (per layer: NORM_IN .. DOWN; then the final norm), each cut into tasks. Threads
+ * take the next task from one counter, and a task waits only until every task of the phase before it is
+ * done: no barrier, so a thread the OS preempts (two cores shared with tritonserver and its clients) holds
+ * up at most the task it has, while the other takes the rest. */
 int decode_step(const Model *m, const Step *s) {
     const int64_t R = s->rows, H = m->hidden, D = m->dim, I = m->intermediate;
     const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D, group = m->heads / m->kv_heads;
@@ -83,55 +158,45 @@ int decode_step(const Model *m, const Step *s) {
         if (s->slots[r] < 0 || s->slots[r] >= m->num_slots) return -3;
     const int64_t threads = s->threads > 0 ? s->threads : 1, max_len = s->max_len > 0 ? s->max_len : 1;
     const int64_t widest = (H > I ? H : I) > m->heads * D ? (H > I ? H : I) : m->heads * D;
+    const int64_t phases = m->layers * PHASES + 1; /* the last: the final norm */
     /* activations (bf16): residual, normed x, qkv, attention, o / down output, gate|up, act */
     const size_t acts = (size_t)R * (size_t)(3 * H + qkv_out + m->heads * D + 3 * I);
     const size_t per_thread = (size_t)group * (size_t)max_len + (size_t)R * (size_t)widest; /* scores, x widened */
-    char *scratch = malloc(acts * sizeof(uint16_t) + (size_t)threads * per_thread * sizeof(float) + 64);
+    const size_t counters = sizeof(int64_t) * (size_t)(2 * phases + 1);
+    char *scratch = malloc(counters + acts * sizeof(uint16_t) + (size_t)threads * per_thread * sizeof(float) + 64);
     if (!scratch) return -2;
-    uint16_t *resid = (uint16_t *)scratch, *y = resid + R * H, *qkv = y + R * H, *attn = qkv + R * qkv_out;
-    uint16_t *h = attn + R * m->heads * D, *gu = h + R * H, *act = gu + R * 2 * I;
-    float *floats = (float *)(((uintptr_t)(act + R * I) + 63) & ~(uintptr_t)63);
+    int64_t *done = (int64_t *)scratch, *end = done + phases, *next = end + phases; /* end: tasks before phase p's end */
+    memset(done, 0, sizeof(int64_t) * (size_t)phases);
+    *next = 0;
+    for (int64_t p = 0, total = 0; p < phases; p++) {
+        total += phase_tasks(m, R, p == phases - 1 ? PHASES : (int)(p % PHASES));
+        end[p] = total;
+    }
+    Acts a;
+    a.resid = (uint16_t *)(next + 1);
+    a.y = a.resid + R * H, a.qkv = a.y + R * H, a.attn = a.qkv + R * qkv_out, a.h = a.attn + R * m->heads * D;
+    a.gu = a.h + R * H, a.act = a.gu + R * 2 * I;
+    float *floats = (float *)(((uintptr_t)(a.act + R * I) + 63) & ~(uintptr_t)63);
 
 #pragma omp parallel num_threads(threads)
     {
-        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        float *scores = floats + (size_t)tid * per_thread, *xf = scores + (size_t)group * (size_t)max_len;
-        for (int64_t l = 0; l < m->layers; l++) {
-            const Layer *L = &m->layer[l];
-            norm_share(l == 0 ? s->x : h, resid, l == 0, y, L->input_norm, R, H, m->eps, tid, nt);
-#pragma omp barrier
-            linear_share(y, R, H, L->qkv, qkv_out, L->qkv_bias, qkv, tid, nt, xf);
-#pragma omp barrier
-            for (int64_t r = tid; r < R; r += nt)
-                rope_token(qkv + r * qkv_out, s->cos + r * D, s->sin + r * D, L->k_cache, L->v_cache, s->slots[r],
-                           (int)m->heads, (int)m->kv_heads, (int)D, 1);
-#pragma omp barrier
-            const Problem p = {qkv, L->k_cache, L->v_cache, s->table, s->positions, attn, qkv_out,
-                               s->table_row_stride, (int)R, (int)m->heads, (int)m->kv_heads, (int)D,
-                               (int)m->block_size, (int)L->window, m->scale};
-            for (int64_t w = tid; w < R * m->kv_heads; w += nt)
-                attend_item(&p, (int)(w / m->kv_heads), (int)(w % m->kv_heads), scores, 1);
-#pragma omp barrier
-            linear_share(attn, R, m->heads * D, L->o, H, L->o_bias, h, tid, nt, xf);
-#pragma omp barrier
-            norm_share(h, resid, 0, y, L->post_norm, R, H, m->eps, tid, nt);
-#pragma omp barrier
-            linear_share(y, R, H, L->gate_up, 2 * I, L->gate_up_bias, gu, tid, nt, xf);
-#pragma omp barrier
-            { /* act(gate) * up, each rounded to bf16 as PyTorch's two ops */
-                const int64_t n = R * I, first = n * tid / nt, last = n * (tid + 1) / nt;
-                for (int64_t e = first; e < last; e++) {
-                    const int64_t r = e / I, i = e % I;
-                    const float a = bf16_to_f32(m->act_table[gu[r * 2 * I + i]]);
-                    act[e] = f32_to_bf16(a * bf16_to_f32(gu[r * 2 * I + I + i]));
+        float *scores = floats + (size_t)omp_get_thread_num() * per_thread, *xf = scores + (size_t)group * (size_t)max_len;
+        int64_t p = 0, widened = -1;
+        for (;;) {
+            const int64_t t = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
+            if (t >= end[phases - 1]) break;
+            while (t >= end[p]) p++;
+            if (p > 0) { /* the phase before done: spin, then give the core away if its last task is preempted */
+                const int64_t need = end[p - 1] - (p > 1 ? end[p - 2] : 0);
+                for (int spins = 0; __atomic_load_n(&done[p - 1], __ATOMIC_ACQUIRE) < need; spins++) {
+                    if (spins >= SPINS_BEFORE_YIELD) sched_yield();
+                    else cpu_relax();
                 }
             }
-#pragma omp barrier
-            linear_share(act, R, I, L->down, H, L->down_bias, h, tid, nt, xf);
-#pragma omp barrier
+            const int64_t k = t - (p > 0 ? end[p - 1] : 0);
+            run_task(m, s, &a, p / PHASES, p == phases - 1 ? PHASES : (int)(p % PHASES), k, scores, xf, &widened);
+            __atomic_fetch_add(&done[p], 1, __ATOMIC_RELEASE);
         }
-        for (int64_t r = tid; r < R; r += nt)
-            norm_row(h + r * H, resid + r * H, resid + r * H, s->out + r * H, m->final_norm, (int)H, m->eps, 1);
     }
     free(scratch);
     return 0;
