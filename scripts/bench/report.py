@@ -82,7 +82,7 @@ def add_ratios(rows: list[Row], peers: list[str]) -> None:
 
 @dataclass(slots=True)
 class Machine:
-    bandwidth_gb_s: float  # memory copy, read + write bytes per second
+    bandwidth_gb_s: float  # memory read, bytes per second
     matmul_gflop_s: dict[str, float]  # per dtype name
 
     def bound_tok_s(self, weight_bytes: int, params: int, concurrency: int, dtype: str) -> float:
@@ -135,5 +135,5 @@ def markdown(rows: list[Row], peers: list[str]) -> str:
 
 def roofline_line(machine: Machine) -> str:
     rates = ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in machine.matmul_gflop_s.items())
-    return (f"Roofline: memory copy {machine.bandwidth_gb_s:.1f} GB/s; matmul {rates}. 'of roofline' = "
+    return (f"Roofline: memory read {machine.bandwidth_gb_s:.1f} GB/s; matmul {rates}. 'of roofline' = "
             "tok/s / (concurrency / max(weight bytes / bandwidth, concurrency * 2 * params / matmul rate)).")
