@@ -326,3 +326,34 @@ def test_threads_carry_os_names(loop):
             break
         time.sleep(0.01)
     assert wanted <= names
+
+
+def test_stream_budget_groups_tokens_past_it_first_and_last_at_once(engine):
+    """Past the response budget a stream's tokens wait for its gap (streams / budget seconds): one stream at
+    one response per 1,000 s sends its first token, then the rest with the finish reason."""
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    sinks = {}
+    for budget in (0.0, 1e-3):
+        loop = EngineLoop(engine, stream_budget=budget)
+        loop.start()
+        try:
+            sinks[budget] = ListSink()
+            loop.submit(Job(prompt_text="a story", params=params, stream=True), sinks[budget])
+            sinks[budget].wait()
+        finally:
+            loop.stop()
+    assert [len(c.token_ids) for c in sinks[0.0].chunks] == [1] * 10  # no budget: one response per token
+    grouped = sinks[1e-3]
+    assert [len(c.token_ids) for c in grouped.chunks] == [1, 9]
+    assert grouped.ids == sinks[0.0].ids and grouped.text == sinks[0.0].text
+    assert grouped.chunks[-1].finish_reason == "length" and not grouped.chunks[0].finish_reason
+
+
+def test_stream_budget_resolves_per_core(monkeypatch):
+    from tgi_backend.serving import engine_loop
+
+    monkeypatch.setattr(engine_loop.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert engine_loop.stream_budget(-1) == 2 * engine_loop.STREAM_BUDGET_PER_CORE
+    assert engine_loop.stream_budget(0) == 0.0 and engine_loop.stream_budget(300) == 300.0
+    with pytest.raises(ValueError, match="stream_budget"):
+        EngineConfig(model_id="x", stream_budget=-2).resolve(128)

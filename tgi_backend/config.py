@@ -46,6 +46,10 @@ class EngineConfig:
     stream_coalescing: bool = False
     # serving: a stream's tokens leave in responses of this many (vLLM's --stream-interval); 1: one per token
     stream_interval: int = 1
+    # serving: streamed responses per second for all streams together before a stream's tokens are grouped
+    # (each response is an IPC round trip through tritonserver and a gRPC message); 0: one per token;
+    # -1: serving/engine_loop.py's STREAM_BUDGET_PER_CORE per CPU core
+    stream_budget: int = -1
     # metrics: tgi_request_inter_token_duration, one sample per token; each sample is an IPC round trip to
     # tritonserver (as costly as a streamed response), so it is off unless asked for
     inter_token_metrics: bool = False
@@ -102,6 +106,8 @@ class EngineConfig:
             raise ValueError(f"`speculate` must be between 0 and {MAX_SPECULATE}, got {self.speculate}")
         if self.stream_interval < 1:
             raise ValueError(f"`stream_interval` must be at least 1, got {self.stream_interval}")
+        if self.stream_budget < -1:
+            raise ValueError(f"`stream_budget` must be >= 0 (or -1: per CPU core), got {self.stream_budget}")
         return dataclasses.replace(
             self,
             max_total_tokens=total,

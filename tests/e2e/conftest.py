@@ -153,8 +153,10 @@ def start_server(model_dir: str, work: Path, extra_args: tuple[str, ...] = ()) -
 @pytest.fixture(scope="session")
 def server(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> Server:
     # n-gram speculation on: every e2e answer below must come out as it would without it; the inter-token
-    # histogram on (off by default), so the metrics test sees every metric
-    srv = start_server(tiny_llama_dir, tmp_path_factory.mktemp("e2e"), ("--speculate", "4", "--inter-token-metrics"))
+    # histogram on (off by default), so the metrics test sees every metric; one response per token (the
+    # default budget groups a tiny model's fast tokens; tests/test_engine_loop.py covers it), as the tests count
+    srv = start_server(tiny_llama_dir, tmp_path_factory.mktemp("e2e"),
+                       ("--speculate", "4", "--inter-token-metrics", "--stream-budget", "0"))
     yield srv
     stop_server(srv)
 

@@ -35,6 +35,21 @@ RESPONSE_NICENESS = 10
 # every step, 32 streams spent 12% of it there; every 0.1 s there, 128 streams still 19%. So a thread of its
 # own sweeps the requests every CANCEL_POLL_INTERVAL seconds: a client that leaves is noticed that late.
 CANCEL_POLL_INTERVAL = 0.1
+# Each streamed response costs ~0.2 ms of CPU (the stub's IPC round trip, tritonserver, gRPC, the client): one
+# per token took 0.6 of this host's two cores at 128 streams. Past this many responses per second per core,
+# all streams together, each stream's tokens are grouped (serving/engine_loop.py: EngineLoop._hold).
+STREAM_BUDGET_PER_CORE = 250
+
+
+def stream_budget(configured: int) -> float:
+    """Responses per second for all streams (0: no limit); -1: STREAM_BUDGET_PER_CORE per usable CPU core."""
+    if configured >= 0:
+        return float(configured)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return float(STREAM_BUDGET_PER_CORE * cores)
 
 
 @dataclass(slots=True)
@@ -93,18 +108,21 @@ class _Active:
     arrival_time: float = 0.0  # submitted to the loop
     last_token_time: float | None = None
     inter_token: list[float] = field(default_factory=list)
-    held: Chunk | None = None  # streamed tokens waiting for the stream interval
+    held: Chunk | None = None  # streamed tokens waiting for the stream interval or the budget's gap
     streamed: bool = False  # a response left already (the first one never waits)
+    last_sent: float = 0.0  # when the last response left (engine-thread clock)
 
 
 class EngineLoop:
     def __init__(
-        self, engine: Any, observer: EngineObserver | None = None, coalesce: bool = False, stream_interval: int = 1
+        self, engine: Any, observer: EngineObserver | None = None, coalesce: bool = False, stream_interval: int = 1,
+        stream_budget: float = 0.0,
     ) -> None:
         self.engine = engine
         self.observer = observer  # metrics: called on the response thread
         self.coalesce = coalesce  # merge a lagging stream's queued chunks (off: one response per token)
         self.stream_interval = stream_interval  # tokens per streamed response (vLLM's --stream-interval)
+        self.stream_budget = stream_budget  # responses per second, all streams (0: one per token)
         self._build: Callable[[], Any] | None = None
         self._build_error: BaseException | None = None
         self._ready = threading.Event()
@@ -123,10 +141,10 @@ class EngineLoop:
     @classmethod
     def build(
         cls, make_engine: Callable[[], Any], observer: EngineObserver | None = None, coalesce: bool = False,
-        stream_interval: int = 1,
+        stream_interval: int = 1, stream_budget: float = 0.0,
     ) -> EngineLoop:
         """A loop whose engine `make_engine()` creates on the engine thread, in `start()`."""
-        loop = cls(None, observer, coalesce, stream_interval)
+        loop = cls(None, observer, coalesce, stream_interval, stream_budget)
         loop._build = make_engine
         return loop
 
@@ -266,6 +284,7 @@ class EngineLoop:
             self._fail_all(GenerationError(f"Request failed during generation: {exc}"))
             return
         now = time.monotonic()
+        gap = self._stream_gap()
         for out in outputs:
             active = self._active.get(out.request_id)
             if active is None:
@@ -274,7 +293,7 @@ class EngineLoop:
                 active.inter_token.append(now - active.last_token_time)
             active.last_token_time = now
             try:
-                self._deliver(active, out)
+                self._deliver(active, out, now, gap)
             except Exception as exc:  # e.g. detokenizing failed: end this request only
                 log.exception("request %s failed", out.request_id)
                 self._drop(out.request_id, GenerationError(f"Request failed during generation: {exc}"))
@@ -282,7 +301,14 @@ class EngineLoop:
             if out.finished:
                 del self._active[out.request_id]
 
-    def _deliver(self, active: _Active, out: Any) -> None:
+    def _stream_gap(self) -> float:
+        """Seconds between two responses of one stream that keep all streams within the budget (0: none)."""
+        if not self.stream_budget:
+            return 0.0
+        streams = sum(1 for a in self._active.values() if a.job.stream)
+        return streams / self.stream_budget
+
+    def _deliver(self, active: _Active, out: Any, now: float = 0.0, gap: float = 0.0) -> None:
         job = active.job
         active.output_ids.extend(out.new_token_ids)
         if not job.stream:
@@ -293,7 +319,7 @@ class EngineLoop:
             return
         chunk = self._chunk(out, out.text, list(out.new_token_ids))
         chunk.details = getattr(out, "details", None)
-        chunk = self._hold(active, chunk, out.finished)
+        chunk = self._hold(active, chunk, out.finished, now, gap)
         if chunk is None:
             return
         if active.window is not None:
@@ -310,18 +336,19 @@ class EngineLoop:
         self._report_finish(active, out.finish_reason or "length")
         self._emit(active.sink, chunk, final=True)
 
-    def _hold(self, active: _Active, chunk: Chunk, finished: bool) -> Chunk | None:
-        """vLLM's stream interval: the first response and the last leave at once, the others once they hold
-        `interval` tokens. None: the chunk waits in `active.held`."""
+    def _hold(self, active: _Active, chunk: Chunk, finished: bool, now: float, gap: float) -> Chunk | None:
+        """vLLM's stream interval and the response budget: the first response and the last leave at once, the
+        others once they hold `interval` tokens and `gap` seconds have passed since the stream's last response.
+        None: the chunk waits in `active.held`."""
         interval = max(self.stream_interval, active.job.stream_interval)
-        if interval == 1 or active.window is not None:  # decode windows: the ensemble's own protocol
+        if (interval == 1 and not gap) or active.window is not None:  # decode windows: the ensemble's protocol
             return chunk
         if active.held is not None:
             chunk, active.held = merge_chunks(active.held, chunk), None
-        if active.streamed and not finished and len(chunk.token_ids) < interval:
+        if active.streamed and not finished and (len(chunk.token_ids) < interval or now - active.last_sent < gap):
             active.held = chunk
             return None
-        active.streamed = True
+        active.streamed, active.last_sent = True, now
         return chunk
 
     def _whole(self, active: _Active, out: Any) -> Chunk:

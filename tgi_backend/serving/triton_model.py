@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 
 from tgi_backend.config import EngineConfig
 from tgi_backend.errors import OverloadedError, ValidationError
-from tgi_backend.serving.engine_loop import Chunk, EngineLoop
+from tgi_backend.serving.engine_loop import Chunk, EngineLoop, stream_budget
 from tgi_backend.sampling.params import ValidationLimits
 from tgi_backend.serving.inputs import output_arrays, parse_job
 from tgi_backend.serving.metrics import EngineMetrics
@@ -73,7 +73,8 @@ class TritonPythonModel:
         config = EngineConfig.from_strings(model_parameters(model_config))
         # Built on the engine thread: torch must run on one thread only (see engine_loop's docstring).
         self.loop = EngineLoop.build(lambda: LLMEngine(config), coalesce=config.stream_coalescing,
-                                     stream_interval=config.stream_interval)
+                                     stream_interval=config.stream_interval,
+                                     stream_budget=stream_budget(config.stream_budget))
         self.loop.start()
         self.engine = self.loop.engine
         labels = {"model": args.get("model_name", "tgi_llm"), "version": args.get("model_version", "1")}
