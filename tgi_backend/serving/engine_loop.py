@@ -37,7 +37,7 @@ RESPONSE_NICENESS = 10
 CANCEL_POLL_INTERVAL = 0.1
 # Each streamed response costs ~0.2 ms of CPU (the stub's IPC round trip, tritonserver, gRPC, the client): one
 # per token took 0.6 of this host's two cores at 128 streams. Past this many responses per second per core,
-# all streams together, each stream's tokens are grouped (serving/engine_loop.py: EngineLoop._hold).
+# all streams together, each stream's tokens are grouped (EngineLoop._hold).
 STREAM_BUDGET_PER_CORE = 250
 
 
@@ -308,7 +308,7 @@ class EngineLoop:
         streams = sum(1 for a in self._active.values() if a.job.stream)
         return streams / self.stream_budget
 
-    def _deliver(self, active: _Active, out: Any, now: float = 0.0, gap: float = 0.0) -> None:
+    def _deliver(self, active: _Active, out: Any, now: float, gap: float) -> None:
         job = active.job
         active.output_ids.extend(out.new_token_ids)
         if not job.stream:
