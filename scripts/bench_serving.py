@@ -4,6 +4,7 @@ transformers' `generate` (static batch). Writes JSON and a markdown table with r
 
     .venv/bin/python scripts/bench_serving.py --model demo --concurrency 8
     .venv/bin/python scripts/bench_serving.py --model medium --concurrency 1 --concurrency 16
+    .venv/bin/python scripts/bench_serving.py --model small --concurrency 1 --concurrency 32 --paired 5
 
 Models: `demo` (the built-in demo checkpoint), `small` / `medium` (random-weight Llamas of the benchmark suite,
 generated once under the cache folder), or a local checkpoint folder. Prompts are random token ids and EOS is
@@ -12,15 +13,18 @@ ignored, so every request produces exactly --new-tokens tokens.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
+import statistics
 import struct
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -108,19 +112,33 @@ def make_prompts(vocab: int, n: int, length: int, seed: int = 0) -> list[list[in
 
 
 # ---- peers ---------------------------------------------------------------------------------------
-def bench_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, speculate: int = 0) -> Result:
+_RUNS = itertools.count()
+
+def make_engine(path: str, dtype: str, speculate: int = 0) -> Any:
+    """The in-process engine as the Triton peer's server builds it, warmed up."""
     from tgi_backend.config import EngineConfig
     from tgi_backend.engine.engine import LLMEngine
     from tgi_backend.engine.request import SamplingParams
 
     engine = LLMEngine(EngineConfig(model_id=path, dtype=dtype, max_total_tokens=1024, speculate=speculate))
+    engine.generate([[5] * 8], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
+    return engine
+
+
+def bench_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: str, speculate: int = 0) -> Result:
+    return run_engine(make_engine(path, dtype, speculate), prompts, new_tokens, speculate)
+
+
+def run_engine(engine: Any, prompts: list[list[int]], new_tokens: int, speculate: int = 0) -> Result:
+    from tgi_backend.engine.request import SamplingParams
+
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    engine.generate([prompts[0][:8]], SamplingParams(max_new_tokens=2, ignore_eos=True))  # warm-up
     stamps: dict[str, list[float]] = {}
+    run = next(_RUNS)  # request ids stay unique when one engine serves several runs
     start = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.add_request(f"b{i}", p, params)
-        stamps[f"b{i}"] = []
+        engine.add_request(f"b{run}-{i}", p, params)
+        stamps[f"b{run}-{i}"] = []
     while engine.has_unfinished_requests():
         for out in engine.step():
             stamps[out.request_id].append(time.perf_counter())
@@ -360,6 +378,32 @@ def add_ratios(rows: list[dict]) -> None:
                 r[key] = round(r["output_tok_s"] / ref["output_tok_s"], 2)
 
 
+def paired(path: str, vocab: int, concurrency: int, args: argparse.Namespace) -> dict:
+    """Served / in-process throughput, alternated: one server and one in-process engine (this process, while
+    the server idles) take turns in ABBA rounds on fresh prompts, so that a host whose speed drifts by 20-40%
+    between runs still gives a ratio; per round (served + served) / (in-process + in-process)."""
+    server = TritonProcess(path, args.dtype, tuple(args.serve_flag or ()))
+    server.start()
+    try:
+        engine = make_engine(path, args.dtype)
+        ratios: list[float] = []
+        for r in range(args.paired):
+            sets = [make_prompts(vocab, concurrency, args.prompt_tokens, seed=4 * r + i) for i in range(4)]
+            rates = []
+            for i, run in enumerate((server.run_load, lambda p, n: run_engine(engine, p, n),
+                                     lambda p, n: run_engine(engine, p, n), server.run_load)):
+                res = run(sets[i], args.new_tokens)
+                rates.append(res.output_tokens / res.seconds)
+            ratios.append((rates[0] + rates[3]) / (rates[1] + rates[2]))
+            print(f"round {r + 1}: served {rates[0]:.1f} {rates[3]:.1f}, in-process {rates[1]:.1f} {rates[2]:.1f} "
+                  f"tok/s: {ratios[-1]:.3f}", flush=True)
+    finally:
+        server.stop()
+    return {"peer": "served / in-process, paired", "concurrency": concurrency, "ratios": [round(x, 3) for x in ratios],
+            "median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
+            "serve_flags": list(args.serve_flag or ())}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="demo | small | medium | folder (repeatable)")
@@ -369,12 +413,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--peers", default="triton,engine,transformers")
     ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                    help="instead of the peers: served / in-process ratio over ROUNDS alternated rounds")
+    ap.add_argument("--serve-flag", action="append", help="a `tgi-triton serve` flag for the served side (repeatable)")
     args = ap.parse_args(argv)
     rows: list[dict] = []
     for model in args.model or ["demo"]:
         path = resolve_model(model)
         vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
         for conc in args.concurrency or [8]:
+            if args.paired:
+                rows.append({"model": model, **paired(path, vocab, conc, args)})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
             prompts = make_prompts(vocab, conc, args.prompt_tokens)
             for peer in args.peers.split(","):
                 try:
@@ -384,8 +435,16 @@ def main(argv: list[str] | None = None) -> int:
                 res["model"] = model
                 rows.append(res)
                 print(json.dumps(res), flush=True)
-    add_ratios(rows)
     out = Path(args.out)
+    if args.paired:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        (out / f"bench-paired-{stamp}.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / f"bench-paired-{stamp}.json").write_text(json.dumps(rows, indent=1))
+        for r in rows:
+            print(f"| {r['model']} | {r['concurrency']} | served / in-process median {r['median']} "
+                  f"(min {r['min']}, max {r['max']}, {len(r['ratios'])} rounds) |")
+        return 0
+    add_ratios(rows)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "dtype": args.dtype,
