@@ -22,7 +22,7 @@ BLOCK = 4
 
 def _runner(folder: str) -> ModelRunner:
     config = EngineConfig(model_id=folder, dtype="bfloat16", block_size=BLOCK, max_total_tokens=64,
-                          max_batch_total_tokens=1024).resolve(128)
+                          max_batch_total_tokens=4096).resolve(128)
     return ModelRunner(config, folder)
 
 
@@ -37,18 +37,19 @@ def runner(request, tmp_path_factory) -> ModelRunner:
     return _runner(folder)
 
 
-def test_decode_steps_equal_the_modules(runner):
+def _decode_steps(runner: ModelRunner, sizes: list[int]) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Decode steps of the given row counts, each run fused and then, from the same cache, by the modules:
+    [(rows, fused logits, module logits, fused cache, module cache)]."""
     fused = runner.fused
-    assert fused is not None and fused.max_rows == runner.model.model.layers[0].mlp.down_proj.packed.native_rows
     gen = torch.Generator().manual_seed(3)
-    rows = fused.max_rows
-    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (3, 9, 14, 6, 11, 2, 7, 5)[:rows]]
-    blocks = {i: list(range(1 + i * 8, 1 + i * 8 + 8)) for i in range(rows)}
+    n = max(sizes)
+    prompts = [torch.randint(0, 256, (2 + i % 13,), generator=gen).tolist() for i in range(n)]
+    blocks = {i: list(range(1 + i * 8, 1 + i * 8 + 8)) for i in range(n)}
     runner.compute_logits(SchedulerOutput([_chunk(f"r{i}", p, 0, blocks[i]) for i, p in enumerate(prompts)]))
     lengths = [len(p) for p in prompts]
-    for step in range(12):  # across block boundaries and past the 8-token sliding windows
-        n = 1 + step % rows  # 1..max_rows rows
-        chunks = [_chunk(f"r{i}", [(7 * step + i) % 256], lengths[i], blocks[i]) for i in range(n)]
+    out = []
+    for step, rows in enumerate(sizes):  # across block boundaries and past the 8-token sliding windows
+        chunks = [_chunk(f"r{i}", [(7 * step + i) % 256], lengths[i], blocks[i]) for i in range(rows)]
         kv_before = runner.kv_cache.clone()
         got = runner.compute_logits(SchedulerOutput(chunks))
         kv_fused = runner.kv_cache.clone()
@@ -58,10 +59,29 @@ def test_decode_steps_equal_the_modules(runner):
             want = runner.compute_logits(SchedulerOutput(chunks))
         finally:
             runner.fused = fused
-        assert torch.equal(got, want), f"step {step}, {n} rows"
-        assert torch.equal(kv_fused, runner.kv_cache)  # the same K/V written to the same slots
-        for i in range(n):
+        out.append((rows, got, want, kv_fused, runner.kv_cache.clone()))
+        for i in range(rows):
             lengths[i] += 1
+    return out
+
+
+def test_few_row_steps_equal_the_modules(runner):
+    few = runner.model.model.layers[0].mlp.down_proj.packed.native_rows
+    assert runner.fused is not None and runner.fused._model.few_rows == few
+    for rows, got, want, kv_fused, kv_modules in _decode_steps(runner, [1 + s % few for s in range(12)]):
+        assert torch.equal(got, want), f"{rows} rows"  # the same kernels' code: bit for bit
+        assert torch.equal(kv_fused, kv_modules)  # the same K/V written to the same slots
+
+
+@pytest.mark.skipif(not decoder.amx_available(), reason="no AMX on this CPU: steps past the few-row kernel run the modules")
+def test_amx_steps_match_the_modules(runner):
+    assert runner.fused.max_rows == decoder.AMX_MAX_ROWS
+    for rows, got, want, kv_fused, kv_modules in _decode_steps(runner, [5, 8, 16, 17, 33, 7]):
+        # AMX sums 32 inputs a tile as oneDNN's AMX kernel does; the last bf16 bit may still differ
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() <= 0.02 * scale, f"{rows} rows"
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+        torch.testing.assert_close(kv_fused.float(), kv_modules.float(), rtol=0.02, atol=0.02)
 
 
 def test_steps_it_does_not_take_run_the_modules(runner, monkeypatch):
@@ -81,8 +101,9 @@ def test_a_slot_outside_the_cache_is_refused(runner):
     before = runner.kv_cache.clone()
     with pytest.raises(ValueError, match="slot mapping out of bounds"):
         fused.forward(ids, pos, torch.tensor([runner.kv_cache[0, 0].numel()]), dec)
-    with pytest.raises(ValueError, match="1..4|1..8"):
-        fused.forward(torch.tensor([5] * 9), torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long), dec)
+    rows = fused.max_rows + 1
+    with pytest.raises(ValueError, match=f"1..{fused.max_rows}"):
+        fused.forward(torch.tensor([5] * rows), torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long), dec)
     assert torch.equal(before, runner.kv_cache)
 
 
@@ -102,3 +123,26 @@ def test_unsupported_shapes_are_not_fused():
     assert not decoder.supported(dataclasses.replace(ok, head_dim=24))  # not a multiple of 16
     assert not decoder.supported(dataclasses.replace(ok, heads=64, kv_heads=2))  # group over 16
     assert not decoder.supported(dataclasses.replace(ok, final_norm=t.float()))  # bf16 only
+
+
+@pytest.mark.skipif(not decoder.amx_available(), reason="no AMX on this CPU")
+@pytest.mark.parametrize("rows,out,inn,bias", [(1, 32, 32, False), (5, 48, 64, True), (16, 64, 128, False),
+                                               (17, 96, 512, True), (33, 768, 512, False)])
+def test_amx_linear_matches_float64_rounded_once(rows, out, inn, bias):
+    # 48 / 96 outputs: a last chunk of one 16-output block; 17 / 33 rows: a second tile of padding rows
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, inn, generator=g).to(torch.bfloat16)
+    w = (torch.randn(out, inn, generator=g) * 0.1).to(torch.bfloat16)
+    b = torch.randn(out, generator=g).to(torch.bfloat16) if bias else None
+    y = decoder.amx_linear(x, decoder.vnni_pack(w), out, b)
+    exact = x.double() @ w.double().T + (b.double() if bias else 0)
+    ulp = exact.abs().clamp_min(1e-3) * 2.0**-7  # float32 sums rounded to bf16 once: within one bf16 ulp
+    assert ((y.double() - exact).abs() <= ulp + 1e-5 * inn**0.5).all()
+
+
+def test_vnni_pack_layout():
+    w = torch.arange(32 * 64, dtype=torch.float32).view(32, 64).to(torch.bfloat16)
+    packed = decoder.vnni_pack(w)  # [out / 16][in / 32][16 pairs][16 outputs][2]
+    assert packed.shape == (2, 2, 16, 16, 2)
+    for nb, kb, kk, n, e in ((0, 0, 0, 0, 1), (1, 1, 15, 15, 0), (1, 0, 3, 7, 1)):
+        assert packed[nb, kb, kk, n, e] == w[nb * 16 + n, kb * 32 + 2 * kk + e]

@@ -124,7 +124,7 @@ def test_native_bf16_plan_runs_the_kernel_up_to_its_rows_then_onednn():
 
 def test_plan_takes_the_kernel_where_it_builds(monkeypatch):
     gib = 1 << 30
-    monkeypatch.setattr(linear_module, "_physical_memory", lambda: 24 * gib)
+    monkeypatch.setattr(linear_module, "physical_memory", lambda: 24 * gib)
     monkeypatch.setattr(linear_module, "bf16_support", lambda: "emulated")
     monkeypatch.setattr(gemv, "available", lambda: True)
     assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16_NATIVE

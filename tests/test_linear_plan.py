@@ -110,7 +110,7 @@ def test_copy_bytes_counts_a_float32_copy_per_weight():
 
 def test_plan_follows_the_cpu_and_the_weights_size(monkeypatch):
     gib = 1 << 30
-    monkeypatch.setattr(linear_module, "_physical_memory", lambda: 24 * gib)
+    monkeypatch.setattr(linear_module, "physical_memory", lambda: 24 * gib)
     monkeypatch.setattr(linear_module, "bf16_support", lambda: "native")
     monkeypatch.setattr(linear_module.gemv, "available", lambda: True)
     assert linear_module.matmul_plan(8 * gib) is linear_module.NATIVE_BF16_KERNEL  # a bf16 copy: 4 GiB of 24

@@ -101,16 +101,16 @@ def matmul_plan(extra_bytes: int) -> MatmulPlan | None:
         return None
     support = bf16_support()
     if support == "native":  # the plain copy for the kernel costs half a float32 copy
-        room = extra_bytes // 2 <= COPY_MEMORY_FRACTION * _physical_memory()
+        room = extra_bytes // 2 <= COPY_MEMORY_FRACTION * physical_memory()
         return NATIVE_BF16_KERNEL if room and gemv.available() else NATIVE_BF16
-    if support == "emulated" and extra_bytes <= COPY_MEMORY_FRACTION * _physical_memory():
+    if support == "emulated" and extra_bytes <= COPY_MEMORY_FRACTION * physical_memory():
         return EMULATED_BF16_NATIVE if gemv.available() else EMULATED_BF16
     if support == "emulated" and gemv.available():
         return EMULATED_BF16_NO_COPY
     return None
 
 
-def _physical_memory() -> int:
+def physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

@@ -20,14 +20,14 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-# library name (its .c file here) -> (its one function, argument types); every function returns an int status
+# library name (its .c file here) -> {function: argument types}; every function returns an int
 FUNCTIONS = {
-    "paged_decode": ("paged_decode",
-                     [_P, _I64, _P, _P, _P, _I64, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32, _F32, _I32, _I32, _I32]),
-    "rms_norm": ("rms_norm_residual", [_P, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32]),
-    "gemv": ("linear_bf16", [_P, _I64, _I64, _P, _I64, _P, _P, _I32, _I32]),
-    "rope_store": ("rope_store", [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32, _I32]),
-    "decoder": ("decode_step", [_P, _P]),
+    "paged_decode": {"paged_decode": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32, _F32,
+                                      _I32, _I32, _I32]},
+    "rms_norm": {"rms_norm_residual": [_P, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32]},
+    "gemv": {"linear_bf16": [_P, _I64, _I64, _P, _I64, _P, _P, _I32, _I32]},
+    "rope_store": {"rope_store": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32, _I32]},
+    "decoder": {"decode_step": [_P, _P], "amx_ready": [], "amx_linear": [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _I64]},
 }
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 BUILD_TIMEOUT_S = 120
@@ -107,7 +107,7 @@ def library(name: str = "paged_decode") -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("native CPU kernel %s unavailable, keeping the PyTorch path: %s", name, exc)
         return None
-    function, argtypes = FUNCTIONS[name]
-    fn = getattr(lib, function)
-    fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    for function, argtypes in FUNCTIONS[name].items():
+        fn = getattr(lib, function)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return lib

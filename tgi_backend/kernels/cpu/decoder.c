@@ -12,6 +12,11 @@
 #include <stdlib.h>
 #include <omp.h>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+#include "amx.h"
 #include "gemv.h"
 #include "paged_decode.h"
 #include "rms_norm.h"
@@ -20,15 +25,18 @@
 typedef struct { /* one decoder layer; weights bf16 [out, in] row-major; biases NULL where none */
     const uint16_t *input_norm, *post_norm;
     const uint16_t *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
+    const uint16_t *qkv_amx, *o_amx, *gate_up_amx, *down_amx; /* packed for amx.h; NULL: no AMX */
     void *k_cache, *v_cache; /* [num_slots, kv_heads, dim] */
     int64_t window;          /* sliding window; 0: none */
 } Layer;
 
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, dim, intermediate, block_size, num_slots;
+    int64_t few_rows; /* up to this many rows the few-row kernel (gemv.h) on the plain weights, past it AMX */
+    int64_t max_rows;
     float eps, scale;
     const uint16_t *final_norm;
-    const uint16_t *act_table; /* act(x) for every bf16 bit pattern x */
+    const uint16_t *act_table; /* act(x) for every bf16 bit pattern x, and one spare entry */
     const Layer *layer;
 } Model;
 
@@ -43,16 +51,46 @@ typedef struct { /* one decode step: `rows` tokens, one per request */
     uint16_t *out; /* [rows, hidden]: the final norm's output */
 } Step;
 
+int amx_ready(void);
+
 enum { NORM_IN, QKV, ROPE, ATTEND, O_PROJ, NORM_POST, GATE_UP, ACT, DOWN, PHASES }; /* per layer, in order */
 #define CHUNK 32        /* outputs per linear task: a few microseconds of weights, whole tiles */
 #define ACT_CHUNK 1024  /* elements per act task */
 #define SPINS_BEFORE_YIELD 4096
 
-typedef struct { /* where a step's activations live (bf16) */
+typedef struct { /* where a step's activations live (bf16); y, attn and act have `padded` rows for the tiles */
     uint16_t *resid, *y, *qkv, *attn, *h, *gu, *act;
+    int64_t padded;
+    int amx;
 } Acts;
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* y[i] = bf16(act_table[gate[i]] * up[i]) for i in [i0, i1): 16 at a time where AVX-512 gathers the table
+ * (read as 32-bit words at 2-byte steps; the table has one spare entry, so the last word stays inside), the
+ * rounding is f32_to_bf16's (nearest even, NaN kept). */
+static inline void act_row(const uint16_t *table, const uint16_t *gate, const uint16_t *up, uint16_t *y, int64_t i0,
+                           int64_t i1) {
+    int64_t i = i0;
+#ifdef __AVX512F__
+    const __m512i low = _mm512_set1_epi32(0xffff), round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    for (; i + 16 <= i1; i += 16) {
+        const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(gate + i)));
+        const __m512i a = _mm512_and_si512(_mm512_i32gather_epi32(idx, (const void *)table, 2), low);
+        const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(up + i)));
+        const __m512 p = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)),
+                                       _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
+        const __m512i bits = _mm512_castps_si512(p);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(round, lsb)), 16);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, abs_mask), inf);
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
+        _mm256_storeu_si256((__m256i *)(y + i), _mm512_cvtepi32_epi16(r));
+    }
+#endif
+    for (; i < i1; i++) y[i] = f32_to_bf16(bf16_to_f32(table[gate[i]]) * bf16_to_f32(up[i]));
+}
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -75,11 +113,15 @@ static int64_t phase_tasks(const Model *m, int64_t R, int phase) {
     }
 }
 
-/* One linear task: outputs [k * CHUNK, ...) of y = x @ w.T + bias; x widened first where bf16 is emulated
- * (once per phase and thread: *widened remembers which). */
-static inline void linear_task(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w, int64_t out,
-                               const uint16_t *bias, uint16_t *y, int64_t k, float *xf, int64_t *widened,
-                               int64_t phase_id) {
+/* One linear task: outputs [k * CHUNK, ...) of y = x @ w.T + bias; on AMX from the packed weight, else the
+ * few-row kernel, x widened first where bf16 is emulated (once per phase and thread: *widened remembers which). */
+static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w,
+                               const uint16_t *w_amx, int64_t out, const uint16_t *bias, uint16_t *y, int64_t k,
+                               float *xf, int64_t *widened, int64_t phase_id) {
+    if (a->amx) {
+        amx_chunk(x, rows, a->padded, in, w_amx, out, k * CHUNK, bias, y);
+        return;
+    }
     const int64_t first = k * CHUNK, last = first + CHUNK < out ? first + CHUNK : out;
 #ifdef __AVX512BF16__
     (void)xf, (void)widened, (void)phase_id;
@@ -112,7 +154,7 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
             norm_row(a->h + k * H, a->resid + k * H, a->resid + k * H, a->y + k * H, L->input_norm, (int)H, m->eps, 1);
         }
         break;
-    case QKV: linear_task(a->y, R, H, L->qkv, qkv_out, L->qkv_bias, a->qkv, k, xf, widened, phase_id); break;
+    case QKV: linear_task(a, a->y, R, H, L->qkv, L->qkv_amx, qkv_out, L->qkv_bias, a->qkv, k, xf, widened, phase_id); break;
     case ROPE:
         rope_token(a->qkv + k * qkv_out, s->cos + k * D, s->sin + k * D, L->k_cache, L->v_cache, s->slots[k],
                    (int)m->heads, (int)m->kv_heads, (int)D, 1);
@@ -124,25 +166,27 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
         attend_item(&p, (int)(k / m->kv_heads), (int)(k % m->kv_heads), scores, 1);
         break;
     }
-    case O_PROJ: linear_task(a->attn, R, m->heads * D, L->o, H, L->o_bias, a->h, k, xf, widened, phase_id); break;
+    case O_PROJ: linear_task(a, a->attn, R, m->heads * D, L->o, L->o_amx, H, L->o_bias, a->h, k, xf, widened, phase_id); break;
     case NORM_POST:
         norm_row(a->h + k * H, a->resid + k * H, a->resid + k * H, a->y + k * H, L->post_norm, (int)H, m->eps, 1);
         break;
-    case GATE_UP: linear_task(a->y, R, H, L->gate_up, 2 * I, L->gate_up_bias, a->gu, k, xf, widened, phase_id); break;
-    case ACT: { /* act(gate) * up, each rounded to bf16 as PyTorch's two ops */
+    case GATE_UP:
+        linear_task(a, a->y, R, H, L->gate_up, L->gate_up_amx, 2 * I, L->gate_up_bias, a->gu, k, xf, widened, phase_id);
+        break;
+    case ACT: { /* act(gate) * up, each rounded to bf16 as PyTorch's two ops; elements [first, last) */
         const int64_t first = k * ACT_CHUNK, last = first + ACT_CHUNK < R * I ? first + ACT_CHUNK : R * I;
-        for (int64_t e = first; e < last; e++) {
-            const int64_t r = e / I, i = e % I;
-            const float g = bf16_to_f32(m->act_table[a->gu[r * 2 * I + i]]);
-            a->act[e] = f32_to_bf16(g * bf16_to_f32(a->gu[r * 2 * I + I + i]));
+        for (int64_t r = first / I; r * I < last; r++) {
+            const int64_t i0 = first > r * I ? first - r * I : 0, i1 = last < (r + 1) * I ? last - r * I : I;
+            act_row(m->act_table, a->gu + r * 2 * I, a->gu + r * 2 * I + I, a->act + r * I, i0, i1);
         }
         break;
     }
-    default: linear_task(a->act, R, I, L->down, H, L->down_bias, a->h, k, xf, widened, phase_id); break;
+    default: linear_task(a, a->act, R, I, L->down, L->down_amx, H, L->down_bias, a->h, k, xf, widened, phase_id); break;
     }
 }
 
-/* Returns 0; -1 for a shape it does not take (rows outside 1..MAX_ROWS, head dim, group); -2 out of memory;
+/* Returns 0; -1 for a shape it does not take (rows outside 1..max_rows, head dim, group, AMX missing); -2 out
+ * of memory;
  * -3 a slot outside the cache (nothing written). Positions and block ids are the caller's to check.
  *
  * The step is a chain of phases (per layer: NORM_IN .. DOWN; then the final norm), each cut into tasks. Threads
@@ -152,16 +196,21 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
 int decode_step(const Model *m, const Step *s) {
     const int64_t R = s->rows, H = m->hidden, D = m->dim, I = m->intermediate;
     const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D, group = m->heads / m->kv_heads;
-    if (R < 1 || R > MAX_ROWS || attention_shape_ok((int)m->heads, (int)m->kv_heads, (int)D) || D % 2 || D > MAX_DIM)
+    const int amx = R > m->few_rows;
+    if (R < 1 || R > m->max_rows || (!amx && R > MAX_ROWS) || attention_shape_ok((int)m->heads, (int)m->kv_heads, (int)D)
+        || D % 2 || D > MAX_DIM || (amx && !amx_ready()))
         return -1;
+    for (int64_t l = 0; amx && l < m->layers; l++)
+        if (!m->layer[l].qkv_amx || !m->layer[l].o_amx || !m->layer[l].gate_up_amx || !m->layer[l].down_amx) return -1;
     for (int64_t r = 0; r < R; r++)
         if (s->slots[r] < 0 || s->slots[r] >= m->num_slots) return -3;
     const int64_t threads = s->threads > 0 ? s->threads : 1, max_len = s->max_len > 0 ? s->max_len : 1;
     const int64_t widest = (H > I ? H : I) > m->heads * D ? (H > I ? H : I) : m->heads * D;
     const int64_t phases = m->layers * PHASES + 1; /* the last: the final norm */
+    const int64_t P = amx ? (R + 15) / 16 * 16 : R; /* rows of the linears' inputs: whole tiles on AMX */
     /* activations (bf16): residual, normed x, qkv, attention, o / down output, gate|up, act */
-    const size_t acts = (size_t)R * (size_t)(3 * H + qkv_out + m->heads * D + 3 * I);
-    const size_t per_thread = (size_t)group * (size_t)max_len + (size_t)R * (size_t)widest; /* scores, x widened */
+    const size_t acts = (size_t)R * (size_t)(2 * H + qkv_out + 2 * I) + (size_t)P * (size_t)(H + m->heads * D + I);
+    const size_t per_thread = (size_t)group * (size_t)max_len + (amx ? 0 : (size_t)R * (size_t)widest); /* scores, x widened */
     const size_t counters = sizeof(int64_t) * (size_t)(2 * phases + 1);
     char *scratch = malloc(counters + acts * sizeof(uint16_t) + (size_t)threads * per_thread * sizeof(float) + 64);
     if (!scratch) return -2;
@@ -173,15 +222,22 @@ int decode_step(const Model *m, const Step *s) {
         end[p] = total;
     }
     Acts a;
+    a.padded = P, a.amx = amx;
     a.resid = (uint16_t *)(next + 1);
-    a.y = a.resid + R * H, a.qkv = a.y + R * H, a.attn = a.qkv + R * qkv_out, a.h = a.attn + R * m->heads * D;
+    a.y = a.resid + R * H, a.qkv = a.y + P * H, a.attn = a.qkv + R * qkv_out, a.h = a.attn + P * m->heads * D;
     a.gu = a.h + R * H, a.act = a.gu + R * 2 * I;
-    float *floats = (float *)(((uintptr_t)(a.act + R * I) + 63) & ~(uintptr_t)63);
+    float *floats = (float *)(((uintptr_t)(a.act + P * I) + 63) & ~(uintptr_t)63);
+    if (P > R) { /* the tiles' padding rows: zeros, never written by a phase */
+        memset(a.y + R * H, 0, sizeof(uint16_t) * (size_t)((P - R) * H));
+        memset(a.attn + R * m->heads * D, 0, sizeof(uint16_t) * (size_t)((P - R) * m->heads * D));
+        memset(a.act + R * I, 0, sizeof(uint16_t) * (size_t)((P - R) * I));
+    }
 
 #pragma omp parallel num_threads(threads)
     {
         float *scores = floats + (size_t)omp_get_thread_num() * per_thread, *xf = scores + (size_t)group * (size_t)max_len;
         int64_t p = 0, widened = -1;
+        if (amx) amx_configure();
         for (;;) {
             const int64_t t = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
             if (t >= end[phases - 1]) break;
@@ -197,7 +253,31 @@ int decode_step(const Model *m, const Step *s) {
             run_task(m, s, &a, p / PHASES, p == phases - 1 ? PHASES : (int)(p % PHASES), k, scores, xf, &widened);
             __atomic_fetch_add(&done[p], 1, __ATOMIC_RELEASE);
         }
+        if (amx) amx_release();
     }
     free(scratch);
+    return 0;
+}
+
+/* 1 where this build has AMX-BF16 and Linux granted its tile state to the process, else 0. */
+int amx_ready(void) {
+    static int state = -1; /* asked once */
+    if (state < 0) state = HAVE_AMX && amx_permitted();
+    return state;
+}
+
+/* y [rows, out] = x @ w.T + bias on AMX (tests and benchmarks; decode steps call amx_chunk): x has `padded`
+ * rows (a multiple of 16; the padding zeros), w packed by vnni_pack. Returns 0, or -1 without AMX or for a
+ * shape it does not take (in a multiple of 32, out of 16). */
+int amx_linear(const uint16_t *x, int64_t rows, int64_t padded, int64_t in, const uint16_t *w, int64_t out,
+               const uint16_t *bias, uint16_t *y, int64_t threads) {
+    if (!amx_ready() || in % 32 || out % 16 || padded % 16 || rows > padded || rows < 1) return -1;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        amx_configure();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t n0 = 0; n0 < out; n0 += 32) amx_chunk(x, rows, padded, in, w, out, n0, bias, y);
+        amx_release();
+    }
     return 0;
 }

@@ -2,7 +2,9 @@
 
 A model hands over its tensors as `DecoderWeights` (models/llama.py: `decoder_weights()`); the runner sends
 decode-only steps of up to `max_rows` rows here and everything else through the model. The C structs are
-built once; a step costs the embedding lookup, the rotary table lookup and one call.
+built once; a step costs the embedding lookup, the rotary table lookup and one call. Up to the few-row
+kernel's rows the linears run it on the plain weights; past them, where the CPU has AMX, on a copy packed for
+the tiles (amx.h), up to AMX_MAX_ROWS rows.
 """
 from __future__ import annotations
 
@@ -14,19 +16,25 @@ import torch
 
 from tgi_backend.engine.forward_context import DecodeBatch
 from tgi_backend.kernels.cpu import library
+from tgi_backend.layers.linear import COPY_MEMORY_FRACTION, physical_memory
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 MAX_DIM = 512  # rope.h
+# AMX from 5 rows: per linear 1.3-2.9x oneDNN's from 5 to 32 rows (small / medium matrices, Emerald Rapids),
+# even at 128. A whole step against the modules (ABBA): small 8 / 32 / 64 / 96 / 128 rows 1.97x / 1.44x / 1.20x /
+# 1.05x / 1.06x, medium 32 / 64 / 96 / 128 rows 1.73x / 1.07x / 1.00x / 0.97x: one call up to here
+AMX_MAX_ROWS = 96
 
 
 class _Layer(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("input_norm", "post_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
-                                        "gate_up_bias", "down", "down_bias", "k_cache", "v_cache")] + [("window", _I64)]
+                                        "gate_up_bias", "down", "down_bias", "qkv_amx", "o_amx", "gate_up_amx",
+                                        "down_amx", "k_cache", "v_cache")] + [("window", _I64)]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, _I64) for name in ("layers", "hidden", "heads", "kv_heads", "dim", "intermediate",
-                                          "block_size", "num_slots")] + [
+                                          "block_size", "num_slots", "few_rows", "max_rows")] + [
         ("eps", _F32), ("scale", _F32), ("final_norm", _P), ("act_table", _P), ("layer", ctypes.POINTER(_Layer))]
 
 
@@ -73,6 +81,39 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def vnni_pack(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] bf16 as amx.h's tiles read it: per block of 16 outputs x 32 inputs, 16 rows of the 16 outputs'
+    pairs of inputs ([out / 16][in / 32][16][16][2]); out a multiple of 16, in of 32."""
+    out, inn = w.shape
+    return w.view(out // 16, 16, inn // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+
+
+def amx_available() -> bool:
+    """AMX-BF16 in this build of decoder.c, and the tile state granted to the process."""
+    lib = library("decoder")
+    return lib is not None and bool(lib.amx_ready())
+
+
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in] @ w.T + bias on amx.h's kernel, w packed by vnni_pack (tests, benchmarks)."""
+    lib = library("decoder")
+    rows, inn = x.shape
+    padded = -(-rows // 16) * 16
+    xp = torch.zeros(padded, inn, dtype=torch.bfloat16)
+    xp[:rows] = x
+    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    if lib is None or lib.amx_linear(xp.data_ptr(), rows, padded, inn, packed.data_ptr(), out_features, _ptr(bias),
+                                     out.data_ptr(), torch.get_num_threads()) != 0:
+        raise RuntimeError("amx_linear: no AMX here, or in not a multiple of 32 / out of 16")
+    return out
+
+
+def _amx_packable(w: DecoderWeights) -> bool:
+    linears = [t for lw in w.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+    return (all(t.shape[0] % 16 == 0 and t.shape[1] % 32 == 0 for t in linears)
+            and sum(t.numel() * 2 for t in linears) <= COPY_MEMORY_FRACTION * physical_memory())
+
+
 def supported(w: DecoderWeights) -> bool:
     """The shapes and dtypes decoder.c takes (paged_decode.h's head dim and group, rope.h's dim)."""
     dim, group = w.head_dim, w.heads // max(w.kv_heads, 1)
@@ -90,23 +131,28 @@ def supported(w: DecoderWeights) -> bool:
 class FusedDecoder:
     """Runs decode-only steps of up to `max_rows` rows through decoder.c; keeps the tensors it points to."""
 
-    def __init__(self, weights: DecoderWeights, lib: ctypes.CDLL) -> None:
+    def __init__(self, weights: DecoderWeights, lib: ctypes.CDLL, amx: bool = False) -> None:
         self.weights, self.lib = weights, lib
-        self.max_rows = weights.max_rows
+        # per layer: qkv, o, gate_up, down packed for AMX, or Nones
+        self.amx = [tuple(vnni_pack(t) for t in (lw.qkv, lw.o, lw.gate_up, lw.down)) if amx else (None,) * 4
+                    for lw in weights.layers]
+        self.max_rows = AMX_MAX_ROWS if amx else weights.max_rows
         first = weights.layers[0]
         self.hidden = first.o.shape[0]
         self.num_blocks = first.k_cache.shape[0]
         every_bf16 = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-        self.act_table = weights.act(every_bf16).contiguous()  # act(x) for every bf16 bit pattern x
+        # act(x) for every bf16 bit pattern x, and a spare entry: decoder.c gathers 32-bit words at 2-byte steps
+        self.act_table = torch.cat((weights.act(every_bf16), torch.zeros(1, dtype=torch.bfloat16))).contiguous()
         self._layers = (_Layer * len(weights.layers))(*[
             _Layer(_ptr(lw.input_norm), _ptr(lw.post_norm), _ptr(lw.qkv), _ptr(lw.qkv_bias), _ptr(lw.o),
                    _ptr(lw.o_bias), _ptr(lw.gate_up), _ptr(lw.gate_up_bias), _ptr(lw.down), _ptr(lw.down_bias),
-                   _ptr(lw.k_cache), _ptr(lw.v_cache), lw.window or 0)
-            for lw in weights.layers])
+                   *(_ptr(t) for t in packed), _ptr(lw.k_cache), _ptr(lw.v_cache), lw.window or 0)
+            for lw, packed in zip(weights.layers, self.amx)])
         self._model = _Model(
             len(weights.layers), self.hidden, weights.heads, weights.kv_heads, weights.head_dim,
             first.down.shape[1], first.k_cache.shape[1], first.k_cache.shape[0] * first.k_cache.shape[1],
-            weights.eps, weights.scale, _ptr(weights.final_norm), _ptr(self.act_table), self._layers)
+            weights.max_rows, self.max_rows, weights.eps, weights.scale, _ptr(weights.final_norm),
+            _ptr(self.act_table), self._layers)
 
     @classmethod
     def build(cls, weights: DecoderWeights | None) -> FusedDecoder | None:
@@ -114,7 +160,9 @@ class FusedDecoder:
         if weights is None or not supported(weights):
             return None
         lib = library("decoder")
-        return None if lib is None else cls(weights, lib)
+        if lib is None:
+            return None
+        return cls(weights, lib, amx=amx_available() and _amx_packable(weights))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 dec: DecodeBatch) -> torch.Tensor:
