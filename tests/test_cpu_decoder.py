@@ -146,3 +146,12 @@ def test_vnni_pack_layout():
     assert packed.shape == (2, 2, 16, 16, 2)
     for nb, kb, kk, n, e in ((0, 0, 0, 0, 1), (1, 1, 15, 15, 0), (1, 0, 3, 7, 1)):
         assert packed[nb, kb, kk, n, e] == w[nb * 16 + n, kb * 32 + 2 * kk + e]
+
+
+def test_no_amx_copies_past_the_memory_share(runner, monkeypatch):
+    weights = runner.model.decoder_weights()
+    linear_bytes = sum(t.numel() * 2 for lw in weights.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
+    monkeypatch.setattr(decoder, "physical_memory", lambda: int(2 * linear_bytes / decoder.COPY_MEMORY_FRACTION) - 1)
+    assert not decoder._amx_packable(weights)  # the packed and the plain copies would pass the share
+    monkeypatch.setattr(decoder, "physical_memory", lambda: int(2 * linear_bytes / decoder.COPY_MEMORY_FRACTION) + 1)
+    assert decoder._amx_packable(weights)

@@ -109,9 +109,12 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: t
 
 
 def _amx_packable(w: DecoderWeights) -> bool:
+    """Shapes whole tiles, and room: the packed copies and the plain ones (the few-row kernel's) together take at
+    most the share of memory the linear plans give their copies."""
     linears = [t for lw in w.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+    copies = 2 * sum(t.numel() * t.element_size() for t in linears)
     return (all(t.shape[0] % 16 == 0 and t.shape[1] % 32 == 0 for t in linears)
-            and sum(t.numel() * 2 for t in linears) <= COPY_MEMORY_FRACTION * physical_memory())
+            and copies <= COPY_MEMORY_FRACTION * physical_memory())
 
 
 def supported(w: DecoderWeights) -> bool:
