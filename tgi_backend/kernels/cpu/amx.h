@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #define HAVE_AMX 1
+#define AMX_PREFETCH 2 /* K steps ahead */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -56,6 +57,11 @@ static inline void amx_chunk(const uint16_t *x, int64_t rows, int64_t padded, in
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t k = 0; k < kb; k++) {
+            if (m0 == 0 && k + AMX_PREFETCH < kb) /* the weights of a later step: a tile load waits on DRAM */
+                for (int line = 0; line < 16; line++) {
+                    __builtin_prefetch(b0 + (k + AMX_PREFETCH) * 512 + line * 32, 0, 3);
+                    if (two) __builtin_prefetch(b1 + (k + AMX_PREFETCH) * 512 + line * 32, 0, 3);
+                }
             _tile_loadd(4, x + m0 * in + k * 32, stride);
             _tile_loadd(6, b0 + k * 512, 64);
             _tile_dpbf16ps(0, 4, 6);
