@@ -138,6 +138,8 @@ def test_amx_linear_matches_float64_rounded_once(rows, out, inn, bias):
     exact = x.double() @ w.double().T + (b.double() if bias else 0)
     ulp = exact.abs().clamp_min(1e-3) * 2.0**-7  # float32 sums rounded to bf16 once: within one bf16 ulp
     assert ((y.double() - exact).abs() <= ulp + 1e-5 * inn**0.5).all()
+    logits = decoder.amx_linear(x, decoder.vnni_pack(w), out, b, out_dtype=torch.float32)  # the LM head's form
+    assert logits.dtype is torch.float32 and torch.equal(logits, y.float())
 
 
 def test_vnni_pack_layout():
@@ -150,7 +152,9 @@ def test_vnni_pack_layout():
 
 def test_no_amx_copies_past_the_memory_share(runner, monkeypatch):
     weights = runner.model.decoder_weights()
+    assert weights.lm_head is not None and weights.lm_head.shape[0] % 16 == 0  # vocab 256: packed too
     linear_bytes = sum(t.numel() * 2 for lw in weights.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
+    linear_bytes += weights.lm_head.numel() * 2
     monkeypatch.setattr(decoder, "physical_memory", lambda: int(2 * linear_bytes / decoder.COPY_MEMORY_FRACTION) - 1)
     assert not decoder._amx_packable(weights)  # the packed and the plain copies would pass the share
     monkeypatch.setattr(decoder, "physical_memory", lambda: int(2 * linear_bytes / decoder.COPY_MEMORY_FRACTION) + 1)

@@ -162,15 +162,16 @@ class ModelRunner:
 
     def _logits(self, batch: _Batch) -> tuple[torch.Tensor, dict[str, list[tuple[int, float]]]]:
         hidden = self._replay_decode(batch) if self.graphs is not None else None
-        if hidden is None and self.fused is not None:
-            hidden = self._fused_decode(batch)
+        fused = hidden is None and self.fused is not None and (hidden := self._fused_decode(batch)) is not None
         if hidden is None:
             with forward_context(batch.context):
                 hidden = self.model(batch.input_ids, batch.positions)
         prompt = self._prompt_logprobs(hidden, batch) if batch.prompt_rows else {}
         if batch.sample_rows.numel() == 0:
             return hidden.new_empty((0, 0)), prompt
-        return self.model.compute_logits(hidden.index_select(0, batch.sample_rows)), prompt
+        rows = hidden.index_select(0, batch.sample_rows)
+        logits = self.fused.logits(rows) if fused else None  # the LM head on AMX where the step was fused
+        return (self.model.compute_logits(rows) if logits is None else logits), prompt
 
     def _replay_decode(self, batch: _Batch) -> torch.Tensor | None:
         """A decode-only step through its captured graph; None: not capturable (prefill, too big), run eagerly."""

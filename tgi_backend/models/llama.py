@@ -245,8 +245,16 @@ class LlamaForCausalLM(nn.Module):
             layers=layers, final_norm=base.norm.weight, eps=base.norm.eps, heads=first.num_heads,
             kv_heads=first.num_kv_heads, head_dim=first.head_dim, scale=first.attn.scale,
             act=base.layers[0].mlp.act.act, embed=base.embed_tokens, rotary=base.rotary_emb.cos_signed_sin,
-            max_rows=max_rows,
+            max_rows=max_rows, lm_head=self._lm_head_weight(),
         )
+
+    def _lm_head_weight(self) -> torch.Tensor | None:
+        """The LM head's bf16 weight as loaded (tied: the embedding's), or None (not plain bf16 here)."""
+        head = self.lm_head
+        weight = head.packed.plain if head.packed is not None else head.weight
+        if type(head) is not LMHead or weight is None or weight.numel() == 0 or weight.dtype is not torch.bfloat16:
+            return None
+        return weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [rows, hidden] -> [rows, vocab]

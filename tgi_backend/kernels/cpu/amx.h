@@ -43,9 +43,10 @@ static inline void amx_release(void) { _tile_release(); }
 
 /* Outputs [n0, n0 + 32) (or the last 16) of y [rows, out] for every row: x [padded, in] with padded a multiple
  * of 16 and in of 32, w packed by vnni_pack ([out / 16][in / 32][16][16][2]). Rows in pairs of 16-row tiles,
- * each pair against the chunk's one or two 16-output weight blocks. */
+ * each pair against the chunk's one or two 16-output weight blocks. y: bf16, or (y_f32) float32 holding the
+ * same bf16 values (the LM head's logits). */
 static inline void amx_chunk(const uint16_t *x, int64_t rows, int64_t padded, int64_t in, const uint16_t *w,
-                             int64_t out, int64_t n0, const uint16_t *bias, uint16_t *y) {
+                             int64_t out, int64_t n0, const uint16_t *bias, void *y, int y_f32) {
     const int64_t kb = in / 32, stride = in * 2;
     const int two = n0 + 32 <= out;
     const uint16_t *b0 = w + (n0 / 16) * kb * 512, *b1 = b0 + kb * 512;
@@ -87,7 +88,9 @@ static inline void amx_chunk(const uint16_t *x, int64_t rows, int64_t padded, in
             for (int64_t m = 0; m < 16 && r0 + m < rows; m++)
                 for (int n = 0; n < 16; n++) {
                     const float b = bias ? bf16_to_f32(bias[o0 + n]) : 0.0f;
-                    y[(r0 + m) * out + o0 + n] = f32_to_bf16(c[t][m][n] + b);
+                    const uint16_t h = f32_to_bf16(c[t][m][n] + b);
+                    if (y_f32) ((float *)y)[(r0 + m) * out + o0 + n] = bf16_to_f32(h);
+                    else ((uint16_t *)y)[(r0 + m) * out + o0 + n] = h;
                 }
         }
     }
@@ -98,8 +101,8 @@ static inline int amx_permitted(void) { return 0; }
 static inline void amx_configure(void) {}
 static inline void amx_release(void) {}
 static inline void amx_chunk(const uint16_t *x, int64_t rows, int64_t padded, int64_t in, const uint16_t *w,
-                             int64_t out, int64_t n0, const uint16_t *bias, uint16_t *y) {
-    (void)x, (void)rows, (void)padded, (void)in, (void)w, (void)out, (void)n0, (void)bias, (void)y;
+                             int64_t out, int64_t n0, const uint16_t *bias, void *y, int y_f32) {
+    (void)x, (void)rows, (void)padded, (void)in, (void)w, (void)out, (void)n0, (void)bias, (void)y, (void)y_f32;
 }
 #endif
 #endif

@@ -119,7 +119,7 @@ static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, i
                                const uint16_t *w_amx, int64_t out, const uint16_t *bias, uint16_t *y, int64_t k,
                                float *xf, int64_t *widened, int64_t phase_id) {
     if (a->amx) {
-        amx_chunk(x, rows, a->padded, in, w_amx, out, k * CHUNK, bias, y);
+        amx_chunk(x, rows, a->padded, in, w_amx, out, k * CHUNK, bias, y, 0);
         return;
     }
     const int64_t first = k * CHUNK, last = first + CHUNK < out ? first + CHUNK : out;
@@ -266,17 +266,17 @@ int amx_ready(void) {
     return state;
 }
 
-/* y [rows, out] = x @ w.T + bias on AMX (tests and benchmarks; decode steps call amx_chunk): x has `padded`
- * rows (a multiple of 16; the padding zeros), w packed by vnni_pack. Returns 0, or -1 without AMX or for a
- * shape it does not take (in a multiple of 32, out of 16). */
+/* y [rows, out] = x @ w.T + bias on AMX (the LM head of a fused step, tests; decode steps call amx_chunk): x has
+ * `padded` rows (a multiple of 16; the padding zeros), w packed by vnni_pack; y bf16 or (y_f32) float32.
+ * Returns 0, or -1 without AMX or for a shape it does not take (in a multiple of 32, out of 16). */
 int amx_linear(const uint16_t *x, int64_t rows, int64_t padded, int64_t in, const uint16_t *w, int64_t out,
-               const uint16_t *bias, uint16_t *y, int64_t threads) {
+               const uint16_t *bias, void *y, int64_t y_f32, int64_t threads) {
     if (!amx_ready() || in % 32 || out % 16 || padded % 16 || rows > padded || rows < 1) return -1;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         amx_configure();
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t n0 = 0; n0 < out; n0 += 32) amx_chunk(x, rows, padded, in, w, out, n0, bias, y);
+        for (int64_t n0 = 0; n0 < out; n0 += 32) amx_chunk(x, rows, padded, in, w, out, n0, bias, y, (int)y_f32);
         amx_release();
     }
     return 0;

@@ -75,6 +75,7 @@ class DecoderWeights:
     embed: Callable[[torch.Tensor], torch.Tensor]  # token ids -> [rows, hidden]
     rotary: Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]  # cos, signed sin
     max_rows: int  # what the linears' native kernel takes (their plan's native_rows)
+    lm_head: torch.Tensor | None = None  # [vocab, hidden] bf16 as loaded (tied: the embedding's), for AMX
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -94,16 +95,18 @@ def amx_available() -> bool:
     return lib is not None and bool(lib.amx_ready())
 
 
-def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, in] @ w.T + bias on amx.h's kernel, w packed by vnni_pack (tests, benchmarks)."""
+def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [rows, in] @ w.T + bias on amx.h's kernel, w packed by vnni_pack, rounded to bf16 once (returned as
+    bf16, or as float32 for logits)."""
     lib = library("decoder")
     rows, inn = x.shape
     padded = -(-rows // 16) * 16
     xp = torch.zeros(padded, inn, dtype=torch.bfloat16)
     xp[:rows] = x
-    out = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    out = torch.empty(rows, out_features, dtype=out_dtype)
     if lib is None or lib.amx_linear(xp.data_ptr(), rows, padded, inn, packed.data_ptr(), out_features, _ptr(bias),
-                                     out.data_ptr(), torch.get_num_threads()) != 0:
+                                     out.data_ptr(), int(out_dtype is torch.float32), torch.get_num_threads()) != 0:
         raise RuntimeError("amx_linear: no AMX here, or in not a multiple of 32 / out of 16")
     return out
 
@@ -112,9 +115,13 @@ def _amx_packable(w: DecoderWeights) -> bool:
     """Shapes whole tiles, and room: the packed copies and the plain ones (the few-row kernel's) together take at
     most the share of memory the linear plans give their copies."""
     linears = [t for lw in w.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down)]
-    copies = 2 * sum(t.numel() * t.element_size() for t in linears)
+    copies = 2 * sum(t.numel() * t.element_size() for t in linears + ([w.lm_head] if _head_packable(w) else []))
     return (all(t.shape[0] % 16 == 0 and t.shape[1] % 32 == 0 for t in linears)
             and copies <= COPY_MEMORY_FRACTION * physical_memory())
+
+
+def _head_packable(w: DecoderWeights) -> bool:
+    return w.lm_head is not None and w.lm_head.shape[0] % 16 == 0 and w.lm_head.shape[1] % 32 == 0
 
 
 def supported(w: DecoderWeights) -> bool:
@@ -139,6 +146,7 @@ class FusedDecoder:
         # per layer: qkv, o, gate_up, down packed for AMX, or Nones
         self.amx = [tuple(vnni_pack(t) for t in (lw.qkv, lw.o, lw.gate_up, lw.down)) if amx else (None,) * 4
                     for lw in weights.layers]
+        self.lm_head_amx = vnni_pack(weights.lm_head) if amx and _head_packable(weights) else None
         self.max_rows = AMX_MAX_ROWS if amx else weights.max_rows
         first = weights.layers[0]
         self.hidden = first.o.shape[0]
@@ -166,6 +174,13 @@ class FusedDecoder:
         if lib is None:
             return None
         return cls(weights, lib, amx=amx_available() and _amx_packable(weights))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [rows, hidden] -> float32 logits on AMX, as the LM head computes them (bf16 values), for the
+        rows past the few-row kernel's; None: the model's LM head (fewer rows, or no packed head)."""
+        if self.lm_head_amx is None or hidden.shape[0] <= self.weights.max_rows:
+            return None
+        return amx_linear(hidden, self.lm_head_amx, self.lm_head_amx.shape[0] * 16, out_dtype=torch.float32)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 dec: DecodeBatch) -> torch.Tensor:
