@@ -157,6 +157,16 @@ def test_cancellation_is_polled_at_most_once_per_interval(engine):
     assert CountingSink.threads <= {"tgi-cancel"}  # never on the engine thread, which it would stall
 
 
+def test_cancellation_sweeps_space_out_to_the_poll_budget(engine):
+    loop = EngineLoop(engine)
+    loop.cancel_poll_interval, loop.cancel_polls_per_second = 0.1, 100
+    assert loop._sweep_interval() == 0.1
+    loop._active = {str(i): None for i in range(10)}  # 100 polls/s: the interval still holds
+    assert loop._sweep_interval() == 0.1
+    loop._active = {str(i): None for i in range(128)}  # each takes the GIL from the engine thread: 100/s at most
+    assert loop._sweep_interval() == pytest.approx(1.28)
+
+
 def test_stream_interval_sends_the_first_token_then_groups_and_the_last_at_once(engine, loop: EngineLoop):
     """vLLM's --stream-interval: same tokens, text and details as one-per-token, in fewer responses."""
     params = SamplingParams(max_new_tokens=10, ignore_eos=True, details=True)
