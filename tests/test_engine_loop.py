@@ -11,7 +11,8 @@ import pytest
 from tgi_backend.config import EngineConfig
 from tgi_backend.engine.request import SamplingParams
 from tgi_backend.errors import GenerationError, OverloadedError, ValidationError
-from tgi_backend.serving.engine_loop import Chunk, EngineLoop, Job
+from tgi_backend.serving import engine_loop
+from tgi_backend.serving.engine_loop import Chunk, EngineLoop, Job, _Active
 from tgi_backend.tokenizer.detokenizer import decode_window
 
 WAIT = 120.0  # a generous bound for a stuck loop, not a timing assertion
@@ -359,8 +360,15 @@ def test_stream_budget_groups_tokens_past_it_first_and_last_at_once(engine):
     assert grouped.chunks[-1].finish_reason == "length" and not grouped.chunks[0].finish_reason
 
 
+def test_stream_budget_caps_each_stream_at_the_max_rate(engine):
+    loop = EngineLoop(engine, stream_budget=500.0)
+    assert loop._stream_gap() == pytest.approx(1 / engine_loop.STREAM_MAX_RATE)  # one stream: 60/s, not 500/s
+    loop._active = {str(i): _Active(job=Job(stream=True), sink=ListSink(), prompt_ids=[1]) for i in range(128)}
+    assert loop._stream_gap() == pytest.approx(128 / 500)  # the budget, shared
+    assert EngineLoop(engine, stream_budget=0.0)._stream_gap() == 0.0  # no budget: a response per token
+
+
 def test_stream_budget_resolves_per_core(monkeypatch):
-    from tgi_backend.serving import engine_loop
 
     monkeypatch.setattr(engine_loop.os, "sched_getaffinity", lambda pid: {0, 1})
     assert engine_loop.stream_budget(-1) == 2 * engine_loop.STREAM_BUDGET_PER_CORE
