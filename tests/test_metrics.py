@@ -69,10 +69,12 @@ def engine(tiny_llama_dir: str):
     return LLMEngine(config)
 
 
-def _run(engine: Any, jobs: list[tuple[Job, Sink]]) -> RecordingObserver:
+def _run(engine: Any, jobs: list[tuple[Job, Sink]], stats_interval: float = 0.0) -> RecordingObserver:
     observer = RecordingObserver()
     loop = EngineLoop(engine, observer=observer)
     loop.cancel_poll_interval = 0.005  # the tiny model's 50 tokens take less than the default 0.1 s
+    loop.cancel_polls_per_second = 1e6
+    loop.stats_interval = stats_interval  # and the stats' interval
     loop.start()
     try:
         for job, sink in jobs:
@@ -111,6 +113,15 @@ def test_loop_reports_steps_finishes_and_rejections(engine):
     assert (last.num_running, last.num_waiting, last.kv_blocks_used) == (0, 0, 0)
     assert last.kv_blocks_free == last.kv_blocks_total
     assert all(a != b for a, b in zip(observer.steps, observer.steps[1:]))  # only changes are reported
+
+
+def test_stats_go_out_at_most_once_per_interval_while_busy_and_when_idle(engine):
+    jobs = [(Job(prompt_token_ids=[5, 6, 7, 8], params=SamplingParams(max_new_tokens=30, ignore_eos=True),
+                 stream=True), Sink()) for _ in range(2)]
+    observer = _run(engine, jobs, stats_interval=60.0)  # each stats update is an IPC round trip in Triton
+    assert len(observer.steps) <= 2  # the idle state before the jobs came, at most one while busy, none more
+    last = observer.steps[-1]  # ... but the idle state at the end always
+    assert (last.num_running, last.kv_blocks_used) == (0, 0) and last.kv_blocks_free == last.kv_blocks_total
 
 
 def test_overload_is_reported_as_overloaded(engine):

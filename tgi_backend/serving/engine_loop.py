@@ -46,6 +46,11 @@ STREAM_BUDGET_PER_CORE = 250
 # Under a budget no stream sends more than a 60 Hz display shows: one stream's ~400 tok/s were a response
 # (0.3 ms of serving CPU) per token; grouped, small model via Triton at 1 stream 418 -> 482 tok/s (ABBA).
 STREAM_MAX_RATE = 60
+# Each gauge or counter update is an IPC round trip to tritonserver too, and the KV gauges moved nearly every
+# step: while the engine runs its stats go out at most every STATS_INTERVAL seconds (a Prometheus scrape every
+# few seconds sees no difference), and at once when it goes idle. Small model via Triton, 32 streams: 4,661 ->
+# 4,926 tok/s (ABBA, 6 rounds), tritonserver's CPU per 1,000 tokens 7 -> 2 ms.
+STATS_INTERVAL = 0.1
 
 
 def stream_budget(configured: int) -> float:
@@ -134,6 +139,8 @@ class EngineLoop:
         self._build_error: BaseException | None = None
         self._ready = threading.Event()
         self._last_stats: Any = None
+        self._stats_time = 0.0  # when the stats were last looked at (engine thread)
+        self.stats_interval = STATS_INTERVAL
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._responses: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._active: dict[str, _Active] = {}  # engine thread only
@@ -435,6 +442,10 @@ class EngineLoop:
     def _observe_stats(self) -> None:
         if self.observer is None:
             return
+        now = time.monotonic()
+        if now - self._stats_time < self.stats_interval and self.engine.has_unfinished_requests():
+            return
+        self._stats_time = now
         stats = self.engine.stats()
         if stats != self._last_stats:
             self._last_stats = stats
