@@ -102,6 +102,30 @@ def test_generate_stream_frames_exactly_as_tgi():
     assert bridge.requests[0].bools["exclude_input_in_output"]
 
 
+def test_generate_stream_splits_grouped_responses_into_an_event_per_token():
+    """Under the response budget one tgi_llm response carries several tokens: TGI clients still see one event
+    each, numbered on, the final one with the whole text."""
+    def grouped(_req: Any) -> list[Any]:
+        first = token_response(1, "Hel")
+        tokens = [{"id": 102, "text": "lo", "logprob": -0.5, "special": False},
+                  {"id": 103, "text": "!", "logprob": -0.75, "special": False}]
+        rest = {"text_output": "lo!", "output_ids": [102, 103], "finish_reason": "length", "num_input_tokens": 3,
+                "num_output_tokens": 3, "details": json.dumps({"tokens": tokens, "finish_reason": "length",
+                                                               "generated_tokens": 3, "seed": None})}
+        return [first, rest]
+
+    async def scenario(client: TestClient) -> None:
+        resp = await client.post("/generate_stream", json={"inputs": "Hi", "parameters": {"details": True}})
+        frames = (await resp.read()).split(b"\n\n")[:-1]
+        events = [json.loads(f[5:]) for f in frames]
+        assert [e["index"] for e in events] == [1, 2, 3]
+        assert [e["token"]["id"] for e in events] == [101, 102, 103]
+        assert [e["generated_text"] for e in events] == [None, None, "Hello!"]
+        assert events[1]["details"] is None and events[2]["details"]["generated_tokens"] == 3
+
+    run(FakeBridge(grouped), scenario)
+
+
 def test_generate_and_compat_route():
     async def scenario(client: TestClient) -> None:
         resp = await client.post("/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3}})
