@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgi_backend.engine.forward_context import current_ops
+
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
@@ -33,5 +35,8 @@ class GatedActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [tokens, 2 * intermediate] -> [tokens, intermediate]
+        ops = current_ops()
+        if ops is not None and ops.gated_act is not None and (y := ops.gated_act(self.act, x)) is not None:
+            return y
         gate, up = x.chunk(2, dim=-1)
         return self.act(gate) * up

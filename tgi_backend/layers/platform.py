@@ -1,8 +1,8 @@
 """Op sets per platform: the few hot ops a decoder layer calls, behind one registry instead of branches.
 
 "torch" is the plain PyTorch path (layers/attention.py, norm.py, rotary.py). "cpu" is that path with decode
-attention, the residual RMSNorm, and rotary with the K/V store on the native kernels of kernels/cpu (built on
-first use), the one the CPU runs when they build.
+attention, the residual RMSNorm, rotary with the K/V store and the gated activation on the native kernels of
+kernels/cpu (built on first use), the one the CPU runs when they build.
 "triton" is the Triton-language kernels of kernels/ for CUDA devices. `select_ops(device)` picks one from the
 device alone; the triton set is imported lazily, so nothing imports triton unless it is chosen (on the CPU it
 never is).
@@ -14,6 +14,8 @@ Contracts (same for every set; shapes as in the layers):
 - prefill_attention(q, k, v, k_cache, v_cache, segments, scale, window, out=None) -> out: every segment's
   rows written, the rest of `out` untouched (q, k, v are the whole flat batch)
 - rms_norm_residual(x, weight, eps, residual=None) -> y | (y, x + residual)   (RMSNorm.forward)
+- gated_act(act, x) -> act(gate) * up of x = gate | up (GatedActivation.forward), or None where it does not take
+  x; None in a set without it
 - rotary_apply(x, cos, sin) -> rotated x; the triton op rotates x in place, the torch op returns a new tensor,
   so callers use the result and do not read x afterwards
 - rope_store(qkv, cos, sin, heads, kv_heads, k_cache, v_cache, slot_mapping) -> (q, k, v), or None in a set
@@ -49,6 +51,8 @@ class Ops:
     # RMSNorm layers call rms_norm_residual (the cpu set); otherwise they keep their own PyTorch code (torch
     # set), or the triton kernel is checked against it without the model running it (triton set)
     norm_in_layers: bool = False
+    # gated_act(act, x) -> act(gate) * up of x = gate | up, or None where the set's kernel does not take x
+    gated_act: Callable[..., torch.Tensor | None] | None = None
 
 
 def torch_rms_norm_residual(
@@ -74,13 +78,14 @@ def _torch_ops() -> Ops:
 
 
 def _cpu_ops() -> Ops:
-    from tgi_backend.kernels.cpu import library, paged_decode, rms_norm, rope_store
+    from tgi_backend.kernels.cpu import act, library, paged_decode, rms_norm, rope_store
 
-    if any(library(name) is None for name in ("paged_decode", "rms_norm", "rope_store")):
+    if any(library(name) is None for name in ("paged_decode", "rms_norm", "rope_store", "act")):
         raise ImportError("the native CPU kernels did not build (see the log)")
     return dataclasses.replace(
         _torch_ops(), name="cpu", decode_attention=paged_decode.decode_attention,
         rms_norm_residual=rms_norm.rms_norm_residual, norm_in_layers=True, rope_store=rope_store.rope_store,
+        gated_act=act.gated_act,
     )
 
 

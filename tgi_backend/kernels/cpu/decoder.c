@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #endif
 
+#include "act.h"
 #include "amx.h"
 #include "gemv.h"
 #include "paged_decode.h"
@@ -65,32 +66,6 @@ typedef struct { /* where a step's activations live (bf16); y, attn and act have
 } Acts;
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-/* y[i] = bf16(act_table[gate[i]] * up[i]) for i in [i0, i1): 16 at a time where AVX-512 gathers the table
- * (read as 32-bit words at 2-byte steps; the table has one spare entry, so the last word stays inside), the
- * rounding is f32_to_bf16's (nearest even, NaN kept). */
-static inline void act_row(const uint16_t *table, const uint16_t *gate, const uint16_t *up, uint16_t *y, int64_t i0,
-                           int64_t i1) {
-    int64_t i = i0;
-#ifdef __AVX512F__
-    const __m512i low = _mm512_set1_epi32(0xffff), round = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
-    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
-    for (; i + 16 <= i1; i += 16) {
-        const __m512i idx = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(gate + i)));
-        const __m512i a = _mm512_and_si512(_mm512_i32gather_epi32(idx, (const void *)table, 2), low);
-        const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(up + i)));
-        const __m512 p = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)),
-                                       _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)));
-        const __m512i bits = _mm512_castps_si512(p);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(round, lsb)), 16);
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(bits, abs_mask), inf);
-        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40)));
-        _mm256_storeu_si256((__m256i *)(y + i), _mm512_cvtepi32_epi16(r));
-    }
-#endif
-    for (; i < i1; i++) y[i] = f32_to_bf16(bf16_to_f32(table[gate[i]]) * bf16_to_f32(up[i]));
-}
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -175,10 +150,7 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
         break;
     case ACT: { /* act(gate) * up, each rounded to bf16 as PyTorch's two ops; elements [first, last) */
         const int64_t first = k * ACT_CHUNK, last = first + ACT_CHUNK < R * I ? first + ACT_CHUNK : R * I;
-        for (int64_t r = first / I; r * I < last; r++) {
-            const int64_t i0 = first > r * I ? first - r * I : 0, i1 = last < (r + 1) * I ? last - r * I : I;
-            act_row(m->act_table, a->gu + r * 2 * I, a->gu + r * 2 * I + I, a->act + r * I, i0, i1);
-        }
+        act_span(m->act_table, a->gu, a->act, I, first, last);
         break;
     }
     default: linear_task(a, a->act, R, I, L->down, L->down_amx, H, L->down_bias, a->h, k, xf, widened, phase_id); break;

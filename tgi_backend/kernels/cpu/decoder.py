@@ -16,6 +16,7 @@ import torch
 
 from tgi_backend.engine.forward_context import DecodeBatch
 from tgi_backend.kernels.cpu import library
+from tgi_backend.kernels.cpu.act import act_table
 from tgi_backend.layers.linear import COPY_MEMORY_FRACTION, physical_memory
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -151,9 +152,7 @@ class FusedDecoder:
         first = weights.layers[0]
         self.hidden = first.o.shape[0]
         self.num_blocks = first.k_cache.shape[0]
-        every_bf16 = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-        # act(x) for every bf16 bit pattern x, and a spare entry: decoder.c gathers 32-bit words at 2-byte steps
-        self.act_table = torch.cat((weights.act(every_bf16), torch.zeros(1, dtype=torch.bfloat16))).contiguous()
+        self.act_table = act_table(weights.act)
         self._layers = (_Layer * len(weights.layers))(*[
             _Layer(_ptr(lw.input_norm), _ptr(lw.post_norm), _ptr(lw.qkv), _ptr(lw.qkv_bias), _ptr(lw.o),
                    _ptr(lw.o_bias), _ptr(lw.gate_up), _ptr(lw.gate_up_bias), _ptr(lw.down), _ptr(lw.down_bias),
