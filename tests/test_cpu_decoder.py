@@ -123,6 +123,7 @@ def test_unsupported_shapes_are_not_fused():
     assert not decoder.supported(dataclasses.replace(ok, head_dim=24))  # not a multiple of 16
     assert not decoder.supported(dataclasses.replace(ok, heads=64, kv_heads=2))  # group over 16
     assert not decoder.supported(dataclasses.replace(ok, final_norm=t.float()))  # bf16 only
+    assert not decoder.supported(dataclasses.replace(ok, act=torch.nn.functional.gelu))  # no table is PyTorch's gelu
 
 
 @pytest.mark.skipif(not decoder.amx_available(), reason="no AMX on this CPU")

@@ -16,7 +16,7 @@ import torch
 
 from tgi_backend.engine.forward_context import DecodeBatch
 from tgi_backend.kernels.cpu import library
-from tgi_backend.kernels.cpu.act import act_table
+from tgi_backend.kernels.cpu.act import EXACT, act_table
 from tgi_backend.layers.linear import COPY_MEMORY_FRACTION, physical_memory
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -126,14 +126,15 @@ def _head_packable(w: DecoderWeights) -> bool:
 
 
 def supported(w: DecoderWeights) -> bool:
-    """The shapes and dtypes decoder.c takes (paged_decode.h's head dim and group, rope.h's dim)."""
+    """The shapes, dtypes and activations decoder.c takes (paged_decode.h's head dim and group, rope.h's dim,
+    an activation act.h's table gives exactly)."""
     dim, group = w.head_dim, w.heads // max(w.kv_heads, 1)
     tensors = [w.final_norm] + [t for lw in w.layers for t in (lw.input_norm, lw.post_norm, lw.qkv, lw.qkv_bias,
                                                                  lw.o, lw.o_bias, lw.gate_up, lw.gate_up_bias,
                                                                  lw.down, lw.down_bias, lw.k_cache, lw.v_cache)
                                 if t is not None]
     return (
-        bool(w.layers) and 1 <= w.max_rows and w.heads % max(w.kv_heads, 1) == 0 and group <= 16
+        bool(w.layers) and w.act in EXACT and 1 <= w.max_rows and w.heads % max(w.kv_heads, 1) == 0 and group <= 16
         and dim % 16 == 0 and dim <= min(256, MAX_DIM)
         and all(t.dtype is torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
     )
