@@ -28,7 +28,8 @@ def gated_act(act: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> t
     """x [tokens, 2 * intermediate] -> act(gate) * up [tokens, intermediate]; None where the kernel does not
     take it (another activation, not bf16 on the CPU, not contiguous, no library): the caller's PyTorch code."""
     lib = library("act")
-    if lib is None or act not in EXACT or x.dtype is not torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2 or not x.is_contiguous():
+    if (lib is None or act not in EXACT or x.dtype is not torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2
+            or x.shape[1] % 2 or not x.is_contiguous()):
         return None
     rows, width = x.shape
     y = torch.empty(rows, width // 2, dtype=torch.bfloat16)
