@@ -46,9 +46,9 @@ class EngineConfig:
     stream_coalescing: bool = False
     # serving: a stream's tokens leave in responses of this many (vLLM's --stream-interval); 1: one per token
     stream_interval: int = 1
-    # serving: streamed responses per second for all streams together before a stream's tokens are grouped
-    # (and, under a budget, at most serving/engine_loop.py's STREAM_MAX_RATE a second for one stream)
-    # (each response is an IPC round trip through tritonserver and a gRPC message); 0: one per token;
+    # serving: streamed responses per second for all streams together before a stream's tokens are grouped,
+    # and under a budget at most serving/engine_loop.py's STREAM_MAX_RATE a second for one stream (each
+    # response is an IPC round trip through tritonserver and a gRPC message); 0: one per token;
     # -1: serving/engine_loop.py's STREAM_BUDGET_PER_CORE per CPU core
     stream_budget: int = -1
     # metrics: tgi_request_inter_token_duration, one sample per token; each sample is an IPC round trip to

@@ -251,8 +251,10 @@ class LlamaForCausalLM(nn.Module):
     def _lm_head_weight(self) -> torch.Tensor | None:
         """The LM head's bf16 weight as loaded (tied: the embedding's), or None (not plain bf16 here)."""
         head = self.lm_head
+        if type(head) is not LMHead:
+            return None
         weight = head.packed.plain if head.packed is not None else head.weight
-        if type(head) is not LMHead or weight is None or weight.numel() == 0 or weight.dtype is not torch.bfloat16:
+        if weight is None or weight.numel() == 0 or weight.dtype is not torch.bfloat16:
             return None
         return weight
 

@@ -117,12 +117,16 @@ def _amx_packable(w: DecoderWeights) -> bool:
     most the share of memory the linear plans give their copies."""
     linears = [t for lw in w.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down)]
     copies = 2 * sum(t.numel() * t.element_size() for t in linears + ([w.lm_head] if _head_packable(w) else []))
-    return (all(t.shape[0] % 16 == 0 and t.shape[1] % 32 == 0 for t in linears)
-            and copies <= COPY_MEMORY_FRACTION * physical_memory())
+    return all(map(_whole_tiles, linears)) and copies <= COPY_MEMORY_FRACTION * physical_memory()
 
 
 def _head_packable(w: DecoderWeights) -> bool:
-    return w.lm_head is not None and w.lm_head.shape[0] % 16 == 0 and w.lm_head.shape[1] % 32 == 0
+    return w.lm_head is not None and _whole_tiles(w.lm_head)
+
+
+def _whole_tiles(w: torch.Tensor) -> bool:
+    """[out, in] in vnni_pack's blocks: out a multiple of 16, in of 32."""
+    return w.shape[0] % 16 == 0 and w.shape[1] % 32 == 0
 
 
 def supported(w: DecoderWeights) -> bool:
