@@ -118,6 +118,23 @@ def test_a_failed_build_is_an_os_error(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # no half-written library left behind
 
 
+def test_a_compiler_speaking_utf8_builds_under_an_ascii_locale(tmp_path, monkeypatch):
+    """Triton's stub runs Python with an ASCII locale while gcc quotes its warnings in UTF-8: that failed the
+    model's load (UnicodeDecodeError) instead of building."""
+    real = cpu._compiler()
+    if real is None:
+        pytest.skip("no C compiler")
+    cc = tmp_path / "cc-utf8"
+    cc.write_text(f"#!/bin/sh\nprintf '\\342\\200\\230warning\\342\\200\\231\\n' >&2\nexec {real} \"$@\"\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setattr("locale.getpreferredencoding", lambda do_setlocale=True: "ascii")
+    monkeypatch.setattr("locale.getencoding", lambda: "ascii", raising=False)
+    src = tmp_path / "tiny.c"
+    src.write_text("int answer(void) { return 42; }\n")
+    assert cpu.build(src, tmp_path / "cache").exists()
+
+
 def test_build_is_cached_per_source(tmp_path):
     if cpu._compiler() is None:
         pytest.skip("no C compiler")

@@ -32,6 +32,8 @@ FUNCTIONS = {
 }
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 BUILD_TIMEOUT_S = 120
+# the compiler's output in any locale: Triton's stub runs Python with ASCII while gcc quotes in UTF-8
+_TEXT = {"encoding": "utf-8", "errors": "replace"}
 
 
 def enabled() -> bool:
@@ -74,7 +76,7 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([cc, "--version"], capture_output=True, timeout=30, **_TEXT).stdout
     headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # the sources' shared includes
     key = hashlib.sha256("\0".join([source.read_text(), *headers, " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
     directory = directory or cache_dir()
@@ -85,8 +87,8 @@ def build(source: Path = SOURCE, directory: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)  # then renamed: concurrent builders never clash
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(source)], capture_output=True, text=True,
-                              timeout=BUILD_TIMEOUT_S)
+        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(source)], capture_output=True, timeout=BUILD_TIMEOUT_S,
+                              **_TEXT)
         if proc.returncode != 0:
             raise OSError(f"{cc} failed on {source.name}: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -105,7 +107,7 @@ def library(name: str = "paged_decode") -> ctypes.CDLL | None:
 
     try:
         lib = ctypes.CDLL(str(build(SOURCE.with_name(f"{name}.c"))))
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
         log.warning("native CPU kernel %s unavailable, keeping the PyTorch path: %s", name, exc)
         return None
     for function, argtypes in FUNCTIONS[name].items():
