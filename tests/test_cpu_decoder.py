@@ -84,6 +84,35 @@ def test_amx_steps_match_the_modules(runner):
         torch.testing.assert_close(kv_fused.float(), kv_modules.float(), rtol=0.02, atol=0.02)
 
 
+def test_stolen_tasks_give_the_same_bits(runner, monkeypatch):
+    """A thread that waits on a phase redoes the tasks still out and the first copy done is committed: with every
+    wait stealing at once and one task's thread held until the step is a layer on (a preemption), logits and
+    cache are those of a step without stealing, bit for bit, and tasks were stolen."""
+    fused, threads = runner.fused, torch.get_num_threads()
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (3 + i % 7,), generator=gen).tolist() for i in range(20)]
+    blocks = {i: list(range(1 + i * 8, 1 + i * 8 + 8)) for i in range(20)}
+    runner.compute_logits(SchedulerOutput([_chunk(f"r{i}", p, 0, blocks[i]) for i, p in enumerate(prompts)]))
+    torch.set_num_threads(2)  # a second thread to steal, even on one core
+    try:
+        sizes = [1, 3] + ([5, 17] if fused.max_rows > 4 else [])
+        for step, rows in enumerate(sizes):
+            chunks = [_chunk(f"r{i}", [(5 * step + i) % 256], len(prompts[i]) + step, blocks[i]) for i in range(rows)]
+            before = runner.kv_cache.clone()
+            monkeypatch.setattr(decoder, "STEAL_SPINS", -1)
+            want = runner.compute_logits(SchedulerOutput(chunks))
+            kv_want = runner.kv_cache.clone()
+            runner.kv_cache.copy_(before)
+            monkeypatch.setattr(decoder, "STEAL_SPINS", 0)
+            fused.stall_task, stolen = rows + 1, fused.stolen  # a task of layer 0's qkv linear
+            got = runner.compute_logits(SchedulerOutput(chunks))
+            assert torch.equal(got, want) and torch.equal(runner.kv_cache, kv_want), f"{rows} rows"
+            assert fused.stolen > stolen, f"{rows} rows: nothing stolen"
+    finally:
+        torch.set_num_threads(threads)
+        fused.stall_task = -1
+
+
 def test_steps_it_does_not_take_run_the_modules(runner, monkeypatch):
     calls = []
     monkeypatch.setattr(runner.fused, "forward", lambda *a: calls.append(a))

@@ -1,9 +1,9 @@
 /* A whole decode step of a Llama-family decoder for a few rows, in one call and one OpenMP parallel region:
  * per layer RMSNorm (+ residual), the qkv linear, rotary + K/V store, paged decode attention, o linear,
  * RMSNorm (+ residual), gate|up linear, act(gate) * up, down linear; then the final RMSNorm. The layers' ops are
- * the native kernels' own code (gemv.h, rms_norm.h, rope.h, paged_decode.h), so each rounds as they do; the
- * threads meet at a barrier between phases instead of forking and joining per op, and no Python runs between
- * them (per layer that was ~15 calls and their checks: ~0.3 ms of a 3-20 ms step here).
+ * the native kernels' own code (gemv.h, rms_norm.h, rope.h, paged_decode.h), so each rounds as they do; no
+ * fork and join per op, and no Python runs between them (per layer that was ~15 calls and their checks: ~0.3 ms
+ * of a 3-20 ms step here).
  * bf16 only. The activation is a table over all 65,536 bf16 inputs made by PyTorch's own function, so
  * act(gate) is bit for bit what PyTorch computes.
  */
@@ -49,7 +49,11 @@ typedef struct { /* one decode step: `rows` tokens, one per request */
     const int64_t *table;     /* [rows, table_row_stride] block ids */
     const int64_t *positions; /* [rows] */
     int64_t table_row_stride, max_len, threads;
-    uint16_t *out; /* [rows, hidden]: the final norm's output */
+    uint16_t *out;       /* [rows, hidden]: the final norm's output */
+    int64_t steal_spins; /* a thread waiting on a phase this many spins redoes its unfinished tasks; <0: never */
+    int64_t stall_task;  /* tests: the thread that takes this task first waits (up to ~1 s) for the same phase one
+                          * layer on to be done by the others: a preemption that ends mid-step; -1: none */
+    int64_t stolen;      /* out: tasks a waiting thread redid and committed first */
 } Step;
 
 int amx_ready(void);
@@ -64,6 +68,14 @@ typedef struct { /* where a step's activations live (bf16); y, attn and act have
     int64_t padded;
     int amx;
 } Acts;
+
+typedef struct { /* a thread's own outputs: a task computes here, in its destination's layout; the commit copies */
+    uint16_t *out;  /* [rows, widest output] */
+    uint16_t *sum;  /* [rows, hidden]: a norm's residual sum */
+    uint16_t *slot; /* [kv_heads * dim]: rope's cache rows, dropped (the commit stores them) */
+    float *scores, *xf;
+    int64_t widened;
+} Own;
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -110,51 +122,146 @@ static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, i
 #endif
 }
 
-/* Task k of `phase` of layer l (l == layers: the final norm). */
-static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, int phase, int64_t k, float *scores,
-                     float *xf, int64_t *widened) {
+/* Task k of `phase` of layer l (l == layers: the final norm), into the thread's own buffers: it reads only
+ * activations of phases before it, so a copy of it run twice (below: stolen) computes the same bits. */
+static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, int phase, int64_t k, Own *o) {
     const int64_t R = s->rows, H = m->hidden, D = m->dim, I = m->intermediate;
     const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D, phase_id = l * PHASES + phase;
     if (l == m->layers) { /* the final norm of row k */
-        norm_row(a->h + k * H, a->resid + k * H, a->resid + k * H, s->out + k * H, m->final_norm, (int)H, m->eps, 1);
+        norm_row(a->h + k * H, a->resid + k * H, o->sum + k * H, o->out + k * H, m->final_norm, (int)H, m->eps, 1);
         return;
     }
     const Layer *L = &m->layer[l];
     switch (phase) {
-    case NORM_IN: /* y = norm(x + residual), the sum written back into residual; layer 0: residual = x */
-        if (l == 0) {
-            memcpy(a->resid + k * H, s->x + k * H, sizeof(uint16_t) * (size_t)H);
-            norm_row(s->x + k * H, NULL, NULL, a->y + k * H, L->input_norm, (int)H, m->eps, 1);
-        } else {
-            norm_row(a->h + k * H, a->resid + k * H, a->resid + k * H, a->y + k * H, L->input_norm, (int)H, m->eps, 1);
-        }
+    case NORM_IN: /* y = norm(x + residual), the sum the new residual; layer 0: residual = x */
+        if (l == 0) norm_row(s->x + k * H, NULL, NULL, o->out + k * H, L->input_norm, (int)H, m->eps, 1);
+        else norm_row(a->h + k * H, a->resid + k * H, o->sum + k * H, o->out + k * H, L->input_norm, (int)H, m->eps, 1);
         break;
-    case QKV: linear_task(a, a->y, R, H, L->qkv, L->qkv_amx, qkv_out, L->qkv_bias, a->qkv, k, xf, widened, phase_id); break;
-    case ROPE:
-        rope_token(a->qkv + k * qkv_out, s->cos + k * D, s->sin + k * D, L->k_cache, L->v_cache, s->slots[k],
-                   (int)m->heads, (int)m->kv_heads, (int)D, 1);
+    case QKV:
+        linear_task(a, a->y, R, H, L->qkv, L->qkv_amx, qkv_out, L->qkv_bias, o->out, k, o->xf, &o->widened, phase_id);
+        break;
+    case ROPE: /* rotated in a copy of the row; the cache rows go to a scratch slot */
+        memcpy(o->out + k * qkv_out, a->qkv + k * qkv_out, sizeof(uint16_t) * (size_t)qkv_out);
+        rope_token(o->out + k * qkv_out, s->cos + k * D, s->sin + k * D, o->slot, o->slot, 0, (int)m->heads,
+                   (int)m->kv_heads, (int)D, 1);
         break;
     case ATTEND: {
-        const Problem p = {a->qkv, L->k_cache, L->v_cache, s->table, s->positions, a->attn, qkv_out,
+        const Problem p = {a->qkv, L->k_cache, L->v_cache, s->table, s->positions, o->out, qkv_out,
                            s->table_row_stride, (int)R, (int)m->heads, (int)m->kv_heads, (int)D,
                            (int)m->block_size, (int)L->window, m->scale};
-        attend_item(&p, (int)(k / m->kv_heads), (int)(k % m->kv_heads), scores, 1);
+        attend_item(&p, (int)(k / m->kv_heads), (int)(k % m->kv_heads), o->scores, 1);
         break;
     }
-    case O_PROJ: linear_task(a, a->attn, R, m->heads * D, L->o, L->o_amx, H, L->o_bias, a->h, k, xf, widened, phase_id); break;
+    case O_PROJ:
+        linear_task(a, a->attn, R, m->heads * D, L->o, L->o_amx, H, L->o_bias, o->out, k, o->xf, &o->widened, phase_id);
+        break;
     case NORM_POST:
-        norm_row(a->h + k * H, a->resid + k * H, a->resid + k * H, a->y + k * H, L->post_norm, (int)H, m->eps, 1);
+        norm_row(a->h + k * H, a->resid + k * H, o->sum + k * H, o->out + k * H, L->post_norm, (int)H, m->eps, 1);
         break;
     case GATE_UP:
-        linear_task(a, a->y, R, H, L->gate_up, L->gate_up_amx, 2 * I, L->gate_up_bias, a->gu, k, xf, widened, phase_id);
+        linear_task(a, a->y, R, H, L->gate_up, L->gate_up_amx, 2 * I, L->gate_up_bias, o->out, k, o->xf, &o->widened,
+                    phase_id);
         break;
     case ACT: { /* act(gate) * up, each rounded to bf16 as PyTorch's two ops; elements [first, last) */
         const int64_t first = k * ACT_CHUNK, last = first + ACT_CHUNK < R * I ? first + ACT_CHUNK : R * I;
-        act_span(m->act_table, a->gu, a->act, I, first, last);
+        act_span(m->act_table, a->gu, o->out, I, first, last);
         break;
     }
-    default: linear_task(a, a->act, R, I, L->down, L->down_amx, H, L->down_bias, a->h, k, xf, widened, phase_id); break;
+    default:
+        linear_task(a, a->act, R, I, L->down, L->down_amx, H, L->down_bias, o->out, k, o->xf, &o->widened, phase_id);
+        break;
     }
+}
+
+/* Columns [first, last) of every row of y [rows, width], from the thread's copy in the same layout. */
+static inline void copy_columns(uint16_t *y, const uint16_t *own, int64_t rows, int64_t width, int64_t first,
+                                int64_t last) {
+    if (last - first == CHUNK) { /* a constant size: inlined moves, not ~10k library calls a step */
+        for (int64_t r = 0; r < rows; r++)
+            memcpy(y + r * width + first, own + r * width + first, sizeof(uint16_t) * CHUNK);
+        return;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        memcpy(y + r * width + first, own + r * width + first, sizeof(uint16_t) * (size_t)(last - first));
+}
+
+/* Task k's outputs from the thread's copy to the activations (and rope's to the cache): run by the one thread
+ * whose claim of the task won. */
+static void commit_task(const Model *m, const Step *s, const Acts *a, int64_t l, int phase, int64_t k, const Own *o) {
+    const int64_t R = s->rows, H = m->hidden, D = m->dim, I = m->intermediate, kv = m->kv_heads * D;
+    const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D;
+    const size_t row = sizeof(uint16_t) * (size_t)H;
+    const int64_t first = k * CHUNK;
+    if (l == m->layers) {
+        memcpy(s->out + k * H, o->out + k * H, row);
+        return;
+    }
+    const Layer *L = &m->layer[l];
+    switch (phase) {
+    case NORM_IN: case NORM_POST:
+        memcpy(a->resid + k * H, l == 0 && phase == NORM_IN ? s->x + k * H : o->sum + k * H, row);
+        memcpy(a->y + k * H, o->out + k * H, row);
+        break;
+    case QKV: copy_columns(a->qkv, o->out, R, qkv_out, first, first + CHUNK < qkv_out ? first + CHUNK : qkv_out); break;
+    case ROPE: {
+        const uint16_t *rotated = o->out + k * qkv_out;
+        memcpy(a->qkv + k * qkv_out, rotated, sizeof(uint16_t) * (size_t)qkv_out);
+        memcpy((uint16_t *)L->k_cache + s->slots[k] * kv, rotated + m->heads * D, sizeof(uint16_t) * (size_t)kv);
+        memcpy((uint16_t *)L->v_cache + s->slots[k] * kv, rotated + m->heads * D + kv, sizeof(uint16_t) * (size_t)kv);
+        break;
+    }
+    case ATTEND: { /* the group's query heads of row k / kv_heads */
+        const int64_t group = m->heads / m->kv_heads, at = ((k / m->kv_heads) * m->heads + (k % m->kv_heads) * group) * D;
+        memcpy(a->attn + at, o->out + at, sizeof(uint16_t) * (size_t)(group * D));
+        break;
+    }
+    case O_PROJ: case DOWN: copy_columns(a->h, o->out, R, H, first, first + CHUNK < H ? first + CHUNK : H); break;
+    case GATE_UP: copy_columns(a->gu, o->out, R, 2 * I, first, first + CHUNK < 2 * I ? first + CHUNK : 2 * I); break;
+    default: { /* ACT */
+        const int64_t at = k * ACT_CHUNK, last = at + ACT_CHUNK < R * I ? at + ACT_CHUNK : R * I;
+        memcpy(a->act + at, o->out + at, sizeof(uint16_t) * (size_t)(last - at));
+        break;
+    }
+    }
+}
+
+typedef struct { /* the step's shared state */
+    const Model *m;
+    const Step *s;
+    const Acts *a;
+    int64_t phases;
+    const int64_t *end; /* tasks before phase p's end */
+    int64_t *done;      /* per phase: tasks committed */
+    uint8_t *claimed;   /* per task: 1 once a thread won the right to commit it */
+} Plan;
+
+static inline int64_t phase_start(const Plan *pl, int64_t p) { return p > 0 ? pl->end[p - 1] : 0; }
+
+static inline int phase_done(const Plan *pl, int64_t p) {
+    return __atomic_load_n(&pl->done[p], __ATOMIC_ACQUIRE) == pl->end[p] - phase_start(pl, p);
+}
+
+/* Runs task t (phase p) and commits it unless another thread did first. Returns 1 when this thread committed. */
+static int finish_task(const Plan *pl, int64_t p, int64_t t, Own *o) {
+    const int64_t l = p / PHASES, k = t - phase_start(pl, p);
+    const int phase = p == pl->phases - 1 ? PHASES : (int)(p % PHASES);
+    run_task(pl->m, pl->s, pl->a, p == pl->phases - 1 ? pl->m->layers : l, phase, k, o);
+    uint8_t free_ = 0;
+    if (!__atomic_compare_exchange_n(&pl->claimed[t], &free_, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) return 0;
+    commit_task(pl->m, pl->s, pl->a, p == pl->phases - 1 ? pl->m->layers : l, phase, k, o);
+    __atomic_fetch_add(&pl->done[p], 1, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* A thread waiting on phase q redoes its uncommitted tasks (their takers are preempted, or slower), from the
+ * first unfinished phase on while the phase before each is complete. Returns how many it committed. */
+static int64_t help(const Plan *pl, int64_t q, Own *o) {
+    int64_t e = q, n = 0;
+    while (e > 0 && !phase_done(pl, e - 1)) e--;
+    for (; e <= q && (e == 0 || phase_done(pl, e - 1)); e++)
+        for (int64_t t = phase_start(pl, e); t < pl->end[e]; t++)
+            if (!__atomic_load_n(&pl->claimed[t], __ATOMIC_RELAXED)) n += finish_task(pl, e, t, o);
+    return n;
 }
 
 /* Returns 0; -1 for a shape it does not take (rows outside 1..max_rows, head dim, group, AMX missing); -2 out
@@ -163,9 +270,10 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
  *
  * The step is a chain of phases (per layer: NORM_IN .. DOWN; then the final norm), each cut into tasks. Threads
  * take the next task from one counter, and a task waits only until every task of the phase before it is
- * done: no barrier, so a thread the OS preempts (two cores shared with tritonserver and its clients) holds
- * up at most the task it has, while the other takes the rest. */
-int decode_step(const Model *m, const Step *s) {
+ * done: no barrier. A thread the OS preempts (two cores shared with tritonserver and its clients) would still
+ * hold up the next phase by the task it has: a thread that waits long redoes that task itself, and whichever
+ * copy finishes first is committed (tasks compute into per-thread buffers), so the step goes on meanwhile. */
+int decode_step(const Model *m, Step *s) {
     const int64_t R = s->rows, H = m->hidden, D = m->dim, I = m->intermediate;
     const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D, group = m->heads / m->kv_heads;
     const int amx = R > m->few_rows;
@@ -183,51 +291,77 @@ int decode_step(const Model *m, const Step *s) {
     /* activations (bf16): residual, normed x, qkv, attention, o / down output, gate|up, act */
     const size_t acts = (size_t)R * (size_t)(2 * H + qkv_out + 2 * I) + (size_t)P * (size_t)(H + m->heads * D + I);
     const size_t per_thread = (size_t)group * (size_t)max_len + (amx ? 0 : (size_t)R * (size_t)widest); /* scores, x widened */
-    const size_t counters = sizeof(int64_t) * (size_t)(2 * phases + 1);
-    char *scratch = malloc(counters + acts * sizeof(uint16_t) + (size_t)threads * per_thread * sizeof(float) + 64);
-    if (!scratch) return -2;
-    int64_t *done = (int64_t *)scratch, *end = done + phases, *next = end + phases; /* end: tasks before phase p's end */
+    int64_t widest_out = qkv_out > 2 * I ? qkv_out : 2 * I; /* heads * dim is at most qkv_out */
+    if (H > widest_out) widest_out = H;
+    const size_t own = ((size_t)R * (size_t)(widest_out + H) + (size_t)(m->kv_heads * D) + 31) / 32 * 32; /* out, sum, slot */
+    int64_t *counts = malloc(sizeof(int64_t) * (size_t)(2 * phases + 1)); /* done, end, next */
+    if (!counts) return -2;
+    int64_t *done = counts, *end = done + phases, *next = end + phases;
     memset(done, 0, sizeof(int64_t) * (size_t)phases);
     *next = 0;
     for (int64_t p = 0, total = 0; p < phases; p++) {
         total += phase_tasks(m, R, p == phases - 1 ? PHASES : (int)(p % PHASES));
         end[p] = total;
     }
+    const int64_t tasks = end[phases - 1];
+    char *scratch = malloc(acts * sizeof(uint16_t) + (size_t)threads * (per_thread * sizeof(float) + own * sizeof(uint16_t))
+                           + (size_t)tasks + 192);
+    if (!scratch) {
+        free(counts);
+        return -2;
+    }
     Acts a;
     a.padded = P, a.amx = amx;
-    a.resid = (uint16_t *)(next + 1);
+    a.resid = (uint16_t *)scratch;
     a.y = a.resid + R * H, a.qkv = a.y + P * H, a.attn = a.qkv + R * qkv_out, a.h = a.attn + P * m->heads * D;
     a.gu = a.h + R * H, a.act = a.gu + R * 2 * I;
     float *floats = (float *)(((uintptr_t)(a.act + P * I) + 63) & ~(uintptr_t)63);
+    uint16_t *owns = (uint16_t *)(((uintptr_t)(floats + (size_t)threads * per_thread) + 63) & ~(uintptr_t)63);
+    uint8_t *claimed = (uint8_t *)(owns + (size_t)threads * own);
+    memset(claimed, 0, (size_t)tasks);
     if (P > R) { /* the tiles' padding rows: zeros, never written by a phase */
         memset(a.y + R * H, 0, sizeof(uint16_t) * (size_t)((P - R) * H));
         memset(a.attn + R * m->heads * D, 0, sizeof(uint16_t) * (size_t)((P - R) * m->heads * D));
         memset(a.act + R * I, 0, sizeof(uint16_t) * (size_t)((P - R) * I));
     }
+    const Plan plan = {m, s, &a, phases, end, done, claimed};
+    int64_t stolen = 0;
 
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) reduction(+ : stolen)
     {
-        float *scores = floats + (size_t)omp_get_thread_num() * per_thread, *xf = scores + (size_t)group * (size_t)max_len;
-        int64_t p = 0, widened = -1;
+        const int id = omp_get_thread_num();
+        Own o;
+        o.scores = floats + (size_t)id * per_thread, o.xf = o.scores + (size_t)group * (size_t)max_len, o.widened = -1;
+        o.out = owns + (size_t)id * own, o.sum = o.out + R * widest_out, o.slot = o.sum + R * H;
+        int64_t p = 0;
         if (amx) amx_configure();
         for (;;) {
             const int64_t t = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
-            if (t >= end[phases - 1]) break;
+            if (t >= tasks) break;
             while (t >= end[p]) p++;
-            if (p > 0) { /* the phase before done: spin, then give the core away if its last task is preempted */
-                const int64_t need = end[p - 1] - (p > 1 ? end[p - 2] : 0);
-                for (int spins = 0; __atomic_load_n(&done[p - 1], __ATOMIC_ACQUIRE) < need; spins++) {
-                    if (spins >= SPINS_BEFORE_YIELD) sched_yield();
-                    else cpu_relax();
+            /* the phase before done: spin, then redo its tasks still out, then give the core away */
+            for (int64_t spins = 0; p > 0 && !phase_done(&plan, p - 1); spins++) {
+                if (spins == s->steal_spins) {
+                    const int64_t n = help(&plan, p - 1, &o);
+                    stolen += n;
+                    if (n) spins = -1; /* progress: wait afresh */
+                } else if (spins >= SPINS_BEFORE_YIELD) {
+                    sched_yield();
+                } else {
+                    cpu_relax();
                 }
             }
-            const int64_t k = t - (p > 0 ? end[p - 1] : 0);
-            run_task(m, s, &a, p / PHASES, p == phases - 1 ? PHASES : (int)(p % PHASES), k, scores, xf, &widened);
-            __atomic_fetch_add(&done[p], 1, __ATOMIC_RELEASE);
+            if (t == s->stall_task && s->steal_spins >= 0 && omp_get_num_threads() > 1) { /* tests, below */
+                const int64_t until = p + PHASES < phases - 1 ? p + PHASES : phases - 2;
+                for (int i = 0; i < 1000000 && !phase_done(&plan, until); i++) sched_yield();
+            }
+            finish_task(&plan, p, t, &o);
         }
         if (amx) amx_release();
     }
+    s->stolen = stolen;
     free(scratch);
+    free(counts);
     return 0;
 }
 

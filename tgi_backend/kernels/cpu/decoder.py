@@ -25,6 +25,9 @@ MAX_DIM = 512  # rope.h
 # even at 128. A whole step against the modules (ABBA): small 8 / 32 / 64 / 96 / 128 rows 1.97x / 1.44x / 1.20x /
 # 1.05x / 1.06x, medium 32 / 64 / 96 / 128 rows 1.73x / 1.07x / 1.00x / 0.97x: one call up to here
 AMX_MAX_ROWS = 96
+# a thread that waits on a phase this long (~15 ns a spin here: ~20 us, past a task's few us) redoes the tasks
+# still out: their thread is most likely preempted by the serving threads sharing the cores
+STEAL_SPINS = 1024
 
 
 class _Layer(ctypes.Structure):
@@ -41,7 +44,8 @@ class _Model(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = [("rows", _I64), ("x", _P), ("cos", _P), ("sin", _P), ("slots", _P), ("table", _P),
-                ("positions", _P), ("table_row_stride", _I64), ("max_len", _I64), ("threads", _I64), ("out", _P)]
+                ("positions", _P), ("table_row_stride", _I64), ("max_len", _I64), ("threads", _I64), ("out", _P),
+                ("steal_spins", _I64), ("stall_task", _I64), ("stolen", _I64)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +162,8 @@ class FusedDecoder:
         self.hidden = first.o.shape[0]
         self.num_blocks = first.k_cache.shape[0]
         self.act_table = act_table(weights.act)
+        self.stall_task = -1  # tests: the task whose thread waits for the step to go on without it (decoder.c)
+        self.stolen = 0  # tasks redone by a waiting thread and committed before their taker's copy, all steps
         self._layers = (_Layer * len(weights.layers))(*[
             _Layer(_ptr(lw.input_norm), _ptr(lw.post_norm), _ptr(lw.qkv), _ptr(lw.qkv_bias), _ptr(lw.o),
                    _ptr(lw.o_bias), _ptr(lw.gate_up), _ptr(lw.gate_up_bias), _ptr(lw.down), _ptr(lw.down_bias),
@@ -200,8 +206,10 @@ class FusedDecoder:
         slots, table, pos = slot_mapping.contiguous(), dec.block_table.contiguous(), dec.positions.contiguous()
         out = torch.empty(rows, self.hidden, dtype=x.dtype)
         step = _Step(rows, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), table.data_ptr(),
-                     pos.data_ptr(), table.stride(0), dec.max_ctx, torch.get_num_threads(), out.data_ptr())
+                     pos.data_ptr(), table.stride(0), dec.max_ctx, torch.get_num_threads(), out.data_ptr(), STEAL_SPINS,
+                     self.stall_task, 0)
         status = self.lib.decode_step(ctypes.byref(self._model), ctypes.byref(step))
+        self.stolen += step.stolen
         if status == -3:
             raise ValueError(f"slot mapping out of bounds: a slot outside the cache's {self._model.num_slots}")
         if status == -2:
