@@ -12,7 +12,7 @@ drift cancels; the report gives the median ratio and its range.
 
 --a / --b take EngineConfig fields as key=value, the names of tgi_llm's model parameters (A defaults to the
 plain engine). --a-without / --b-without switch native CPU kernels off on that side once it is built
-(NATIVE_PARTS: decode_attention, rms_norm, rope_store, gemv, decoder), which no config field does:
+(NATIVE_PARTS: decode_attention, prefill_attention, rms_norm, rope_store, gemv, decoder), which no config field does:
 
     .venv/bin/python scripts/bench_ab.py --model small --rows 4 --a-without gemv
 
@@ -110,9 +110,16 @@ def _without_decode_attention(engine: Any) -> None:
     _without_op(decode_attention=attention.decode_attention)(engine)
 
 
+def _without_prefill_attention(engine: Any) -> None:
+    from tgi_backend.layers import attention
+
+    _without_op(prefill_attention=attention.prefill_segments_attention, prepare_prefill=lambda s, d: list(s))(engine)
+
+
 # a native CPU kernel -> how an engine runs without it (its PyTorch path)
 NATIVE_PARTS = {
     "decode_attention": _without_decode_attention,
+    "prefill_attention": _without_prefill_attention,  # decode steps only here: scripts/bench's prefill for it
     "rms_norm": _without_op(norm_in_layers=False),
     "rope_store": _without_op(rope_store=None),
     "gemv": _without_gemv,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tgi_backend.engine.forward_context import DecodeBatch, ForwardContext, forward_context
 from tgi_backend.kernels import cpu
-from tgi_backend.kernels.cpu import paged_decode, rms_norm
+from tgi_backend.kernels.cpu import paged_decode, prefill_attn, rms_norm
 from tgi_backend.layers import attention
 from tgi_backend.layers.norm import RMSNorm
 from tgi_backend.layers.norm import rms_norm as rms_norm_torch
@@ -163,7 +163,7 @@ def test_disabled_or_unbuildable_selects_the_torch_set(monkeypatch):
     if cpu.library() is not None:
         assert select_ops(torch.device("cpu")).name == "cpu"
         assert get_ops("cpu").decode_attention is paged_decode.decode_attention
-        assert get_ops("cpu").prefill_attention is get_ops("torch").prefill_attention
+        assert get_ops("cpu").prefill_attention is prefill_attn.prefill_attention
 
 
 def test_an_unusable_cache_dir_falls_back_to_the_temp_dir(tmp_path, monkeypatch):

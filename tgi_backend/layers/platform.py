@@ -1,8 +1,8 @@
 """Op sets per platform: the few hot ops a decoder layer calls, behind one registry instead of branches.
 
 "torch" is the plain PyTorch path (layers/attention.py, norm.py, rotary.py). "cpu" is that path with decode
-attention, the residual RMSNorm, rotary with the K/V store and the gated activation on the native kernels of
-kernels/cpu (built on first use), the one the CPU runs when they build.
+attention, prefill attention (AMX), the residual RMSNorm, rotary with the K/V store and the gated activation on
+the native kernels of kernels/cpu (built on first use), the one the CPU runs when they build.
 "triton" is the Triton-language kernels of kernels/ for CUDA devices. `select_ops(device)` picks one from the
 device alone; the triton set is imported lazily, so nothing imports triton unless it is chosen (on the CPU it
 never is).
@@ -78,14 +78,14 @@ def _torch_ops() -> Ops:
 
 
 def _cpu_ops() -> Ops:
-    from tgi_backend.kernels.cpu import act, library, paged_decode, rms_norm, rope_store
+    from tgi_backend.kernels.cpu import act, library, paged_decode, prefill_attn, rms_norm, rope_store
 
-    if any(library(name) is None for name in ("paged_decode", "rms_norm", "rope_store", "act")):
+    if any(library(name) is None for name in ("paged_decode", "rms_norm", "rope_store", "act", "prefill_attn")):
         raise ImportError("the native CPU kernels did not build (see the log)")
     return dataclasses.replace(
         _torch_ops(), name="cpu", decode_attention=paged_decode.decode_attention,
         rms_norm_residual=rms_norm.rms_norm_residual, norm_in_layers=True, rope_store=rope_store.rope_store,
-        gated_act=act.gated_act,
+        gated_act=act.gated_act, prepare_prefill=prefill_attn.prepare, prefill_attention=prefill_attn.prefill_attention,
     )
 
 

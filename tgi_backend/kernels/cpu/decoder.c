@@ -211,7 +211,8 @@ static void commit_task(const Model *m, const Step *s, const Acts *a, int64_t l,
         break;
     }
     case ATTEND: { /* the group's query heads of row k / kv_heads */
-        const int64_t group = m->heads / m->kv_heads, at = ((k / m->kv_heads) * m->heads + (k % m->kv_heads) * group) * D;
+        const int64_t group = m->heads / m->kv_heads;
+        const int64_t at = ((k / m->kv_heads) * m->heads + (k % m->kv_heads) * group) * D;
         memcpy(a->attn + at, o->out + at, sizeof(uint16_t) * (size_t)(group * D));
         break;
     }
@@ -293,7 +294,8 @@ int decode_step(const Model *m, Step *s) {
     const size_t per_thread = (size_t)group * (size_t)max_len + (amx ? 0 : (size_t)R * (size_t)widest); /* scores, x widened */
     int64_t widest_out = qkv_out > 2 * I ? qkv_out : 2 * I; /* heads * dim is at most qkv_out */
     if (H > widest_out) widest_out = H;
-    const size_t own = ((size_t)R * (size_t)(widest_out + H) + (size_t)(m->kv_heads * D) + 31) / 32 * 32; /* out, sum, slot */
+    /* per thread: out, sum, slot (Own) */
+    const size_t own = ((size_t)R * (size_t)(widest_out + H) + (size_t)(m->kv_heads * D) + 31) / 32 * 32;
     int64_t *counts = malloc(sizeof(int64_t) * (size_t)(2 * phases + 1)); /* done, end, next */
     if (!counts) return -2;
     int64_t *done = counts, *end = done + phases, *next = end + phases;
@@ -304,8 +306,8 @@ int decode_step(const Model *m, Step *s) {
         end[p] = total;
     }
     const int64_t tasks = end[phases - 1];
-    char *scratch = malloc(acts * sizeof(uint16_t) + (size_t)threads * (per_thread * sizeof(float) + own * sizeof(uint16_t))
-                           + (size_t)tasks + 192);
+    const size_t thread_bytes = per_thread * sizeof(float) + own * sizeof(uint16_t);
+    char *scratch = malloc(acts * sizeof(uint16_t) + (size_t)threads * thread_bytes + (size_t)tasks + 192);
     if (!scratch) {
         free(counts);
         return -2;
