@@ -112,3 +112,5 @@ def test_block_ids_outside_the_cache_are_not_read():
         prefill_attn.prefill_attention(q, k, v, kc, vc, prefill_attn.prepare(bad), 0.1, None)
     short = [PrefillSegment(0, 9, 30, torch.tensor([1]))]  # fewer blocks than the history needs
     assert not prefill_attn._history_ok(prefill_attn.prepare(short), kc)
+    negative = [PrefillSegment(0, 9, 30, torch.tensor([1, -2, 3]))]
+    assert not prefill_attn._history_ok(prefill_attn.prepare(negative), kc)

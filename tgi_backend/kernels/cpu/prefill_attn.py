@@ -4,7 +4,6 @@ multiple of 32, strides it does not read) the step runs PyTorch's SDPA per chunk
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,8 +21,9 @@ class Chunks:
     segments: list[PrefillSegment]
     rows: torch.Tensor  # [n, 4] int64: q_start, length, start_pos, offset of its block ids in block_ids or -1
     block_ids: torch.Tensor  # the chunks' block ids, concatenated (int64)
-    max_block: int  # the largest block id (-1: none), checked against the cache before the C code reads it
+    max_block: int  # the largest block id (-1: none; a negative id counts as past the cache), checked
     histories: list[tuple[int, int]]  # (block ids, start_pos) of each chunk with a history
+    rows_end: int  # the end of the last chunk's rows, checked against the batch
 
 
 def prepare(segments: Sequence[PrefillSegment], device: torch.device | None = None) -> Chunks:
@@ -36,8 +36,9 @@ def prepare(segments: Sequence[PrefillSegment], device: torch.device | None = No
             histories.append((table.numel(), seg.start_pos))
             at += table.numel()
     block_ids = torch.cat(ids) if ids else torch.zeros(1, dtype=torch.int64)
+    max_block = -1 if not ids else int(block_ids.max()) if int(block_ids.min()) >= 0 else 1 << 62
     return Chunks(list(segments), torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), block_ids.contiguous(),
-                  int(block_ids.max()) if ids else -1, histories)
+                  max_block, histories, max((seg.q_end for seg in segments), default=0))
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
@@ -59,7 +60,8 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lib = library("prefill_attn")
-    if (lib is not None and chunks.segments and all(_rows_ok(t) for t in (q, k, v, out))
+    if (lib is not None and chunks.segments and chunks.rows_end <= min(q.shape[0], k.shape[0], v.shape[0], out.shape[0])
+            and all(_rows_ok(t) for t in (q, k, v, out))
             and k_cache.dtype is torch.bfloat16 and v_cache.dtype is torch.bfloat16
             and k_cache.is_contiguous() and v_cache.is_contiguous() and _history_ok(chunks, k_cache)):
         heads, dim = q.shape[1], q.shape[2]
