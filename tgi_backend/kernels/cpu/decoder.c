@@ -353,7 +353,7 @@ int decode_step(const Model *m, Step *s) {
                     cpu_relax();
                 }
             }
-            if (t == s->stall_task && s->steal_spins >= 0 && omp_get_num_threads() > 1) { /* tests, below */
+            if (t == s->stall_task && s->steal_spins >= 0 && omp_get_num_threads() > 1) { /* tests: Step.stall_task */
                 const int64_t until = p + PHASES < phases - 1 ? p + PHASES : phases - 2;
                 for (int i = 0; i < 1000000 && !phase_done(&plan, until); i++) sched_yield();
             }
