@@ -13,6 +13,7 @@ from tgi_backend.engine.request import SamplingParams
 from tgi_backend.engine.scheduler_output import ScheduledChunk, SchedulerOutput
 from tgi_backend.kernels.cpu import decoder, gemv, library
 from tgi_backend.layers import linear as linear_module
+from tgi_backend.sampling.sampler import greedy_tokens
 
 pytestmark = pytest.mark.skipif(
     library("decoder") is None or not gemv.available() or linear_module.bf16_support() == "none",
@@ -170,6 +171,38 @@ def test_amx_linear_matches_float64_rounded_once(rows, out, inn, bias):
     assert ((y.double() - exact).abs() <= ulp + 1e-5 * inn**0.5).all()
     logits = decoder.amx_linear(x, decoder.vnni_pack(w), out, b, out_dtype=torch.float32)  # the LM head's form
     assert logits.dtype is torch.float32 and torch.equal(logits, y.float())
+
+
+@pytest.mark.skipif(not decoder.amx_available(), reason="no AMX on this CPU")
+@pytest.mark.parametrize("out", [4096, 4112])  # whole 32-output chunks, and a last chunk of 16
+def test_amx_linear_argmax_is_the_samplers_greedy_token(out):
+    """The LM head's argmax, taken chunk by chunk: the first maximum (ties across and inside chunks), and the
+    first NaN where a row has one, as greedy_tokens gives."""
+    g = torch.Generator().manual_seed(out)
+    rows, inn = 40, 64
+    x = torch.randn(rows, inn, generator=g).to(torch.bfloat16)
+    w = (torch.randn(out, inn, generator=g) * 0.1).to(torch.bfloat16)
+    w[[7, 9, 300, out - 1]] = w[3] * 4  # the same largest logit four times: in one chunk and in others
+    b = torch.zeros(out, dtype=torch.bfloat16)
+    for bias in (None, b):
+        greedy = torch.empty(rows, dtype=torch.int64)
+        logits = decoder.amx_linear(x, decoder.vnni_pack(w), out, bias, out_dtype=torch.float32, argmax=greedy)
+        assert torch.equal(greedy, greedy_tokens(logits)) and torch.equal(greedy, logits.argmax(-1))
+        b[[2000, 50]] = float("nan")  # the second round: NaN logits at 50 and 2000 in every row
+    assert (greedy == 50).all()
+
+
+def test_fused_steps_hand_the_sampler_their_greedy_tokens(runner):
+    if runner.fused.lm_head_amx is None:
+        pytest.skip("no packed LM head: the sampler takes its own pass")
+    gen = torch.Generator().manual_seed(9)
+    rows = runner.fused.weights.max_rows + 3
+    prompts = [torch.randint(0, 256, (4,), generator=gen).tolist() for _ in range(rows)]
+    blocks = [[60 + 2 * i, 61 + 2 * i] for i in range(rows)]
+    runner.compute_logits(SchedulerOutput([_chunk(f"g{i}", p, 0, blocks[i]) for i, p in enumerate(prompts)]))
+    chunks = [_chunk(f"g{i}", [i + 1], 4, blocks[i]) for i in range(rows)]
+    logits, _, greedy = runner._logits(runner._prepare(chunks))
+    assert greedy is not None and torch.equal(greedy, greedy_tokens(logits))
 
 
 def test_vnni_pack_layout():

@@ -143,10 +143,10 @@ class ModelRunner:
         if out.is_empty:
             return ModelRunnerOutput()
         batch = self._prepare(out.chunks)
-        logits, prompt_logprobs = self._logits(batch)
+        logits, prompt_logprobs, greedy = self._logits(batch)
         result = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if batch.sampling:
-            sampled = self.sampler.sample(logits.cpu(), batch.sampling)  # the sampler works on the host
+            sampled = self.sampler.sample(logits.cpu(), batch.sampling, greedy)  # the sampler works on the host
             if any(batch.drafts):
                 _keep_verified(result, batch, sampled)
             else:
@@ -160,7 +160,8 @@ class ModelRunner:
         """Runs the step and returns the logits of the sampled chunks ([rows, vocab]) without sampling."""
         return self._logits(self._prepare(out.chunks))[0]
 
-    def _logits(self, batch: _Batch) -> tuple[torch.Tensor, dict[str, list[tuple[int, float]]]]:
+    def _logits(self, batch: _Batch) -> tuple[torch.Tensor, dict[str, list[tuple[int, float]]], torch.Tensor | None]:
+        """(logits of the sampled rows, prompt logprobs, each row's greedy token where the LM head gave it)."""
         hidden = self._replay_decode(batch) if self.graphs is not None else None
         fused = hidden is None and self.fused is not None and (hidden := self._fused_decode(batch)) is not None
         if hidden is None:
@@ -168,10 +169,13 @@ class ModelRunner:
                 hidden = self.model(batch.input_ids, batch.positions)
         prompt = self._prompt_logprobs(hidden, batch) if batch.prompt_rows else {}
         if batch.sample_rows.numel() == 0:
-            return hidden.new_empty((0, 0)), prompt
+            return hidden.new_empty((0, 0)), prompt, None
         rows = hidden.index_select(0, batch.sample_rows)
-        logits = self.fused.logits(rows) if fused else None  # the LM head on AMX where the step was fused
-        return (self.model.compute_logits(rows) if logits is None else logits), prompt
+        head = self.fused.logits(rows) if fused else None  # the LM head on AMX where the step was fused
+        if head is None:
+            return self.model.compute_logits(rows), prompt, None
+        logits, greedy = head
+        return logits, prompt, greedy
 
     def _replay_decode(self, batch: _Batch) -> torch.Tensor | None:
         """A decode-only step through its captured graph; None: not capturable (prefill, too big), run eagerly."""

@@ -95,13 +95,16 @@ class Sampler:
         # logits: [rows, vocab] -> one token id per row
         return self.sample(logits, rows).token_ids
 
-    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        # logits: [rows, vocab]
+    def sample(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], greedy: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        # logits: [rows, vocab]; greedy: each row's first maximum of these logits where the LM head gave it
         active = [[i for i, r in enumerate(rows) if proc.active(r.params)] for proc in self.processors]
         sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
         wanted = [i for i, r in enumerate(rows) if r.params.wants_logprobs]
         if not sampled and not any(active) and not wanted:
-            return SamplerOutput(greedy_tokens(logits).tolist(), [None] * len(rows), [None] * len(rows))
+            tokens = greedy_tokens(logits) if greedy is None else greedy
+            return SamplerOutput(tokens.tolist(), [None] * len(rows), [None] * len(rows))
         if any(active):
             logits = self.process(logits, rows, active)
         if len(sampled) == len(rows):
