@@ -30,8 +30,8 @@ FUNCTIONS = {
     "act": {"act_mul": [_P, _P, _I64, _I64, _P, _I32]},
     "prefill_attn": {"prefill_attention": [_P, _I64, _P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64,
                                            _I64, _I64, _F32, _I64, _I64]},
-    "decoder": {"decode_step": [_P, _P], "amx_ready": [], "amx_linear": [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _I64, _I64,
-                                                                                  _P]},
+    "decoder": {"decode_step": [_P, _P], "amx_ready": [],
+                "amx_linear": [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _I64, _I64, _P]},
 }
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 BUILD_TIMEOUT_S = 120

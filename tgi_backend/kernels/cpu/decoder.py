@@ -106,6 +106,9 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: t
     bf16, or as float32 for logits); `argmax` (int64 [rows], float32 only) gets each row's first maximum."""
     lib = library("decoder")
     rows, inn = x.shape
+    if argmax is not None and not (argmax.dtype is torch.int64 and argmax.is_contiguous() and argmax.numel() >= rows
+                                   and out_dtype is torch.float32):
+        raise ValueError("amx_linear: argmax takes int64 [rows], for float32 logits")
     padded = -(-rows // 16) * 16
     xp = torch.zeros(padded, inn, dtype=torch.bfloat16)
     xp[:rows] = x
