@@ -114,3 +114,39 @@ def test_block_ids_outside_the_cache_are_not_read():
     assert not prefill_attn._history_ok(prefill_attn.prepare(short), kc)
     negative = [PrefillSegment(0, 9, 30, torch.tensor([1, -2, 3]))]
     assert not prefill_attn._history_ok(prefill_attn.prepare(negative), kc)
+
+
+def test_chunked_prefill_through_the_engine_matches_sdpa(tmp_path, monkeypatch):
+    """A 40-token prompt prefilled in chunks of 16 (history read from the cache) by a bf16 runner whose head dim
+    (32) the kernel takes: the last logits as with PyTorch's SDPA, within bf16."""
+    from test_parity import build_checkpoint
+
+    from tgi_backend.config import EngineConfig
+    from tgi_backend.engine.model_runner import ModelRunner
+    from tgi_backend.engine.request import SamplingParams
+    from tgi_backend.engine.scheduler_output import ScheduledChunk, SchedulerOutput
+    from tgi_backend.layers import platform
+
+    build_checkpoint("llama-variants", str(tmp_path))
+    config = EngineConfig(model_id=str(tmp_path), dtype="bfloat16", block_size=4, max_total_tokens=64,
+                          max_batch_total_tokens=4096).resolve(128)
+    runner = ModelRunner(config, str(tmp_path))
+    assert runner.ops.prefill_attention is prefill_attn.prefill_attention
+    prompt = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    blocks = list(range(1, 11))
+
+    def last_logits() -> torch.Tensor:
+        for start in (0, 16, 32):
+            end = min(start + 16, len(prompt))
+            chunk = ScheduledChunk("p", prompt[start:end], start, blocks, end == len(prompt), SamplingParams())
+            logits = runner.compute_logits(SchedulerOutput([chunk]))
+        return logits
+
+    torch_ops = platform.get_ops("torch")
+    with monkeypatch.context() as patch:
+        patch.setattr(attention, "prefill_segments_attention", None)  # the kernel ran every chunk: no fallback
+        got = last_logits()
+    monkeypatch.setattr(runner, "ops", torch_ops)
+    want = last_logits()
+    assert (got.float() - want.float()).abs().max() <= 0.02 * want.abs().max()
+    assert got.argmax(-1).item() == want.argmax(-1).item()
