@@ -14,7 +14,6 @@
 #include <omp.h>
 
 #include "amx.h"
-#include "vec16.h"
 
 #if HAVE_AMX && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -67,7 +66,8 @@ static void pack(const Problem *pb, const Chunk *c, int64_t h, uint32_t *kp, uin
 }
 
 /* 2^t for t <= 0: 2^round(t) * 2^f with |f| <= 1/2 by its Taylor series to degree 5 (relative error < 3e-6;
- * P is rounded to bf16 after), half the work of vec16.h's exp: the softmax is most of this kernel's time. */
+ * P is rounded to bf16 after), half the work of vec16.h's exp (not included here): the softmax is most of this
+ * kernel's time. */
 static inline __m512 exp2_nonpositive(__m512 t) {
     t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
     const __m512 r = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, r);
