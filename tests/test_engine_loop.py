@@ -375,3 +375,153 @@ def test_stream_budget_resolves_per_core(monkeypatch):
     assert engine_loop.stream_budget(0) == 0.0 and engine_loop.stream_budget(300) == 300.0
     with pytest.raises(ValueError, match="stream_budget"):
         EngineConfig(model_id="x", stream_budget=-2).resolve(128)
+
+
+class _NativeStepsEngine:
+    """Stands in for LLMEngine: each step calls the forward hook as `native[step]` says and gives every request
+    one token (`steps_left` each)."""
+
+    def __init__(self, native: list[bool], steps_left: int = 3) -> None:
+        self.native, self.steps_left = native, steps_left
+        self.hook = None
+        self.left: dict[str, int] = {}
+        self.steps = 0
+
+    def set_forward_hook(self, hook) -> None:
+        self.hook = hook
+
+    def add_request(self, request_id, prompt_ids, params):
+        self.left[request_id] = self.steps_left
+        return None
+
+    def abort_request(self, request_id) -> None:
+        self.left.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.left)
+
+    def stats(self) -> int:
+        return 0  # unchanged: no metrics update
+
+    def step(self):
+        from types import SimpleNamespace
+
+        self.hook(self.native[self.steps])
+        self.steps += 1
+        outputs = []
+        for rid in list(self.left):
+            self.left[rid] -= 1
+            done = self.left[rid] == 0
+            if done:
+                del self.left[rid]
+            outputs.append(SimpleNamespace(request_id=rid, new_token_ids=[self.steps], text=str(self.steps),
+                                           finished=done, finish_reason="length" if done else None,
+                                           num_input_tokens=2, num_output_tokens=self.steps))
+        return outputs
+
+
+def _queued(loop: EngineLoop) -> list:
+    """What the response thread would get, as the loop queued it (lists: one hand-over)."""
+    got = []
+    while not loop._responses.empty():
+        got.append(loop._responses.get_nowait())
+    return got
+
+
+def _stream_loop(native: list[bool], requests: int = 2) -> tuple[EngineLoop, list[ListSink]]:
+    engine = _NativeStepsEngine(native)
+    loop = EngineLoop(engine)
+    engine.set_forward_hook(loop._on_forward)  # what the engine thread does once it built the engine
+    sinks = [ListSink() for _ in range(requests)]
+    for sink in sinks:
+        loop._admit_one(Job(prompt_token_ids=[1, 2], stream=True), sink, 0.0)
+    return loop, sinks
+
+
+def test_a_native_steps_responses_go_out_at_the_next_native_call():
+    loop, sinks = _stream_loop([True, True, True])
+    loop._iterate()  # step 1: its tokens wait for step 2's native call
+    assert _queued(loop) == []
+    loop._iterate()  # step 2's call hands over step 1's two responses at once
+    (first,) = _queued(loop)
+    assert isinstance(first, list) and [(s, c.token_ids) for s, c, _ in first] == [(sinks[0], [1]), (sinks[1], [1])]
+    loop._iterate()  # step 3 ends both requests: with no step to come, everything goes at the iteration's end
+    second, last = _queued(loop)
+    assert [c.token_ids for _, c, _ in second] == [[2], [2]]
+    assert [(c.token_ids, final) for _, c, final in last] == [([3], True), ([3], True)]
+
+
+def test_other_steps_send_each_response_at_once_after_what_was_held():
+    loop, sinks = _stream_loop([True, False, False])
+    loop._iterate()
+    assert _queued(loop) == []
+    loop._iterate()  # a step on the modules: the held responses go before its forward, its own at once
+    held, *now = _queued(loop)
+    assert [c.token_ids for _, c, _ in held] == [[1], [1]]
+    assert [(sink, c.token_ids) for sink, c, _ in now] == [(sinks[0], [2]), (sinks[1], [2])]
+
+
+def test_held_responses_keep_their_order_with_errors_and_metrics():
+    loop, sinks = _stream_loop([True, True])
+    finished = []
+
+    class Observer:
+        def on_finish(self, timings) -> None:
+            finished.append(timings.finish_reason)
+
+        def on_step(self, stats) -> None:
+            pass
+
+    loop.observer = Observer()
+    loop._active["0"].request = _Timings()
+    loop._iterate()
+    loop._drop("0", GenerationError("boom"))  # after its held token: the error must not overtake it
+    assert _queued(loop) == []
+    loop._iterate()
+    held = _queued(loop)[0]
+    held = [item for item in held if not callable(item)] + [item for item in held if callable(item)]
+    assert [(item[0], type(item[1]).__name__) for item in held[:3]] == [
+        (sinks[0], "Chunk"), (sinks[1], "Chunk"), (sinks[0], "GenerationError")]
+    for item in held[3:]:  # then the metrics
+        item()
+    assert finished == ["error"]
+
+
+class _Timings:
+    scheduled_time = first_token_time = None
+    num_prompt_tokens = 2
+    num_cached_tokens = 0
+    max_new_tokens = 3
+
+
+def test_a_bf16_engine_streams_through_its_native_calls(tiny_llama_dir: str):
+    from tgi_backend.engine.engine import LLMEngine
+    from tgi_backend.kernels.cpu import library
+
+    if library("decoder") is None:
+        pytest.skip("no C compiler: no fused decoder")
+    engine = LLMEngine(EngineConfig(model_id=tiny_llama_dir, dtype="bfloat16", max_total_tokens=64,
+                                    max_batch_total_tokens=512))
+    if engine.runner.fused is None:
+        pytest.skip("no fused decoder for bf16 here")
+    loop = EngineLoop(engine)
+    loop.start()
+    native = []
+    fused = engine.runner.fused
+    hook = fused.on_native
+    fused.on_native = lambda: (native.append(1), hook())
+    try:
+        params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+        streamed = [ListSink() for _ in range(3)]
+        whole = ListSink()
+        for sink in streamed:
+            loop.submit(Job(prompt_text="Hello world", params=params, stream=True), sink)
+        loop.submit(Job(prompt_text="Hello world", params=params), whole)
+        for sink in streamed + [whole]:
+            assert sink.wait().error is None and sink.finals == 1
+        assert native, "no step went through the fused decoder's native call"
+        for sink in streamed:
+            assert sink.ids == whole.ids and len(sink.chunks) == 10
+            assert whole.chunks[0].text == "Hello world" + sink.text
+    finally:
+        loop.stop()

@@ -7,7 +7,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from tgi_backend.config import EngineConfig
 from tgi_backend.engine.best_of import Group
@@ -222,6 +222,12 @@ class LLMEngine:
             raise ValueError(f"adapter {name!r} is in use by running requests")
         lora.unload(name)
         lora.pinned.discard(name)
+
+    def set_forward_hook(self, hook: Callable[[bool], None] | None) -> None:
+        """`hook(native)` runs right before each step's forward: native True where it is the fused decoder's one
+        native call, which holds no GIL for the whole step (kernels/cpu/decoder.py), False before the model's
+        modules, whose many ops each take the GIL back."""
+        self.runner.set_forward_hook(hook)
 
     def stats(self) -> EngineStats:
         s, pool = self.scheduler, self.block_pool

@@ -3,10 +3,11 @@ metadata once per step, runs the model, computes logits for the sampled rows onl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -98,6 +99,7 @@ class ModelRunner:
         self._allocate_kv_cache(args.num_layers, args.num_kv_heads, args.head_dim)
         self.sampler = Sampler(watermark_gamma=config.watermark_gamma, watermark_delta=config.watermark_delta)
         self.graphs: DecodeGraphRunner | None = None
+        self._on_forward: Callable[[bool], None] | None = None  # set_forward_hook
         # decode steps of a few rows in one native call where the model hands over its tensors (the cpu op set)
         self.fused: FusedDecoder | None = None
         if self.ops.name == "cpu" and self.lora is None and hasattr(self.model, "decoder_weights"):
@@ -165,6 +167,8 @@ class ModelRunner:
         hidden = self._replay_decode(batch) if self.graphs is not None else None
         fused = hidden is None and self.fused is not None and (hidden := self._fused_decode(batch)) is not None
         if hidden is None:
+            if self._on_forward is not None:
+                self._on_forward(False)
             with forward_context(batch.context):
                 hidden = self.model(batch.input_ids, batch.positions)
         prompt = self._prompt_logprobs(hidden, batch) if batch.prompt_rows else {}
@@ -185,6 +189,12 @@ class ModelRunner:
         assert self.graphs is not None
         inputs = DecodeInputs(batch.input_ids, batch.positions, dec.block_table, batch.context.slot_mapping)
         return self.graphs.run(inputs)
+
+    def set_forward_hook(self, hook: Callable[[bool], None] | None) -> None:
+        """LLMEngine.set_forward_hook: the fused decoder calls it with True, the modules' path with False."""
+        self._on_forward = hook
+        if self.fused is not None:
+            self.fused.on_native = None if hook is None else functools.partial(hook, True)
 
     def _fused_decode(self, batch: _Batch) -> torch.Tensor | None:
         """A decode-only step of up to the fused decoder's rows in one native call; None: run the model."""

@@ -168,6 +168,9 @@ class FusedDecoder:
         self.act_table = act_table(weights.act)
         self.stall_task = -1  # tests: the task whose thread waits for the step to go on without it (decoder.c)
         self.stolen = 0  # tasks redone by a waiting thread and committed before their taker's copy, all steps
+        # called right before each step's native call, which holds no GIL for milliseconds: a server's other
+        # threads take their turn with the GIL there rather than amid the step's Python (serving/engine_loop.py)
+        self.on_native: Callable[[], None] | None = None
         self._layers = (_Layer * len(weights.layers))(*[
             _Layer(_ptr(lw.input_norm), _ptr(lw.post_norm), _ptr(lw.qkv), _ptr(lw.qkv_bias), _ptr(lw.o),
                    _ptr(lw.o_bias), _ptr(lw.gate_up), _ptr(lw.gate_up_bias), _ptr(lw.down), _ptr(lw.down_bias),
@@ -217,6 +220,8 @@ class FusedDecoder:
         step = _Step(rows, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), table.data_ptr(),
                      pos.data_ptr(), table.stride(0), dec.max_ctx, torch.get_num_threads(), out.data_ptr(), STEAL_SPINS,
                      self.stall_task, 0)
+        if self.on_native is not None:
+            self.on_native()
         status = self.lib.decode_step(ctypes.byref(self._model), ctypes.byref(step))
         self.stolen += step.stolen
         if status == -3:
