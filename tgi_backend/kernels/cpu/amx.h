@@ -36,6 +36,8 @@ static inline void amx_configure(void) {
     TileConfig c = {0};
     c.palette_id = 1;
     for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    /* gcc 12 may drop these stores as dead (seen in a test program at -O2: ldtilecfg then faulted on zeros) */
+    __asm__ volatile("" : : "m"(c) : "memory");
     _tile_loadconfig(&c);
 }
 
