@@ -45,7 +45,7 @@ def _decode_steps(runner: ModelRunner, sizes: list[int]) -> list[tuple[int, torc
     gen = torch.Generator().manual_seed(3)
     n = max(sizes)
     prompts = [torch.randint(0, 256, (2 + i % 13,), generator=gen).tolist() for i in range(n)]
-    blocks = {i: list(range(1 + i * 8, 1 + i * 8 + 8)) for i in range(n)}
+    blocks = {i: list(range(1 + i * 6, 1 + i * 6 + 6)) for i in range(n)}  # 24 tokens: the prompt and the steps
     runner.compute_logits(SchedulerOutput([_chunk(f"r{i}", p, 0, blocks[i]) for i, p in enumerate(prompts)]))
     lengths = [len(p) for p in prompts]
     out = []
@@ -77,7 +77,7 @@ def test_few_row_steps_equal_the_modules(runner):
 @pytest.mark.skipif(not decoder.amx_available(), reason="no AMX on this CPU: steps past the few-row kernel run the modules")
 def test_amx_steps_match_the_modules(runner):
     assert runner.fused.max_rows == decoder.AMX_MAX_ROWS
-    for rows, got, want, kv_fused, kv_modules in _decode_steps(runner, [5, 8, 16, 17, 33, 7]):
+    for rows, got, want, kv_fused, kv_modules in _decode_steps(runner, [5, 8, 16, 17, 33, 7, decoder.AMX_MAX_ROWS]):
         # AMX sums 32 inputs a tile as oneDNN's AMX kernel does; the last bf16 bit may still differ
         scale = want.abs().max().item()
         assert (got - want).abs().max().item() <= 0.02 * scale, f"{rows} rows"

@@ -23,8 +23,10 @@ _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 MAX_DIM = 512  # rope.h
 # AMX from 5 rows: per linear 1.3-2.9x oneDNN's from 5 to 32 rows (small / medium matrices, Emerald Rapids),
 # even at 128. A whole step against the modules (ABBA): small 8 / 32 / 64 / 96 / 128 rows 1.97x / 1.44x / 1.20x /
-# 1.05x / 1.06x, medium 32 / 64 / 96 / 128 rows 1.73x / 1.07x / 1.00x / 0.97x: one call up to here
-AMX_MAX_ROWS = 96
+# 1.05x / 1.06x, medium 32 / 64 / 96 / 128 rows 1.73x / 1.07x / 1.00x / 0.97x. Served, where the modules' many
+# ops hand the GIL to the serving threads and a preempted OpenMP thread stalls them, 128 streams against a limit
+# of 96 (switched every 40 steps in one server, decode tok/s): small 1.048x / 1.060x, medium 1.105x / 1.009x
+AMX_MAX_ROWS = 128
 # a thread that waits on a phase this long (~15 ns a spin here: ~20 us, past a task's few us) redoes the tasks
 # still out: their thread is most likely preempted by the serving threads sharing the cores
 STEAL_SPINS = 1024
