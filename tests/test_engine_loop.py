@@ -487,6 +487,17 @@ def test_held_responses_keep_their_order_with_errors_and_metrics():
     assert finished == ["error"]
 
 
+def test_failing_every_request_sends_the_held_responses_then_the_errors_at_once():
+    """As the engine thread does after an unexpected error: no later step would carry what is held."""
+    loop, sinks = _stream_loop([True, True])
+    loop._iterate()
+    loop._fail_all(GenerationError("boom"))
+    items = [item for got in _queued(loop) for item in (got if isinstance(got, list) else [got])]
+    assert [(item[0], type(item[1]).__name__) for item in items] == [
+        (sinks[0], "Chunk"), (sinks[1], "Chunk"), (sinks[0], "GenerationError"), (sinks[1], "GenerationError")]
+    assert loop._deferred == []
+
+
 class _Timings:
     scheduled_time = first_token_time = None
     num_prompt_tokens = 2

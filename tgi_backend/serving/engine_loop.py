@@ -431,6 +431,7 @@ class EngineLoop:
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._active):
             self._drop(request_id, error)
+        self._flush()  # no step is left to carry the held items
 
     def _shutdown_requests(self) -> None:
         error = GenerationError("the server is shutting down")
