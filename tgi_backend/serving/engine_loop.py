@@ -451,8 +451,8 @@ class EngineLoop:
     # The response thread needs the GIL for each response; amid a step's Python (or torch ops, each handing the GIL
     # back) it stalls the engine thread. So what a fused decode step produced is queued at the next step's native
     # call, which holds no GIL for milliseconds (LLMEngine.set_forward_hook). Small model via Triton, 32 streams,
-    # toggled every 40 steps in one server, decode tok/s: 0.99-1.06x in 6 runs (median 1.025; the host's noise
-    # is of that size). After steps on the modules (hundreds of ops) each item still goes at once.
+    # toggled every 40 steps in one server, decode tok/s: 0.99-1.06x in 6 runs (median 1.025); medium 1.033x and
+    # 1.017x. After steps on the modules (hundreds of ops) each item still goes at once.
     def _queue(self, item: Any) -> None:
         """To the response thread, in order: held while the last step ran natively, at once otherwise."""
         if self._defer:
