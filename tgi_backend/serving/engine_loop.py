@@ -207,8 +207,7 @@ class EngineLoop:
             return
         finally:
             self._ready.set()
-        if hasattr(self.engine, "set_forward_hook"):
-            self.engine.set_forward_hook(self._on_forward)
+        self.engine.set_forward_hook(self._on_forward)
         while not self._stopping.is_set():
             try:
                 self._iterate()

@@ -112,8 +112,12 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: t
                                    and out_dtype is torch.float32):
         raise ValueError("amx_linear: argmax takes int64 [rows], for float32 logits")
     padded = -(-rows // 16) * 16
-    xp = torch.zeros(padded, inn, dtype=torch.bfloat16)
-    xp[:rows] = x
+    if padded == rows and x.dtype is torch.bfloat16 and x.is_contiguous():
+        xp = x  # whole 16-row tiles already (32 or 128 rows): no padded copy
+    else:
+        xp = torch.empty(padded, inn, dtype=torch.bfloat16)
+        xp[:rows] = x
+        xp[rows:] = 0
     out = torch.empty(rows, out_features, dtype=out_dtype)
     if lib is None or lib.amx_linear(xp.data_ptr(), rows, padded, inn, packed.data_ptr(), out_features, _ptr(bias),
                                      out.data_ptr(), int(out_dtype is torch.float32), torch.get_num_threads(),
