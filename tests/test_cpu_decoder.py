@@ -188,6 +188,9 @@ def test_amx_linear_argmax_is_the_samplers_greedy_token(out):
         greedy = torch.empty(rows, dtype=torch.int64)
         logits = decoder.amx_linear(x, decoder.vnni_pack(w), out, bias, out_dtype=torch.float32, argmax=greedy)
         assert torch.equal(greedy, greedy_tokens(logits)) and torch.equal(greedy, logits.argmax(-1))
+        alone = torch.empty(rows, dtype=torch.int64)  # no logits written: the argmax from the registers
+        assert decoder.amx_linear(x, decoder.vnni_pack(w), out, bias, out_dtype=None, argmax=alone) is None
+        assert torch.equal(alone, greedy)
         b[[2000, 50]] = float("nan")  # the second round: NaN logits at 50 and 2000 in every row
     assert (greedy == 50).all()
 
@@ -201,8 +204,10 @@ def test_fused_steps_hand_the_sampler_their_greedy_tokens(runner):
     blocks = [[60 + 2 * i, 61 + 2 * i] for i in range(rows)]
     runner.compute_logits(SchedulerOutput([_chunk(f"g{i}", p, 0, blocks[i]) for i, p in enumerate(prompts)]))
     chunks = [_chunk(f"g{i}", [i + 1], 4, blocks[i]) for i in range(rows)]
-    logits, _, greedy = runner._logits(runner._prepare(chunks))
-    assert greedy is not None and torch.equal(greedy, greedy_tokens(logits))
+    logits, _, greedy = runner._logits(runner._prepare(chunks), greedy_only=False)
+    assert greedy is None  # a row may draw or be processed: the logits, the sampler takes its argmax
+    none, _, greedy = runner._logits(runner._prepare(chunks), greedy_only=True)
+    assert none is None and greedy is not None and torch.equal(greedy, greedy_tokens(logits))
 
 
 def test_vnni_pack_layout():

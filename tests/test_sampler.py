@@ -123,3 +123,17 @@ def test_top_p_distribution():
     freq = torch.bincount(tokens, minlength=4).float() / n
     assert freq[2] == 0 and freq[3] == 0
     assert abs(freq[0].item() - 0.625) < 0.03
+
+
+def test_greedy_only_rows_take_the_heads_argmax_without_logits():
+    sampler = Sampler(seed=0)
+    plain = _rows(SamplingParams(), SamplingParams(max_new_tokens=4, stop=("x",)))
+    assert sampler.greedy_only(plain)
+    for other in (SamplingParams(do_sample=True), SamplingParams(details=True), SamplingParams(repetition_penalty=1.2),
+                  SamplingParams(min_new_tokens=2), SamplingParams(watermark=True)):
+        assert not sampler.greedy_only(plain + _rows(other, prefix="o"))
+        with pytest.raises(ValueError, match="needs the logits"):
+            sampler.sample(None, plain + _rows(other, prefix="o"), torch.tensor([1, 2, 3]))
+    assert sampler.sample(None, plain, torch.tensor([7, 9])).token_ids == [7, 9]
+    with pytest.raises(ValueError, match="needs the logits"):
+        sampler.sample(None, plain)

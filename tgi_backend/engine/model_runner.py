@@ -145,10 +145,10 @@ class ModelRunner:
         if out.is_empty:
             return ModelRunnerOutput()
         batch = self._prepare(out.chunks)
-        logits, prompt_logprobs, greedy = self._logits(batch)
+        logits, prompt_logprobs, greedy = self._logits(batch, self.sampler.greedy_only(batch.sampling))
         result = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if batch.sampling:
-            sampled = self.sampler.sample(logits.cpu(), batch.sampling, greedy)  # the sampler works on the host
+            sampled = self.sampler.sample(None if logits is None else logits.cpu(), batch.sampling, greedy)  # the sampler works on the host
             if any(batch.drafts):
                 _keep_verified(result, batch, sampled)
             else:
@@ -160,10 +160,12 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_logits(self, out: SchedulerOutput) -> torch.Tensor:
         """Runs the step and returns the logits of the sampled chunks ([rows, vocab]) without sampling."""
-        return self._logits(self._prepare(out.chunks))[0]
+        return self._logits(self._prepare(out.chunks), greedy_only=False)[0]
 
-    def _logits(self, batch: _Batch) -> tuple[torch.Tensor, dict[str, list[tuple[int, float]]], torch.Tensor | None]:
-        """(logits of the sampled rows, prompt logprobs, each row's greedy token where the LM head gave it)."""
+    def _logits(self, batch: _Batch, greedy_only: bool
+                ) -> tuple[torch.Tensor | None, dict[str, list[tuple[int, float]]], torch.Tensor | None]:
+        """(logits of the sampled rows, prompt logprobs, each row's greedy token where the LM head gave it; then
+        the logits are None: greedy_only says no row needs them)."""
         hidden = self._replay_decode(batch) if self.graphs is not None else None
         fused = hidden is None and self.fused is not None and (hidden := self._fused_decode(batch)) is not None
         if hidden is None:
@@ -175,7 +177,7 @@ class ModelRunner:
         if batch.sample_rows.numel() == 0:
             return hidden.new_empty((0, 0)), prompt, None
         rows = hidden.index_select(0, batch.sample_rows)
-        head = self.fused.logits(rows) if fused else None  # the LM head on AMX where the step was fused
+        head = self.fused.logits(rows, greedy_only) if fused else None  # the LM head on AMX where the step was fused
         if head is None:
             return self.model.compute_logits(rows), prompt, None
         logits, greedy = head

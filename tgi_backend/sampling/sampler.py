@@ -95,10 +95,21 @@ class Sampler:
         # logits: [rows, vocab] -> one token id per row
         return self.sample(logits, rows).token_ids
 
+    def greedy_only(self, rows: Sequence[SamplingRow]) -> bool:
+        """Every row takes the first maximum of its raw logits (no draw, processor or logprobs): an LM head that
+        gives the argmax need not write the logits."""
+        return not any(r.params.do_sample or r.params.wants_logprobs or any(p.active(r.params) for p in self.processors)
+                       for r in rows)
+
     def sample(
-        self, logits: torch.Tensor, rows: Sequence[SamplingRow], greedy: torch.Tensor | None = None
+        self, logits: torch.Tensor | None, rows: Sequence[SamplingRow], greedy: torch.Tensor | None = None
     ) -> SamplerOutput:
-        # logits: [rows, vocab]; greedy: each row's first maximum of these logits where the LM head gave it
+        # logits: [rows, vocab]; greedy: each row's first maximum of these logits where the LM head gave it (then
+        # logits may be None where greedy_only(rows))
+        if logits is None:
+            if greedy is None or not self.greedy_only(rows):
+                raise ValueError("the sampler needs the logits unless every row is greedy and given its argmax")
+            return SamplerOutput(greedy.tolist(), [None] * len(rows), [None] * len(rows))
         active = [[i for i, r in enumerate(rows) if proc.active(r.params)] for proc in self.processors]
         sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
         wanted = [i for i, r in enumerate(rows) if r.params.wants_logprobs]

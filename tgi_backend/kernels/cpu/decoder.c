@@ -7,6 +7,7 @@
  * bf16 only. The activation is a table over all 65,536 bf16 inputs made by PyTorch's own function, so
  * act(gate) is bit for bit what PyTorch computes.
  */
+#include <math.h>
 #include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -106,7 +107,7 @@ static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, i
                                const uint16_t *w_amx, int64_t out, const uint16_t *bias, uint16_t *y, int64_t k,
                                float *xf, int64_t *widened, int64_t phase_id) {
     if (a->amx) {
-        amx_chunk(x, rows, a->padded, in, w_amx, out, k * CHUNK, bias, y, 0);
+        amx_chunk(x, rows, a->padded, in, w_amx, out, k * CHUNK, bias, y, 0, NULL, NULL);
         return;
     }
     const int64_t first = k * CHUNK, last = first + CHUNK < out ? first + CHUNK : out;
@@ -374,62 +375,44 @@ int amx_ready(void) {
     return state;
 }
 
-/* The first maximum of y[first, last) (argmax's rule; a NaN counts as the maximum, the first NaN wins). */
-static inline void first_max(const float *y, int64_t first, int64_t last, float *best, int32_t *at) {
-#ifdef __AVX512F__
-    if (last - first == 32) { /* a whole chunk: two vectors, the first lane equal to their max */
-        const __m512 a = _mm512_loadu_ps(y + first), b = _mm512_loadu_ps(y + first + 16);
-        const uint32_t nan = (uint32_t)_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) |
-                             (uint32_t)_mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q) << 16;
-        const float m = nan ? y[first + __builtin_ctz(nan)] : _mm512_reduce_max_ps(_mm512_max_ps(a, b));
-        const __m512 vm = _mm512_set1_ps(m);
-        const uint32_t eq = (uint32_t)_mm512_cmp_ps_mask(a, vm, _CMP_EQ_OQ) |
-                            (uint32_t)_mm512_cmp_ps_mask(b, vm, _CMP_EQ_OQ) << 16;
-        *best = m, *at = (int32_t)(first + __builtin_ctz(nan ? nan : eq));
-        return;
-    }
-#endif
-    float b = y[first];
-    int64_t i = first;
-    for (int64_t j = first + 1; j < last && b == b; j++)
-        if (y[j] > b || y[j] != y[j]) b = y[j], i = j;
-    *best = b, *at = (int32_t)i;
-}
-
 /* y [rows, out] = x @ w.T + bias on AMX (the LM head of a fused step, tests; decode steps call amx_chunk): x has
- * `padded` rows (a multiple of 16; the padding zeros), w packed by vnni_pack; y bf16 or (y_f32) float32. With
- * `argmax` (float32 y only), each row's first maximum too, taken from each chunk while it is still in cache:
- * greedy sampling then skips a pass over the logits.
+ * `padded` rows (a multiple of 16; the padding zeros), w packed by vnni_pack; y bf16 or (y_f32) float32, or NULL
+ * with `argmax`. `argmax` (int64 [rows]; with float32 y or none): each row's first maximum, as torch.argmax,
+ * kept per lane from the registers (amx_argmax_update) and merged here.
  * Returns 0, -1 without AMX or for a shape it does not take (in a multiple of 32, out of 16), -2 out of memory. */
 int amx_linear(const uint16_t *x, int64_t rows, int64_t padded, int64_t in, const uint16_t *w, int64_t out,
                const uint16_t *bias, void *y, int64_t y_f32, int64_t threads, int64_t *argmax) {
-    if (!amx_ready() || in % 32 || out % 16 || padded % 16 || rows > padded || rows < 1 || (argmax && !y_f32)) return -1;
-    const int64_t chunks = (out + 31) / 32;
-    float *best = argmax ? malloc(sizeof(float) * (size_t)(rows * chunks)) : NULL;
-    int32_t *at = argmax ? malloc(sizeof(int32_t) * (size_t)(rows * chunks)) : NULL;
+    if (!amx_ready() || in % 32 || out % 16 || padded % 16 || rows > padded || rows < 1 || (argmax && y && !y_f32) ||
+        (!y && !argmax))
+        return -1;
+    const int64_t chunks = (out + 31) / 32, teams = threads > 0 ? threads : 1, lanes = rows * 16;
+    float *best = argmax ? malloc(sizeof(float) * (size_t)(teams * lanes)) : NULL;
+    int32_t *at = argmax ? malloc(sizeof(int32_t) * (size_t)(teams * lanes)) : NULL;
     if (argmax && (!best || !at)) {
         free(best), free(at);
         return -2;
     }
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    for (int64_t j = 0; argmax && j < teams * lanes; j++) best[j] = -INFINITY, at[j] = INT32_MAX;
+#pragma omp parallel num_threads(teams)
     {
+        const int64_t id = omp_get_thread_num();
+        float *b = best ? best + id * lanes : NULL;
+        int32_t *a = at ? at + id * lanes : NULL;
         amx_configure();
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks; c++) {
-            const int64_t n0 = c * 32, n1 = n0 + 32 < out ? n0 + 32 : out;
-            amx_chunk(x, rows, padded, in, w, out, n0, bias, y, (int)y_f32);
-            for (int64_t r = 0; argmax && r < rows; r++)
-                first_max((const float *)y + r * out, n0, n1, best + r * chunks + c, at + r * chunks + c);
-        }
+        for (int64_t c = 0; c < chunks; c++) amx_chunk(x, rows, padded, in, w, out, c * 32, bias, y, (int)y_f32, b, a);
         amx_release();
     }
-    for (int64_t r = 0; argmax && r < rows; r++) { /* across chunks in order: the first maximum stays */
-        float b = best[r * chunks];
-        int32_t i = at[r * chunks];
-        for (int64_t c = 1; c < chunks && b == b; c++) {
-            const float v = best[r * chunks + c];
-            if (v > b || v != v) b = v, i = at[r * chunks + c];
-        }
+    for (int64_t r = 0; argmax && r < rows; r++) { /* every thread's lanes: the same rule as amx_argmax_update */
+        float v = -INFINITY;
+        int32_t i = INT32_MAX;
+        for (int64_t t = 0; t < teams; t++)
+            for (int64_t l = 0; l < 16; l++) {
+                const float u = best[t * lanes + r * 16 + l];
+                const int32_t j = at[t * lanes + r * 16 + l];
+                if (j == INT32_MAX) continue;
+                if (u > v || (u == v && j < i) || (u != u && (v == v || j < i))) v = u, i = j;
+            }
         argmax[r] = i;
     }
     free(best), free(at);
