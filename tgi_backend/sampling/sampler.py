@@ -78,6 +78,7 @@ class Sampler:
             default_processors(watermark_gamma, watermark_delta) if processors is None else processors
         )
         self._global = torch.Generator()
+        self._greedy_rows: Sequence[SamplingRow] | None = None  # the rows greedy_only last approved
         if seed is None:
             self._global.seed()
         else:
@@ -98,8 +99,10 @@ class Sampler:
     def greedy_only(self, rows: Sequence[SamplingRow]) -> bool:
         """Every row takes the first maximum of its raw logits (no draw, processor or logprobs): an LM head that
         gives the argmax need not write the logits."""
-        return not any(r.params.do_sample or r.params.wants_logprobs or any(p.active(r.params) for p in self.processors)
-                       for r in rows)
+        plain = not any(r.params.do_sample or r.params.wants_logprobs or any(p.active(r.params) for p in self.processors)
+                        for r in rows)
+        self._greedy_rows = rows if plain else None  # sample() then skips asking again (0.15 ms at 128 rows)
+        return plain
 
     def sample(
         self, logits: torch.Tensor | None, rows: Sequence[SamplingRow], greedy: torch.Tensor | None = None
@@ -107,7 +110,9 @@ class Sampler:
         # logits: [rows, vocab]; greedy: each row's first maximum of these logits where the LM head gave it (then
         # logits may be None where greedy_only(rows))
         if logits is None:
-            if greedy is None or not self.greedy_only(rows):
+            approved = self._greedy_rows is rows or self.greedy_only(rows)
+            self._greedy_rows = None
+            if greedy is None or not approved:
                 raise ValueError("the sampler needs the logits unless every row is greedy and given its argmax")
             return SamplerOutput(greedy.tolist(), [None] * len(rows), [None] * len(rows))
         active = [[i for i, r in enumerate(rows) if proc.active(r.params)] for proc in self.processors]
