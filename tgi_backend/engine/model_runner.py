@@ -148,7 +148,8 @@ class ModelRunner:
         logits, prompt_logprobs, greedy = self._logits(batch, self.sampler.greedy_only(batch.sampling))
         result = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if batch.sampling:
-            sampled = self.sampler.sample(None if logits is None else logits.cpu(), batch.sampling, greedy)  # the sampler works on the host
+            host = None if logits is None else logits.cpu()  # the sampler works on the host
+            sampled = self.sampler.sample(host, batch.sampling, greedy)
             if any(batch.drafts):
                 _keep_verified(result, batch, sampled)
             else:

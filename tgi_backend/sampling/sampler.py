@@ -99,8 +99,8 @@ class Sampler:
     def greedy_only(self, rows: Sequence[SamplingRow]) -> bool:
         """Every row takes the first maximum of its raw logits (no draw, processor or logprobs): an LM head that
         gives the argmax need not write the logits."""
-        plain = not any(r.params.do_sample or r.params.wants_logprobs or any(p.active(r.params) for p in self.processors)
-                        for r in rows)
+        plain = not any(r.params.do_sample or r.params.wants_logprobs
+                        or any(p.active(r.params) for p in self.processors) for r in rows)
         self._greedy_rows = rows if plain else None  # sample() then skips asking again (0.15 ms at 128 rows)
         return plain
 

@@ -50,8 +50,9 @@ STREAM_MAX_RATE = 60
 # Each gauge or counter update is an IPC round trip to tritonserver too, and the KV gauges moved nearly every
 # step: while the engine runs its stats go out at most every STATS_INTERVAL seconds (a Prometheus scrape every
 # few seconds sees no difference), and at once when a load starts and when it goes idle. Small model via
-# Triton, 32 streams: 4,661 -> 4,926 tok/s (ABBA, 6 rounds), tritonserver's CPU per 1,000 tokens 7 -> 2 ms: more than the CPU saved, as
-# python_backend's gauge set() (unlike increment and observe) keeps the GIL through its round trip.
+# Triton, 32 streams: 4,661 -> 4,926 tok/s (ABBA, 6 rounds), tritonserver's CPU per 1,000 tokens 7 -> 2 ms:
+# more than the CPU saved, as python_backend's gauge set() (unlike increment and observe) keeps the GIL
+# through its round trip.
 STATS_INTERVAL = 0.1
 
 

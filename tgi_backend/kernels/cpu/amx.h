@@ -44,14 +44,16 @@ static inline void amx_configure(void) {
 static inline void amx_release(void) { _tile_release(); }
 
 /* 16 bf16 -> 16 floats. */
-static inline __m512 amx_widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+static inline __m512 amx_widen(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 /* 16 floats rounded to bf16 as f32_to_bf16 does (nearest even, NaN stays NaN), each in its lane's low half:
  * the epilogue of every tile stored, 16 at a time rather than one (vcvtneps2bf16 would flush denormals). */
 static inline __m512i amx_round(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
-    const __m512i up = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
-                                                            _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i up = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd));
     const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
                                                    _mm512_set1_epi32(0x7f800000));
     const __m512i r = _mm512_srli_epi32(up, 16);

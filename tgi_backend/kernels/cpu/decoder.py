@@ -103,7 +103,8 @@ def amx_available() -> bool:
 
 
 def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-               out_dtype: torch.dtype | None = torch.bfloat16, argmax: torch.Tensor | None = None) -> torch.Tensor | None:
+               out_dtype: torch.dtype | None = torch.bfloat16,
+               argmax: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [rows, in] @ w.T + bias on amx.h's kernel, w packed by vnni_pack, rounded to bf16 once (returned as
     bf16, or as float32 for logits); `argmax` (int64 [rows], with float32 or out_dtype None) gets each row's first
     maximum. out_dtype None: only the argmax, no logits written (returns None)."""
@@ -201,7 +202,8 @@ class FusedDecoder:
             return None
         return cls(weights, lib, amx=amx_available() and _amx_packable(weights))
 
-    def logits(self, hidden: torch.Tensor, greedy_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    def logits(self, hidden: torch.Tensor,
+               greedy_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
         """hidden [rows, hidden] -> (float32 logits on AMX, as the LM head computes them (bf16 values), None), or
         where every row is plain greedy (None, each row's first maximum) for the rows past the few-row kernel's;
         None: the model's LM head (fewer rows, or no packed head). The greedy tokens come from the registers
