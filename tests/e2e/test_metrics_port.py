@@ -67,35 +67,38 @@ def test_gauges_move_under_load_and_return_to_idle(server):
             samples.append(scrape(server.metrics_url))
             time.sleep(0.005)
 
-    watcher = threading.Thread(target=watch)
+    watcher = threading.Thread(target=watch, daemon=True)  # a failed assertion must not leave it running
     watcher.start()
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    responses: queue.SimpleQueue = queue.SimpleQueue()
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    client.async_stream_infer("tgi_llm", build_inputs("a long story about metrics", stream=True, max_tokens=400,
-                                                      sampling_parameters={"ignore_eos": True}),
-                              enable_empty_final_response=True)
-    result, error = responses.get(timeout=WAIT)  # the long request is running
-    assert error is None
-    short = [threading.Thread(target=TGITritonClient(server.grpc_url).generate, args=(f"short {i}",),
-                              kwargs=dict(max_tokens=8, sampling_parameters={"ignore_eos": True}))
-             for i in range(3)]
-    for t in short:
-        t.start()
-    while not result.get_response().parameters["triton_final_response"].bool_param:
-        result, error = responses.get(timeout=WAIT)
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        responses: queue.SimpleQueue = queue.SimpleQueue()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        client.async_stream_infer("tgi_llm", build_inputs("a long story about metrics", stream=True, max_tokens=400,
+                                                          sampling_parameters={"ignore_eos": True}),
+                                  enable_empty_final_response=True)
+        result, error = responses.get(timeout=WAIT)  # the long request is running
         assert error is None
-    client.stop_stream()
-    client.close()
-    for t in short:
-        t.join(WAIT)
-    stop.set()
-    watcher.join(WAIT)
+        short = [threading.Thread(target=TGITritonClient(server.grpc_url).generate, args=(f"short {i}",),
+                                  kwargs=dict(max_tokens=8, sampling_parameters={"ignore_eos": True}))
+                 for i in range(3)]
+        for t in short:
+            t.start()
+        while not result.get_response().parameters["triton_final_response"].bool_param:
+            result, error = responses.get(timeout=WAIT)
+            assert error is None
+        client.stop_stream()
+        client.close()
+        for t in short:
+            t.join(WAIT)
+    finally:
+        stop.set()
+        watcher.join(WAIT)
     busy = [s for s in samples
             if value(s, "tgi_batch_current_size") >= 1 and value(s, "tgi_kv_cache_blocks_used") >= 1]
     assert busy, f"batch size and KV blocks used never moved in {len(samples)} scrapes while requests ran"
     # each gauge is set on its own, so a scrape can fall between two of them; most cannot
-    assert any(value(s, "tgi_kv_cache_blocks_free") + value(s, "tgi_kv_cache_blocks_used") == total for s in busy)
+    sums = [value(s, "tgi_kv_cache_blocks_free") + value(s, "tgi_kv_cache_blocks_used") for s in busy]
+    assert total in sums, f"free + used never {total} in {len(busy)} busy scrapes: {sums}"
     with pytest.raises(InferenceServerException, match="must have less than"):
         TGITritonClient(server.grpc_url).generate("word " * 200, max_tokens=2)
 

@@ -78,7 +78,7 @@ class Sampler:
             default_processors(watermark_gamma, watermark_delta) if processors is None else processors
         )
         self._global = torch.Generator()
-        self._greedy_rows: Sequence[SamplingRow] | None = None  # the rows greedy_only last approved
+        self._asked: tuple[Sequence[SamplingRow], bool] | None = None  # greedy_only's last rows and answer
         if seed is None:
             self._global.seed()
         else:
@@ -101,7 +101,7 @@ class Sampler:
         gives the argmax need not write the logits."""
         plain = not any(r.params.do_sample or r.params.wants_logprobs
                         or any(p.active(r.params) for p in self.processors) for r in rows)
-        self._greedy_rows = rows if plain else None  # sample() then skips asking again (0.15 ms at 128 rows)
+        self._asked = (rows, plain)  # sample() then skips asking again (0.15 ms at 128 rows)
         return plain
 
     def sample(
@@ -109,18 +109,17 @@ class Sampler:
     ) -> SamplerOutput:
         # logits: [rows, vocab]; greedy: each row's first maximum of these logits where the LM head gave it (then
         # logits may be None where greedy_only(rows))
+        asked = self._asked  # the runner has usually just asked, about these very rows
+        plain = asked[1] if asked is not None and asked[0] is rows else self.greedy_only(rows)
+        self._asked = None  # the answer is for this call only: a list reused later may hold other rows
+        if plain and (greedy is not None or logits is not None):
+            tokens = greedy_tokens(logits) if greedy is None else greedy
+            return SamplerOutput(tokens.tolist(), [None] * len(rows), [None] * len(rows))
         if logits is None:
-            approved = self._greedy_rows is rows or self.greedy_only(rows)
-            self._greedy_rows = None
-            if greedy is None or not approved:
-                raise ValueError("the sampler needs the logits unless every row is greedy and given its argmax")
-            return SamplerOutput(greedy.tolist(), [None] * len(rows), [None] * len(rows))
+            raise ValueError("the sampler needs the logits unless every row is greedy and given its argmax")
         active = [[i for i, r in enumerate(rows) if proc.active(r.params)] for proc in self.processors]
         sampled = [i for i, r in enumerate(rows) if r.params.do_sample]
         wanted = [i for i, r in enumerate(rows) if r.params.wants_logprobs]
-        if not sampled and not any(active) and not wanted:
-            tokens = greedy_tokens(logits) if greedy is None else greedy
-            return SamplerOutput(tokens.tolist(), [None] * len(rows), [None] * len(rows))
         if any(active):
             logits = self.process(logits, rows, active)
         if len(sampled) == len(rows):
