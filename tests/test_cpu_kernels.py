@@ -62,6 +62,8 @@ def _reference(q, kc, vc, dec, scale, window):
         (8, 2, 64, 16, 21),  # a sliding window starting mid-block
         (4, 4, 128, 16, None),  # group 1 (no GQA), dim 128
         (16, 2, 64, 8, None),  # group 8, small blocks
+        (8, 4, 64, 8, 11),  # group 2, small blocks, a window
+        (4, 4, 64, 16, 13),  # group 1 (16 keys a tile): a window's first keys outside the tiles
         (6, 2, 80, 5, 7),  # group 3 and dim 80: the generic path; blocks of 5 leave keys outside tiles
         (16, 1, 16, 4, None),  # group 16: one key per tile
     ],
