@@ -35,6 +35,18 @@ def merge(first: Chunk, then: Chunk) -> Chunk:
     )
 
 
+def merge_into(first: Chunk, then: Chunk) -> Chunk:
+    """merge(), writing into `first` (a chunk no one else holds yet): the engine thread merges every held token of
+    a stream this way, and dataclasses.replace cost ~3 us a token there (0.1 ms of a 32-row step)."""
+    first.text += then.text
+    first.token_ids.extend(then.token_ids)
+    first.finish_reason = then.finish_reason
+    first.num_input_tokens, first.num_output_tokens = then.num_input_tokens, then.num_output_tokens
+    if first.details or then.details:
+        first.details = merge_details([first.details, then.details])
+    return first
+
+
 def coalesce(items: list[Any]) -> list[Any]:
     """The response queue's pending items with each sink's consecutive chunks merged, per-sink order kept.
 
