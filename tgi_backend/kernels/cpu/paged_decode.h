@@ -77,6 +77,14 @@ static inline void prefetch_block(const void *cache, int64_t block, const Proble
         for (int64_t b = 0; b < row; b += 64) __builtin_prefetch(at + t * p->kv_heads * row + b, 0, 3);
 }
 
+/* Row r's visible keys, [*start, returned end) (a sliding window starts later), and its block table row. */
+static inline int64_t item_keys(const Problem *p, int r, int64_t *start, const int64_t **table) {
+    const int64_t end = p->positions[r] + 1;
+    *start = (p->window > 0 && end - p->window > 0) ? end - p->window : 0;
+    *table = p->table + r * p->table_row_stride;
+    return end;
+}
+
 /* r[i] = sum of the lanes of a[bitrev4(i)]: four rounds, each adding pairs of half-vectors (the lanes come
  * out in bit-reversed order of the inputs, which the caller feeds bit-reversed). */
 #define PAIR(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
@@ -101,10 +109,10 @@ static const int BITREV4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7
 static inline __attribute__((always_inline)) void item(const Problem *p, int r, int h, float *s, const int G,
                                                         const int NV, const int bf16) {
     const int64_t token_stride = (int64_t)p->kv_heads * p->dim;
-    const int64_t end = p->positions[r] + 1;
-    const int64_t start = (p->window > 0 && end - p->window > 0) ? end - p->window : 0;
+    int64_t start;
+    const int64_t *table;
+    const int64_t end = item_keys(p, r, &start, &table);
     const int n = (int)(end - start);
-    const int64_t *table = p->table + r * p->table_row_stride;
     const int bs = p->block_size;
     const int T = (16 % G == 0) ? 16 / G : 0; /* keys per tile; 0: no tiles (G does not divide 16) */
     v16f q[G * NV];

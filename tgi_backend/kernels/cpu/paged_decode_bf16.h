@@ -9,13 +9,13 @@
  */
 static void ITEM_COPY(ITEM_G, ITEM_NV)(const Problem *p, int r, int h, float *s) {
     enum { G = ITEM_G, NV = ITEM_NV, T = 16 / ITEM_G }; /* T keys x G heads: one vector of scores */
-    const int64_t token_stride = (int64_t)p->kv_heads * p->dim;
-    const int64_t end = p->positions[r] + 1;
-    const int64_t start = (p->window > 0 && end - p->window > 0) ? end - p->window : 0;
-    const int n = (int)(end - start);
-    const int64_t *table = p->table + r * p->table_row_stride;
-    const int bs = p->block_size;
     const uint16_t *K = (const uint16_t *)p->k_cache, *V = (const uint16_t *)p->v_cache;
+    const int64_t token_stride = (int64_t)p->kv_heads * p->dim;
+    const int bs = p->block_size;
+    int64_t start;
+    const int64_t *table;
+    const int64_t end = item_keys(p, r, &start, &table);
+    const int n = (int)(end - start);
     __m512 q[G * NV];
     for (int g = 0; g < G; g++)
         for (int v = 0; v < NV; v++)
