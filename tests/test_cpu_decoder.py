@@ -227,3 +227,36 @@ def test_no_amx_copies_past_the_memory_share(runner, monkeypatch):
     assert not decoder._amx_packable(weights)  # the packed and the plain copies would pass the share
     monkeypatch.setattr(decoder, "physical_memory", lambda: int(2 * linear_bytes / decoder.COPY_MEMORY_FRACTION) + 1)
     assert decoder._amx_packable(weights)
+
+
+def test_few_row_steps_end_with_the_greedy_tokens(runner):
+    """Up to the few-row kernel's rows a plain-greedy step takes the LM head itself: each row's first maximum of
+    the logits the model's head computes (ties inside and across the head's 64-entry tasks, and the first NaN),
+    no logits written."""
+    head = runner.fused.weights.lm_head
+    if not runner.fused.greedy_rows(1):
+        pytest.skip("no plain bf16 LM head: the model's head and the sampler")
+    gen = torch.Generator().manual_seed(11)
+    rows = runner.fused.weights.max_rows
+    prompts = [torch.randint(0, 256, (3,), generator=gen).tolist() for _ in range(rows)]
+    blocks = [[90 + 2 * i, 91 + 2 * i] for i in range(rows)]
+    runner.compute_logits(SchedulerOutput([_chunk(f"h{i}", p, 0, blocks[i]) for i, p in enumerate(prompts)]))
+    saved = head.clone()
+    try:
+        for round_ in range(3):
+            if round_ == 1:  # the same largest logit at 7 (task 0), 70 (task 1) and 200 (task 3)
+                head[[7, 70, 200]] = head[3] * 8
+            if round_ == 2:  # NaN logits at 130 and 250 in every row: the first one
+                head[[250, 130]] = float("nan")
+            for n in (1, rows):
+                chunks = [_chunk(f"h{i}", [i + 1], 3, blocks[i]) for i in range(n)]
+                logits, _, none = runner._logits(runner._prepare(chunks), greedy_only=False)
+                missing, _, greedy = runner._logits(runner._prepare(chunks), greedy_only=True)
+                assert none is None and missing is None
+                assert torch.equal(greedy, greedy_tokens(logits)) and torch.equal(greedy, logits.argmax(-1))
+            if round_ == 1:
+                assert (greedy == 7).any()  # the tie's first index won where it was the maximum
+            if round_ == 2:
+                assert (greedy == 130).all()
+    finally:
+        head.copy_(saved)

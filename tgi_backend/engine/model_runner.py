@@ -168,7 +168,11 @@ class ModelRunner:
         """(logits of the sampled rows, prompt logprobs, each row's greedy token where the LM head gave it; then
         the logits are None: greedy_only says no row needs them)."""
         hidden = self._replay_decode(batch) if self.graphs is not None else None
-        fused = hidden is None and self.fused is not None and (hidden := self._fused_decode(batch)) is not None
+        step = self._fused_decode(batch, greedy_only) if hidden is None and self.fused is not None else None
+        fused = step is not None
+        greedy = None
+        if step is not None:
+            hidden, greedy = step
         if hidden is None:
             if self._on_forward is not None:
                 self._on_forward(False)
@@ -177,6 +181,8 @@ class ModelRunner:
         prompt = self._prompt_logprobs(hidden, batch) if batch.prompt_rows else {}
         if batch.sample_rows.numel() == 0:
             return hidden.new_empty((0, 0)), prompt, None
+        if greedy is not None:  # the step's own LM head gave every row's greedy token
+            return None, prompt, greedy
         rows = hidden.index_select(0, batch.sample_rows)
         head = self.fused.logits(rows, greedy_only) if fused else None  # the LM head on AMX where the step was fused
         if head is None:
@@ -199,12 +205,18 @@ class ModelRunner:
         if self.fused is not None:
             self.fused.on_native = None if hook is None else functools.partial(hook, True)
 
-    def _fused_decode(self, batch: _Batch) -> torch.Tensor | None:
-        """A decode-only step of up to the fused decoder's rows in one native call; None: run the model."""
+    def _fused_decode(self, batch: _Batch, greedy_only: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """A decode-only step of up to the fused decoder's rows in one native call: (hidden, each row's greedy
+        token where every row samples plain greedy and the step can end with the LM head); None: run the model."""
         dec = batch.context.decode
         if dec is None or batch.context.prefills or batch.prompt_rows or dec.num_rows > self.fused.max_rows:
             return None
-        return self.fused.forward(batch.input_ids, batch.positions, batch.context.slot_mapping, dec)
+        greedy = None
+        # every row sampled (decode rows keep chunk order): greedy[i] is the i-th sampled row's token
+        if greedy_only and len(batch.sampling) == dec.num_rows and self.fused.greedy_rows(dec.num_rows):
+            greedy = torch.empty(dec.num_rows, dtype=torch.int64)
+        hidden = self.fused.forward(batch.input_ids, batch.positions, batch.context.slot_mapping, dec, greedy)
+        return hidden, greedy
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: _Batch) -> dict[str, list[tuple[int, float]]]:
         """log_softmax of the raw logits at prompt positions, gathered at the next prompt token (as TGI)."""

@@ -1,6 +1,7 @@
 /* A whole decode step of a Llama-family decoder for a few rows, in one call and one OpenMP parallel region:
  * per layer RMSNorm (+ residual), the qkv linear, rotary + K/V store, paged decode attention, o linear,
- * RMSNorm (+ residual), gate|up linear, act(gate) * up, down linear; then the final RMSNorm. The layers' ops are
+ * RMSNorm (+ residual), gate|up linear, act(gate) * up, down linear; then the final RMSNorm (and, where a step
+ * of few rows is all plain greedy, the LM head down to each row's greedy token). The layers' ops are
  * the native kernels' own code (gemv.h, rms_norm.h, rope.h, paged_decode.h), so each rounds as they do; no
  * fork and join per op, and no Python runs between them (per layer that was ~15 calls and their checks: ~0.3 ms
  * of a 3-20 ms step here).
@@ -40,6 +41,8 @@ typedef struct {
     const uint16_t *final_norm;
     const uint16_t *act_table; /* act(x) for every bf16 bit pattern x, and one spare entry */
     const Layer *layer;
+    const uint16_t *lm_head; /* [vocab, hidden] bf16 as loaded; NULL: the step never takes the LM head */
+    int64_t vocab;
 } Model;
 
 typedef struct { /* one decode step: `rows` tokens, one per request */
@@ -55,11 +58,14 @@ typedef struct { /* one decode step: `rows` tokens, one per request */
     int64_t stall_task;  /* tests: the thread that takes this task first waits (up to ~1 s) for the same phase one
                           * layer on to be done by the others: a preemption that ends mid-step; -1: none */
     int64_t stolen;      /* out: tasks a waiting thread redid and committed first */
+    int64_t *argmax;     /* [rows]: each row's greedy token from the LM head, a last phase; NULL: no LM head */
 } Step;
 
 int amx_ready(void);
 
 enum { NORM_IN, QKV, ROPE, ATTEND, O_PROJ, NORM_POST, GATE_UP, ACT, DOWN, PHASES }; /* per layer, in order */
+enum { FINAL_NORM = PHASES, HEAD }; /* after the layers: the final norm, then (with Step.argmax) the LM head */
+#define HEAD_CHUNK 256 /* vocab entries per LM-head task: at 64 the tasks' claims cost small's 4-row steps 6% */
 #define CHUNK 32        /* outputs per linear task: a few microseconds of weights, whole tiles */
 #define ACT_CHUNK 1024  /* elements per act task */
 #define SPINS_BEFORE_YIELD 4096
@@ -68,6 +74,8 @@ typedef struct { /* where a step's activations live (bf16); y, attn and act have
     uint16_t *resid, *y, *qkv, *attn, *h, *gu, *act;
     int64_t padded;
     int amx;
+    float *head_best;   /* [head tasks][rows]: each task's first maximum per row, and where */
+    int64_t *head_at;
 } Acts;
 
 typedef struct { /* a thread's own outputs: a task computes here, in its destination's layout; the commit copies */
@@ -76,6 +84,8 @@ typedef struct { /* a thread's own outputs: a task computes here, in its destina
     uint16_t *slot; /* [kv_heads * dim]: rope's cache rows, dropped (the commit stores them) */
     float *scores, *xf;
     int64_t widened;
+    float head_best[MAX_ROWS]; /* the LM-head task's first maximum per row, and where */
+    int64_t head_at[MAX_ROWS];
 } Own;
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -88,10 +98,16 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-/* Tasks of phase `phase` of a layer (the final norm is phase PHASES of the last "layer"). */
+/* The kind of the step's phase p: a layer's (p % PHASES), then FINAL_NORM, then HEAD. */
+static inline int phase_kind(const Model *m, int64_t p) {
+    return p < m->layers * PHASES ? (int)(p % PHASES) : p == m->layers * PHASES ? FINAL_NORM : HEAD;
+}
+
+/* Tasks of phase `phase` of a layer (or FINAL_NORM, HEAD). */
 static int64_t phase_tasks(const Model *m, int64_t R, int phase) {
     const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * m->dim;
     switch (phase) {
+    case HEAD: return ceil_div(m->vocab, HEAD_CHUNK);
     case QKV: return ceil_div(qkv_out, CHUNK);
     case ATTEND: return R * m->kv_heads;
     case O_PROJ: case DOWN: return ceil_div(m->hidden, CHUNK);
@@ -123,11 +139,41 @@ static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, i
 #endif
 }
 
+/* LM-head task k: logits [k * HEAD_CHUNK, ...) of every row as the few-row kernel rounds them (gemv.linear's
+ * float32 logits: bf16 values), and each row's first maximum among them (a NaN counts as the maximum, as in
+ * argmax). The step's greedy tokens without a [rows, vocab] tensor or a second native call. */
+static void head_task(const Model *m, const Step *s, int64_t k, Own *o) {
+    const int64_t R = s->rows, H = m->hidden, first = k * HEAD_CHUNK;
+    const int64_t width = first + HEAD_CHUNK < m->vocab ? HEAD_CHUNK : m->vocab - first;
+    float y[MAX_ROWS * HEAD_CHUNK];
+#ifdef __AVX512BF16__
+    const xelem *x = s->out;
+#else
+    if (o->widened != -2) { /* the final norm's rows widened once per thread */
+        for (int64_t i = 0; i < R * H; i++) o->xf[i] = bf16_to_f32(s->out[i]);
+        o->widened = -2;
+    }
+    const xelem *x = o->xf;
+#endif
+    gemv_rows(x, R, H, m->lm_head + first * H, width, 0, width, NULL, y, 1);
+    for (int64_t r = 0; r < R; r++) {
+        const float *row = y + r * width;
+        int64_t at = 0;
+        for (int64_t i = 1; i < width; i++)
+            if (row[i] > row[at] || (row[i] != row[i] && row[at] == row[at])) at = i;
+        o->head_best[r] = row[at], o->head_at[r] = first + at;
+    }
+}
+
 /* Task k of `phase` of layer l (l == layers: the final norm), into the thread's own buffers: it reads only
  * activations of phases before it, so a copy of it run twice (below: stolen) computes the same bits. */
 static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, int phase, int64_t k, Own *o) {
     const int64_t R = s->rows, H = m->hidden, D = m->dim, I = m->intermediate;
     const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D, phase_id = l * PHASES + phase;
+    if (phase == HEAD) {
+        head_task(m, s, k, o);
+        return;
+    }
     if (l == m->layers) { /* the final norm of row k */
         norm_row(a->h + k * H, a->resid + k * H, o->sum + k * H, o->out + k * H, m->final_norm, (int)H, m->eps, 1);
         return;
@@ -193,6 +239,11 @@ static void commit_task(const Model *m, const Step *s, const Acts *a, int64_t l,
     const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D;
     const size_t row = sizeof(uint16_t) * (size_t)H;
     const int64_t first = k * CHUNK;
+    if (phase == HEAD) {
+        memcpy(a->head_best + k * R, o->head_best, sizeof(float) * (size_t)R);
+        memcpy(a->head_at + k * R, o->head_at, sizeof(int64_t) * (size_t)R);
+        return;
+    }
     if (l == m->layers) {
         memcpy(s->out + k * H, o->out + k * H, row);
         return;
@@ -245,12 +296,12 @@ static inline int phase_done(const Plan *pl, int64_t p) {
 
 /* Runs task t (phase p) and commits it unless another thread did first. Returns 1 when this thread committed. */
 static int finish_task(const Plan *pl, int64_t p, int64_t t, Own *o) {
-    const int64_t l = p / PHASES, k = t - phase_start(pl, p);
-    const int phase = p == pl->phases - 1 ? PHASES : (int)(p % PHASES);
-    run_task(pl->m, pl->s, pl->a, p == pl->phases - 1 ? pl->m->layers : l, phase, k, o);
+    const int phase = phase_kind(pl->m, p);
+    const int64_t l = phase >= FINAL_NORM ? pl->m->layers : p / PHASES, k = t - phase_start(pl, p);
+    run_task(pl->m, pl->s, pl->a, l, phase, k, o);
     uint8_t free_ = 0;
     if (!__atomic_compare_exchange_n(&pl->claimed[t], &free_, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) return 0;
-    commit_task(pl->m, pl->s, pl->a, p == pl->phases - 1 ? pl->m->layers : l, phase, k, o);
+    commit_task(pl->m, pl->s, pl->a, l, phase, k, o);
     __atomic_fetch_add(&pl->done[p], 1, __ATOMIC_RELEASE);
     return 1;
 }
@@ -282,13 +333,15 @@ int decode_step(const Model *m, Step *s) {
     if (R < 1 || R > m->max_rows || (!amx && R > MAX_ROWS) || attention_shape_ok((int)m->heads, (int)m->kv_heads, (int)D)
         || D % 2 || D > MAX_DIM || (amx && !amx_ready()))
         return -1;
+    const int head = s->argmax != NULL; /* the LM head: few rows only (past them amx_linear takes it) */
+    if (head && (amx || !m->lm_head || m->vocab < 1)) return -1;
     for (int64_t l = 0; amx && l < m->layers; l++)
         if (!m->layer[l].qkv_amx || !m->layer[l].o_amx || !m->layer[l].gate_up_amx || !m->layer[l].down_amx) return -1;
     for (int64_t r = 0; r < R; r++)
         if (s->slots[r] < 0 || s->slots[r] >= m->num_slots) return -3;
     const int64_t threads = s->threads > 0 ? s->threads : 1, max_len = s->max_len > 0 ? s->max_len : 1;
     const int64_t widest = (H > I ? H : I) > m->heads * D ? (H > I ? H : I) : m->heads * D;
-    const int64_t phases = m->layers * PHASES + 1; /* the last: the final norm */
+    const int64_t phases = m->layers * PHASES + 1 + head; /* then the final norm, and the LM head */
     const int64_t P = amx ? (R + 15) / 16 * 16 : R; /* rows of the linears' inputs: whole tiles on AMX */
     /* activations (bf16): residual, normed x, qkv, attention, o / down output, gate|up, act */
     const size_t acts = (size_t)R * (size_t)(2 * H + qkv_out + 2 * I) + (size_t)P * (size_t)(H + m->heads * D + I);
@@ -303,12 +356,13 @@ int decode_step(const Model *m, Step *s) {
     memset(done, 0, sizeof(int64_t) * (size_t)phases);
     *next = 0;
     for (int64_t p = 0, total = 0; p < phases; p++) {
-        total += phase_tasks(m, R, p == phases - 1 ? PHASES : (int)(p % PHASES));
+        total += phase_tasks(m, R, phase_kind(m, p));
         end[p] = total;
     }
-    const int64_t tasks = end[phases - 1];
+    const int64_t tasks = end[phases - 1], head_tasks = head ? end[phases - 1] - end[phases - 2] : 0;
     const size_t thread_bytes = per_thread * sizeof(float) + own * sizeof(uint16_t);
-    char *scratch = malloc(acts * sizeof(uint16_t) + (size_t)threads * thread_bytes + (size_t)tasks + 192);
+    const size_t head_bytes = (size_t)(head_tasks * R) * (sizeof(float) + sizeof(int64_t));
+    char *scratch = malloc(acts * sizeof(uint16_t) + (size_t)threads * thread_bytes + (size_t)tasks + head_bytes + 256);
     if (!scratch) {
         free(counts);
         return -2;
@@ -322,6 +376,8 @@ int decode_step(const Model *m, Step *s) {
     uint16_t *owns = (uint16_t *)(((uintptr_t)(floats + (size_t)threads * per_thread) + 63) & ~(uintptr_t)63);
     uint8_t *claimed = (uint8_t *)(owns + (size_t)threads * own);
     memset(claimed, 0, (size_t)tasks);
+    a.head_at = (int64_t *)(((uintptr_t)(claimed + tasks) + 63) & ~(uintptr_t)63);
+    a.head_best = (float *)(a.head_at + head_tasks * R);
     if (P > R) { /* the tiles' padding rows: zeros, never written by a phase */
         memset(a.y + R * H, 0, sizeof(uint16_t) * (size_t)((P - R) * H));
         memset(a.attn + R * m->heads * D, 0, sizeof(uint16_t) * (size_t)((P - R) * m->heads * D));
@@ -355,7 +411,7 @@ int decode_step(const Model *m, Step *s) {
                 }
             }
             if (t == s->stall_task && s->steal_spins >= 0 && omp_get_num_threads() > 1) { /* tests: Step.stall_task */
-                const int64_t until = p + PHASES < phases - 1 ? p + PHASES : phases - 2;
+                const int64_t until = p + PHASES < m->layers * PHASES ? p + PHASES : m->layers * PHASES - 1;
                 for (int i = 0; i < 1000000 && !phase_done(&plan, until); i++) sched_yield();
             }
             finish_task(&plan, p, t, &o);
@@ -363,6 +419,14 @@ int decode_step(const Model *m, Step *s) {
         if (amx) amx_release();
     }
     s->stolen = stolen;
+    for (int64_t r = 0; r < R && head; r++) { /* the tasks' maxima in vocab order: the first maximum, or NaN */
+        int64_t best = 0;
+        for (int64_t k = 1; k < head_tasks; k++) {
+            const float v = a.head_best[k * R + r], b = a.head_best[best * R + r];
+            if (v > b || (v != v && b == b)) best = k;
+        }
+        s->argmax[r] = a.head_at[best * R + r];
+    }
     free(scratch);
     free(counts);
     return 0;
