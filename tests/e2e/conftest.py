@@ -177,3 +177,15 @@ def tokenizer(tiny_llama_dir: str) -> Any:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The shutdown test stops the shared server: it must run last.
     items.sort(key=lambda item: "test_shutdown" in item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    # A failed test prints the end of its servers' logs: pytest deletes their folders a few sessions later.
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for value in getattr(item, "funcargs", {}).values():
+        if isinstance(value, Server) and value.log_path.exists():
+            report.sections.append((f"tgi-triton serve log, last lines ({value.log_path})", value.log_tail(80)))
