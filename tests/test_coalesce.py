@@ -7,7 +7,7 @@ import pytest
 
 from tgi_backend.config import EngineConfig
 from tgi_backend.engine.request import SamplingParams
-from tgi_backend.serving.coalesce import coalesce, merge, merge_into
+from tgi_backend.serving.coalesce import coalesce, merge
 from tgi_backend.serving.engine_loop import Chunk, EngineLoop, Job
 
 
@@ -35,18 +35,16 @@ def test_consecutive_chunks_of_a_sink_merge_in_order():
     assert out[1][1].text == "p" and out[3][1].text == "late"
 
 
-def test_merge_into_writes_what_merge_returns_into_the_first_chunk():
-    def pair():
-        return (Chunk(text="x", token_ids=[1], num_input_tokens=4, num_output_tokens=1, details={"tokens": [_tok(1)]}),
-                Chunk(text="y", token_ids=[2], finish_reason="length", num_input_tokens=4, num_output_tokens=2,
-                      details={"tokens": [_tok(2)], "finish_reason": "length"}))
-    want = merge(*pair())
-    first, then = pair()
-    got = merge_into(first, then)
-    assert got is first and got == want
+def test_merge_writes_the_later_chunk_into_the_first():
+    first = Chunk(text="x", token_ids=[1], num_input_tokens=4, num_output_tokens=1, details={"tokens": [_tok(1)]})
+    then = Chunk(text="y", token_ids=[2], finish_reason="length", num_input_tokens=4, num_output_tokens=2,
+                 details={"tokens": [_tok(2)], "finish_reason": "length"})
+    got = merge(first, then)
+    assert got is first
+    assert got.text == "xy" and got.token_ids == [1, 2] and got.finish_reason == "length"
+    assert got.num_input_tokens == 4 and got.num_output_tokens == 2
+    assert [t["id"] for t in got.details["tokens"]] == [1, 2] and got.details["finish_reason"] == "length"
     assert then.token_ids == [2] and then.text == "y"  # the later chunk is left as it was
-    plain = merge_into(Chunk(text="a", token_ids=[1]), Chunk(text="b", token_ids=[2]))
-    assert plain.details is None and plain.token_ids == [1, 2]
 
 
 def test_errors_flag_only_ends_and_decode_windows_are_not_merged():

@@ -145,11 +145,12 @@ class ModelRunner:
         if out.is_empty:
             return ModelRunnerOutput()
         batch = self._prepare(out.chunks)
-        logits, prompt_logprobs, greedy = self._logits(batch, self.sampler.greedy_only(batch.sampling))
+        plain = self.sampler.greedy_only(batch.sampling)
+        logits, prompt_logprobs, greedy = self._logits(batch, plain)
         result = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if batch.sampling:
             host = None if logits is None else logits.cpu()  # the sampler works on the host
-            sampled = self.sampler.sample(host, batch.sampling, greedy)
+            sampled = self.sampler.sample(host, batch.sampling, greedy, plain)
             if any(batch.drafts):
                 _keep_verified(result, batch, sampled)
             else:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol
 from tgi_backend.engine.request import SamplingParams
 from tgi_backend.errors import GenerationError, OverloadedError, TGIError, ValidationError
 from tgi_backend.sampling.details import merge as merge_details
-from tgi_backend.serving.coalesce import coalesce, merge_into
+from tgi_backend.serving.coalesce import coalesce, merge as merge_chunks
 from tgi_backend.serving.observer import EngineObserver, RequestTimings
 
 log = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ class EngineLoop:
         if (interval == 1 and not gap) or active.window is not None:  # decode windows: the ensemble's protocol
             return chunk
         if active.held is not None:
-            chunk, active.held = merge_into(active.held, chunk), None
+            chunk, active.held = merge_chunks(active.held, chunk), None
         if active.streamed and not finished and (len(chunk.token_ids) < interval or now - active.last_sent < gap):
             active.held = chunk
             return None

@@ -139,6 +139,9 @@ static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, i
 #endif
 }
 
+/* Whether v, later in vocab order, replaces b as the first maximum: argmax's rule, a NaN counts as the maximum. */
+static inline int later_wins(float v, float b) { return v > b || (v != v && b == b); }
+
 /* LM-head task k: logits [k * HEAD_CHUNK, ...) of every row as the few-row kernel rounds them (gemv.linear's
  * float32 logits: bf16 values), and each row's first maximum among them (a NaN counts as the maximum, as in
  * argmax). The step's greedy tokens without a [rows, vocab] tensor or a second native call. */
@@ -160,7 +163,7 @@ static void head_task(const Model *m, const Step *s, int64_t k, Own *o) {
         const float *row = y + r * width;
         int64_t at = 0;
         for (int64_t i = 1; i < width; i++)
-            if (row[i] > row[at] || (row[i] != row[i] && row[at] == row[at])) at = i;
+            if (later_wins(row[i], row[at])) at = i;
         o->head_best[r] = row[at], o->head_at[r] = first + at;
     }
 }
@@ -421,10 +424,8 @@ int decode_step(const Model *m, Step *s) {
     s->stolen = stolen;
     for (int64_t r = 0; r < R && head; r++) { /* the tasks' maxima in vocab order: the first maximum, or NaN */
         int64_t best = 0;
-        for (int64_t k = 1; k < head_tasks; k++) {
-            const float v = a.head_best[k * R + r], b = a.head_best[best * R + r];
-            if (v > b || (v != v && b == b)) best = k;
-        }
+        for (int64_t k = 1; k < head_tasks; k++)
+            if (later_wins(a.head_best[k * R + r], a.head_best[best * R + r])) best = k;
         s->argmax[r] = a.head_at[best * R + r];
     }
     free(scratch);

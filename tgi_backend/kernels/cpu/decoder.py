@@ -172,12 +172,12 @@ class FusedDecoder:
         self.amx = [tuple(vnni_pack(t) for t in (lw.qkv, lw.o, lw.gate_up, lw.down)) if amx else (None,) * 4
                     for lw in weights.layers]
         self.lm_head_amx = vnni_pack(weights.lm_head) if amx and _head_packable(weights) else None
-        head = weights.lm_head
-        # up to the few-row kernel's rows the step itself ends with the LM head where every row is plain greedy
-        self.head_in_step = head is not None and head.is_contiguous() and head.shape[1] == weights.layers[0].o.shape[0]
         self.max_rows = AMX_MAX_ROWS if amx else weights.max_rows
         first = weights.layers[0]
         self.hidden = first.o.shape[0]
+        head = weights.lm_head
+        # up to the few-row kernel's rows the step itself ends with the LM head where every row is plain greedy
+        self.head_in_step = head is not None and head.is_contiguous() and head.shape[1] == self.hidden
         self.num_blocks = first.k_cache.shape[0]
         self.act_table = act_table(weights.act)
         self.stall_task = -1  # tests: the task whose thread waits for the step to go on without it (decoder.c)
