@@ -132,7 +132,8 @@ def bench_engine(path: str, prompts: list[list[int]], new_tokens: int, dtype: st
 def run_engine(engine: Any, prompts: list[list[int]], new_tokens: int, speculate: int = 0) -> Result:
     from tgi_backend.engine.request import SamplingParams
 
-    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    # ids only, as the served load asks for `output_ids` alone (so neither detokenizes)
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, detokenize=False)
     stamps: dict[str, list[float]] = {}
     run = next(_RUNS)  # request ids stay unique when one engine serves several runs
     start = time.perf_counter()

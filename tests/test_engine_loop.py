@@ -268,6 +268,14 @@ def test_parse_job_reads_vllm_style_inputs():
     only_ids = output_arrays(Chunk(token_ids=[1, 2]), flags, frozenset({"output_ids"}))
     assert set(only_ids) == {"output_ids", "num_input_tokens"}  # plus what the request's flags ask for
 
+    from tgi_backend.serving.inputs import skip_unread_text
+
+    for wanted, detokenize in ((None, True), (frozenset({"text_output", "output_ids"}), True),
+                               (frozenset({"output_ids", "finish_reason"}), False)):
+        asked, _ = parse_job(_getter(text_input=np.array([b"hi"], dtype=object)))
+        skip_unread_text(asked, wanted)
+        assert asked.params.detokenize is detokenize, wanted
+
 
 @pytest.mark.parametrize(
     "arrays, message",

@@ -143,6 +143,18 @@ def test_stop_sequence_spanning_two_tokens(engine):
     assert len(tokens_of(out)) < 30
 
 
+def test_detokenize_false_gives_the_same_tokens_without_text(engine):
+    ids = prompt(7, 3)
+    given = dict(max_new_tokens=12, ignore_eos=True)
+    out = run(engine, {"t": (ids, given), "n": (ids, {**given, "detokenize": False})})
+    assert tokens_of(out["n"]) == tokens_of(out["t"]) and "".join(o.text for o in out["t"])
+    assert all(o.text == "" for o in out["n"]) and out["n"][-1].finish_reason == "length"
+    full = "".join(o.text for o in out["t"])
+    stop = full[len(full) // 2 :][:2]  # stop strings still detokenize
+    stopped = run(engine, {"s": (ids, {**given, "detokenize": False, "stop": [stop]})})["s"]
+    assert stopped[-1].finish_reason == "stop_sequence" and stop in "".join(o.text for o in stopped)
+
+
 def test_truncate_keeps_the_last_tokens(engine):
     ids = prompt(30, 4)
     out = run(engine, {

@@ -63,7 +63,7 @@ class _State:
     """The engine's side of a request: detokenizer, stop strings, prompt logprobs, best_of group."""
 
     request: Request
-    detok: Any  # IncrementalDetokenizer
+    detok: Any  # IncrementalDetokenizer; None when the request needs no text
     stop: StopMatcher | None = None
     prompt_logprobs: dict[int, float] | None = None  # position -> logprob (decoder_input_details)
     group: Group | None = None
@@ -166,7 +166,10 @@ class LLMEngine:
         from tgi_backend.tokenizer.detokenizer import IncrementalDetokenizer
 
         stop = StopMatcher(request.sampling.stop) if request.sampling.stop else None
-        return _State(request, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids), stop)
+        # ~4 us a token with two window decodes: skipped when nothing reads the text (detokenize=False)
+        needs_text = request.sampling.needs_text
+        detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids) if needs_text else None
+        return _State(request, detok, stop)
 
     def _new_seed(self) -> int:
         return self._seeds.getrandbits(63)
@@ -305,7 +308,7 @@ class LLMEngine:
             return None  # (pending: a stop string ended it at an earlier token of this step)
         if state.group is not None and not state.group.forked and request.request_id == state.group.parent_id:
             self._fork(state)
-        text = state.detok.push([token_id])
+        text = state.detok.push([token_id]) if state.detok is not None else ""
         if state.stop is not None and state.stop.push(text) is not None:
             request.pending_finish = FinishReason.STOP_SEQUENCE
         return text
@@ -316,7 +319,7 @@ class LLMEngine:
         """`later`: tokens of this request delivered after this one in the same step (speculation)."""
         request = state.request
         done = request.is_finished and not later
-        if done:
+        if done and state.detok is not None:
             text += state.detok.flush()
         details = None
         if request.sampling.wants_details:

@@ -50,6 +50,7 @@ class SamplingParams:
     top_n_tokens: int = 0
     best_of: int = 1
     adapter_id: str | None = None  # LoRA adapter (TGI adapter_id / vLLM lora_name); None: the base model
+    detokenize: bool = True  # False: outputs carry token ids only (vLLM's name); the client reads no text
 
     @property
     def greedy(self) -> bool:
@@ -59,6 +60,11 @@ class SamplingParams:
     def wants_details(self) -> bool:
         """The request's responses carry the `details` JSON."""
         return self.details or self.decoder_input_details or self.top_n_tokens > 0 or self.best_of > 1
+
+    @property
+    def needs_text(self) -> bool:
+        """The engine detokenizes: the text is read, or stop strings and details need it."""
+        return self.detokenize or bool(self.stop) or self.wants_details
 
     @property
     def wants_logprobs(self) -> bool:

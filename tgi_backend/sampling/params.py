@@ -153,6 +153,7 @@ FIELDS: dict[str, _Field] = {
     "skip_special_tokens": _Field(_as_bool),
     "spaces_between_special_tokens": _Field(_as_bool),
     "include_stop_str_in_output": _Field(_as_bool),
+    "detokenize": _Field(_as_bool),
 }
 
 
@@ -302,7 +303,7 @@ _STORED = frozenset({
     "do_sample", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "ignore_eos", "typical_p", "min_p",
     "repetition_penalty", "frequency_penalty", "presence_penalty", "watermark", "min_new_tokens", "stop",
     "stop_token_ids", "truncate", "return_full_text", "details", "decoder_input_details", "top_n_tokens", "best_of",
-    "adapter_id",
+    "adapter_id", "detokenize",
 })
 
 
@@ -332,6 +333,7 @@ def _sampling_params(p: Mapping[str, Any], sampling: bool) -> SamplingParams:
         top_n_tokens=p.get("top_n_tokens", 0),
         best_of=p.get("best_of", 1),
         adapter_id=p.get("adapter_id") or None,
+        detokenize=p.get("detokenize", True),
     )
 
 

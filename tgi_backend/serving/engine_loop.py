@@ -388,7 +388,7 @@ class EngineLoop:
         """The one non-streaming response: prompt + completion unless exclude_input_in_output."""
         job = active.job
         text = "".join(active.texts)
-        if not job.exclude_input_in_output:
+        if not job.exclude_input_in_output and job.params.detokenize:
             text = self._prompt_text(active) + text
         chunk = self._chunk(out, text, list(active.output_ids))
         chunk.details = merge_details(active.details)

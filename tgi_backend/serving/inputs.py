@@ -125,6 +125,13 @@ def _bool(get: GetInput, name: str) -> bool:
     return bool(array.reshape(-1)[0])
 
 
+def skip_unread_text(job: Job, wanted: frozenset[str] | None) -> None:
+    """A client that names its outputs without `text_output` (the ensemble, perf_analyzer-style loads reading
+    `output_ids`) reads no text: the engine need not detokenize (stop strings and details still do)."""
+    if wanted is not None and "text_output" not in wanted:
+        job.params.detokenize = False
+
+
 # The outputs every response can carry, built only when the client asked for them.
 _OUTPUTS: dict[str, Callable[[Chunk], np.ndarray]] = {
     "text_output": lambda c: np.array([c.text.encode("utf-8")], dtype=np.object_),

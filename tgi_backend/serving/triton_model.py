@@ -14,7 +14,7 @@ from tgi_backend.config import EngineConfig
 from tgi_backend.errors import OverloadedError, ValidationError
 from tgi_backend.serving.engine_loop import Chunk, EngineLoop, stream_budget
 from tgi_backend.sampling.params import ValidationLimits
-from tgi_backend.serving.inputs import output_arrays, parse_job
+from tgi_backend.serving.inputs import output_arrays, parse_job, skip_unread_text
 from tgi_backend.serving.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,9 @@ class TritonPythonModel:
                 error = exc if isinstance(exc, ValidationError) else ValidationError(f"Input validation error: {exc}")
                 TritonSink(sender, {}).send_error(error)
                 continue
-            self.loop.submit(job, TritonSink(sender, flags, _requested_outputs(request)))
+            wanted = _requested_outputs(request)
+            skip_unread_text(job, wanted)
+            self.loop.submit(job, TritonSink(sender, flags, wanted))
         return None
 
     def finalize(self) -> None:
