@@ -171,9 +171,7 @@ class ModelRunner:
         hidden = self._replay_decode(batch) if self.graphs is not None else None
         step = self._fused_decode(batch, greedy_only) if hidden is None and self.fused is not None else None
         fused = step is not None
-        greedy = None
-        if step is not None:
-            hidden, greedy = step
+        hidden, greedy = step if fused else (hidden, None)
         if hidden is None:
             if self._on_forward is not None:
                 self._on_forward(False)
