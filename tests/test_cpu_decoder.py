@@ -105,7 +105,7 @@ def test_stolen_tasks_give_the_same_bits(runner, monkeypatch):
             kv_want = runner.kv_cache.clone()
             runner.kv_cache.copy_(before)
             monkeypatch.setattr(decoder, "STEAL_SPINS", 0)
-            fused.stall_task, stolen = rows + 1, fused.stolen  # a task of layer 0's qkv linear
+            fused.stall_task, stolen = rows, fused.stolen  # layer 0's first qkv task (norms: a task a row)
             got = runner.compute_logits(SchedulerOutput(chunks))
             assert torch.equal(got, want) and torch.equal(runner.kv_cache, kv_want), f"{rows} rows"
             assert fused.stolen > stolen, f"{rows} rows: nothing stolen"
