@@ -70,10 +70,6 @@ enum { FINAL_NORM = PHASES, HEAD }; /* after the layers: the final norm, then (w
  * its weight reads are contiguous for a task: from 32 to 128 a step got 5-7% shorter with one to four rows
  * (medium model, few-row kernel), 3-6% with 8-32 (AMX), 1.4% with 128 (ABBA in one engine); 256 no more. */
 #define CHUNK 128
-/* from this many rows an attention task is a row, all its KV heads in turn: a head's keys are a slice of each
- * token's row in the cache, and the next head's slices come from cache lines and DRAM pages just read. Toggled
- * in one engine: medium 16 / 32 rows 0.988x / 0.956-0.971x step time, small 32 / 128 rows 0.967x / 0.911-0.946x */
-#define ROW_ITEMS 8
 #define ACT_CHUNK 1024  /* elements per act task */
 #define SPINS_BEFORE_YIELD 4096
 
