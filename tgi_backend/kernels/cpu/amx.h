@@ -9,6 +9,8 @@
 
 #include "bf16.h"
 
+#define AMX_OUTPUTS 32 /* outputs per amx_chunk call: two 16-output weight blocks */
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #include <sys/syscall.h>

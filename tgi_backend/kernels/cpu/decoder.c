@@ -66,10 +66,11 @@ int amx_ready(void);
 enum { NORM_IN, QKV, ROPE, ATTEND, O_PROJ, NORM_POST, GATE_UP, ACT, DOWN, PHASES }; /* per layer, in order */
 enum { FINAL_NORM = PHASES, HEAD }; /* after the layers: the final norm, then (with Step.argmax) the LM head */
 #define HEAD_CHUNK 256 /* vocab entries per LM-head task: at 64 the tasks' claims cost small's 4-row steps 6% */
-/* outputs per linear task: whole tiles, AMX's 32 at a time. A thread's tasks alternate with the other's, and
+/* outputs per linear task: whole tiles, AMX_OUTPUTS at a time on AMX. A thread's tasks alternate with the other's, and
  * its weight reads are contiguous for a task: from 32 to 128 a step got 5-7% shorter with one to four rows
  * (medium model, few-row kernel), 3-6% with 8-32 (AMX), 1.4% with 128 (ABBA in one engine); 256 no more. */
 #define CHUNK 128
+_Static_assert(CHUNK % AMX_OUTPUTS == 0 && CHUNK % 4 == 0, "a task is whole AMX chunks and whole tiles");
 #define ACT_CHUNK 1024  /* elements per act task */
 #define SPINS_BEFORE_YIELD 4096
 
@@ -126,7 +127,7 @@ static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, i
                                const uint16_t *w_amx, int64_t out, const uint16_t *bias, uint16_t *y, int64_t k,
                                float *xf, int64_t *widened, int64_t phase_id) {
     if (a->amx) {
-        for (int64_t c = k * CHUNK; c < (k + 1) * CHUNK && c < out; c += 32)
+        for (int64_t c = k * CHUNK; c < (k + 1) * CHUNK && c < out; c += AMX_OUTPUTS)
             amx_chunk(x, rows, a->padded, in, w_amx, out, c, bias, y, 0, NULL, NULL);
         return;
     }
@@ -461,7 +462,7 @@ int amx_linear(const uint16_t *x, int64_t rows, int64_t padded, int64_t in, cons
     if (!amx_ready() || in % 32 || out % 16 || padded % 16 || rows > padded || rows < 1 || (argmax && y && !y_f32) ||
         (!y && !argmax))
         return -1;
-    const int64_t chunks = (out + 31) / 32, teams = threads > 0 ? threads : 1, lanes = rows * 16;
+    const int64_t chunks = (out + AMX_OUTPUTS - 1) / AMX_OUTPUTS, teams = threads > 0 ? threads : 1, lanes = rows * 16;
     float *best = argmax ? malloc(sizeof(float) * (size_t)(teams * lanes)) : NULL;
     int32_t *at = argmax ? malloc(sizeof(int32_t) * (size_t)(teams * lanes)) : NULL;
     if (argmax && (!best || !at)) {
@@ -476,7 +477,7 @@ int amx_linear(const uint16_t *x, int64_t rows, int64_t padded, int64_t in, cons
         int32_t *a = at ? at + id * lanes : NULL;
         amx_configure();
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks; c++) amx_chunk(x, rows, padded, in, w, out, c * 32, bias, y, (int)y_f32, b, a);
+        for (int64_t c = 0; c < chunks; c++) amx_chunk(x, rows, padded, in, w, out, c * AMX_OUTPUTS, bias, y, (int)y_f32, b, a);
         amx_release();
     }
     for (int64_t r = 0; argmax && r < rows; r++) { /* every thread's lanes: the same rule as amx_argmax_update */
