@@ -66,9 +66,9 @@ int amx_ready(void);
 enum { NORM_IN, QKV, ROPE, ATTEND, O_PROJ, NORM_POST, GATE_UP, ACT, DOWN, PHASES }; /* per layer, in order */
 enum { FINAL_NORM = PHASES, HEAD }; /* after the layers: the final norm, then (with Step.argmax) the LM head */
 #define HEAD_CHUNK 256 /* vocab entries per LM-head task: at 64 the tasks' claims cost small's 4-row steps 6% */
-/* outputs per linear task: whole tiles, AMX_OUTPUTS at a time on AMX. A thread's tasks alternate with the other's, and
- * its weight reads are contiguous for a task: from 32 to 128 a step got 5-7% shorter with one to four rows
- * (medium model, few-row kernel), 3-6% with 8-32 (AMX), 1.4% with 128 (ABBA in one engine); 256 no more. */
+/* outputs per linear task: whole tiles, AMX_OUTPUTS at a time on AMX. A thread's tasks alternate with the
+ * other's, and its weight reads are contiguous for a task: from 32 to 128 a step got 5-7% shorter with one to
+ * four rows (medium model, few-row kernel), 3-6% with 8-32 (AMX), 1.4% with 128 (ABBA in one engine). */
 #define CHUNK 128
 _Static_assert(CHUNK % AMX_OUTPUTS == 0 && CHUNK % 4 == 0, "a task is whole AMX chunks and whole tiles");
 #define ACT_CHUNK 1024  /* elements per act task */
@@ -113,7 +113,7 @@ static int64_t phase_tasks(const Model *m, int64_t R, int phase) {
     switch (phase) {
     case HEAD: return ceil_div(m->vocab, HEAD_CHUNK);
     case QKV: return ceil_div(qkv_out, CHUNK);
-    case ATTEND: return R >= ROW_ITEMS ? R : R * m->kv_heads;
+    case ATTEND: return R * m->kv_heads / items_per_task((int)R, (int)m->kv_heads);
     case O_PROJ: case DOWN: return ceil_div(m->hidden, CHUNK);
     case GATE_UP: return ceil_div(2 * m->intermediate, CHUNK);
     case ACT: return ceil_div(R * m->intermediate, ACT_CHUNK);
@@ -204,10 +204,9 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
         const Problem p = {a->qkv, L->k_cache, L->v_cache, s->table, s->positions, o->out, qkv_out,
                            s->table_row_stride, (int)R, (int)m->heads, (int)m->kv_heads, (int)D,
                            (int)m->block_size, (int)L->window, m->scale};
-        if (R >= ROW_ITEMS)
-            for (int h = 0; h < (int)m->kv_heads; h++) attend_item(&p, (int)k, h, o->scores, 1);
-        else
-            attend_item(&p, (int)(k / m->kv_heads), (int)(k % m->kv_heads), o->scores, 1);
+        const int n = items_per_task((int)R, (int)m->kv_heads);
+        for (int64_t w = k * n; w < (k + 1) * n; w++)
+            attend_item(&p, (int)(w / m->kv_heads), (int)(w % m->kv_heads), o->scores, 1);
         break;
     }
     case O_PROJ:
@@ -273,14 +272,10 @@ static void commit_task(const Model *m, const Step *s, const Acts *a, int64_t l,
         memcpy((uint16_t *)L->v_cache + s->slots[k] * kv, rotated + m->heads * D + kv, sizeof(uint16_t) * (size_t)kv);
         break;
     }
-    case ATTEND: { /* the group's query heads of row k / kv_heads, or every head of row k */
-        if (R >= ROW_ITEMS) {
-            memcpy(a->attn + k * m->heads * D, o->out + k * m->heads * D, sizeof(uint16_t) * (size_t)(m->heads * D));
-            break;
-        }
-        const int64_t group = m->heads / m->kv_heads;
-        const int64_t at = ((k / m->kv_heads) * m->heads + (k % m->kv_heads) * group) * D;
-        memcpy(a->attn + at, o->out + at, sizeof(uint16_t) * (size_t)(group * D));
+    case ATTEND: { /* the query heads of task k's items: consecutive KV heads of one row */
+        const int64_t group = m->heads / m->kv_heads, n = items_per_task((int)R, (int)m->kv_heads);
+        const int64_t at = ((k * n / m->kv_heads) * m->heads + (k * n % m->kv_heads) * group) * D;
+        memcpy(a->attn + at, o->out + at, sizeof(uint16_t) * (size_t)(n * group * D));
         break;
     }
     case O_PROJ: case DOWN: copy_columns(a->h, o->out, R, H, first, first + CHUNK < H ? first + CHUNK : H); break;

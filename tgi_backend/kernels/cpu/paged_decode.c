@@ -12,7 +12,7 @@ static int run(const Problem *p, int threads, int max_len, int bf16) {
 #pragma omp parallel num_threads(threads)
     {
         float *s = scratch + per_thread * (size_t)omp_get_thread_num();
-#pragma omp for schedule(dynamic, p->rows >= ROW_ITEMS ? p->kv_heads : 1)
+#pragma omp for schedule(dynamic, items_per_task(p->rows, p->kv_heads))
         for (int64_t w = 0; w < (int64_t)p->rows * p->kv_heads; w++)
             attend_item(p, (int)(w / p->kv_heads), (int)(w % p->kv_heads), s, bf16);
     }

@@ -30,6 +30,9 @@
  * 0.834x at 128. Below it the items spread one by one, for the threads to share a few rows. */
 #define ROW_ITEMS 8
 
+/* Items (one KV head of one row each) a thread takes together: a row's KV heads from ROW_ITEMS rows, else one. */
+static inline int items_per_task(int rows, int kv_heads) { return rows >= ROW_ITEMS ? kv_heads : 1; }
+
 static inline v16f load16(const void *base, int64_t offset, int bf16) {
     if (bf16) return widen16((const uint16_t *)base + offset);
     v16f out;
