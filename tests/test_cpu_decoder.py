@@ -231,8 +231,26 @@ def test_no_amx_copies_past_the_memory_share(runner, monkeypatch):
 
 def test_few_row_steps_end_with_the_greedy_tokens(runner):
     """Up to the few-row kernel's rows a plain-greedy step takes the LM head itself: each row's first maximum of
-    the logits the model's head computes (ties inside and across the head's 64-entry tasks, and the first NaN),
-    no logits written."""
+    the logits the model's head computes (a tie, and the first NaN; the test models' 256 entries are one head
+    task), no logits written."""
+    _check_step_greedy_tokens(runner, ties=[7, 70, 200], nans=[250, 130])
+
+
+@pytest.fixture(scope="module")
+def wide_vocab_runner(tmp_path_factory) -> ModelRunner:
+    """Llama with a 1,024-entry vocab: the step's LM head is four tasks of decoder.c's HEAD_CHUNK (256)."""
+    folder = str(tmp_path_factory.mktemp("wide-vocab"))
+    build_checkpoint("llama", folder, vocab_size=1024)
+    return _runner(folder)
+
+
+def test_the_greedy_tokens_merge_the_head_tasks_in_vocab_order(wide_vocab_runner):
+    """Each head task's first maximum, merged after the step: a tie across tasks 0, 1 and 3 goes to the first
+    index, and the first NaN across tasks 2 and 3 wins."""
+    _check_step_greedy_tokens(wide_vocab_runner, ties=[7, 300, 800], nans=[900, 530])
+
+
+def _check_step_greedy_tokens(runner: ModelRunner, ties: list[int], nans: list[int]) -> None:
     head = runner.fused.weights.lm_head
     if not runner.fused.greedy_rows(1):
         pytest.skip("no plain bf16 LM head: the model's head and the sampler")
@@ -244,10 +262,10 @@ def test_few_row_steps_end_with_the_greedy_tokens(runner):
     saved = head.clone()
     try:
         for round_ in range(3):
-            if round_ == 1:  # the same largest logit at 7 (task 0), 70 (task 1) and 200 (task 3)
-                head[[7, 70, 200]] = head[3] * 8
-            if round_ == 2:  # NaN logits at 130 and 250 in every row: the first one
-                head[[250, 130]] = float("nan")
+            if round_ == 1:  # the same largest logit at every index of `ties`
+                head[ties] = head[3] * 8
+            if round_ == 2:  # NaN logits at every index of `nans` in every row: the first one
+                head[nans] = float("nan")
             for n in (1, rows):
                 chunks = [_chunk(f"h{i}", [i + 1], 3, blocks[i]) for i in range(n)]
                 logits, _, none = runner._logits(runner._prepare(chunks), greedy_only=False)
@@ -255,8 +273,8 @@ def test_few_row_steps_end_with_the_greedy_tokens(runner):
                 assert none is None and missing is None
                 assert torch.equal(greedy, greedy_tokens(logits)) and torch.equal(greedy, logits.argmax(-1))
             if round_ == 1:
-                assert (greedy == 7).any()  # the tie's first index won where it was the maximum
+                assert (greedy == min(ties)).any()  # the tie's first index won where it was the maximum
             if round_ == 2:
-                assert (greedy == 130).all()
+                assert (greedy == min(nans)).all()
     finally:
         head.copy_(saved)

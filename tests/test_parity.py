@@ -35,11 +35,11 @@ PROMPT_LENGTHS = [1, 2, 5, 8, 13, 21, 33, 40]
 NEW_TOKENS = 12
 
 
-def build_checkpoint(arch: str, folder: str, seed: int = 0):
+def build_checkpoint(arch: str, folder: str, seed: int = 0, **overrides):
     import transformers
 
     config_cls, model_cls, extra = ARCHS[arch]
-    config = getattr(transformers, config_cls)(**TINY, **extra)
+    config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
     config.architectures = [model_cls]
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
