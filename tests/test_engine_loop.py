@@ -446,6 +446,31 @@ def _stream_loop(native: list[bool], requests: int = 2) -> tuple[EngineLoop, lis
     return loop, sinks
 
 
+def _job() -> tuple[Job, ListSink, float]:
+    return Job(prompt_token_ids=[1, 2], stream=True), ListSink(), 0.0
+
+
+def test_an_idle_loop_admits_a_burst_into_its_first_step():
+    loop = EngineLoop(_NativeStepsEngine([True]))
+    loop.burst_gap, loop.burst_gather_max = WAIT, 1.0  # a job late by far less than the gap joins the burst
+    loop._jobs.put(_job())
+    late = threading.Timer(0.05, loop._jobs.put, args=(_job(),))
+    late.start()
+    loop._admit(block=True)
+    late.join()
+    assert len(loop._active) == 2 and loop._jobs.empty()
+
+
+def test_a_busy_loop_or_a_zero_gap_admits_only_what_is_queued():
+    for block, gap in ((False, WAIT), (True, 0.0)):
+        loop = EngineLoop(_NativeStepsEngine([True]))
+        loop.burst_gap, loop.burst_gather_max = gap, WAIT  # waiting at all would stall this test for minutes
+        loop._jobs.put(_job())
+        loop._jobs.put(_job())
+        loop._admit(block=block)
+        assert len(loop._active) == 2
+
+
 def test_a_native_steps_responses_go_out_at_the_next_native_call():
     loop, sinks = _stream_loop([True, True, True])
     loop._iterate()  # step 1: its tokens wait for step 2's native call
