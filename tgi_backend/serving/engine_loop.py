@@ -60,7 +60,8 @@ STATS_INTERVAL = 0.1
 # lone request's first token waits), BURST_GATHER_MAX at most. Small model via Triton, 32 streams, toggled
 # between loads in one server (ABBA): TTFT p50 183 -> 151 ms, tok/s 1.039x (gaps of 1 and 2 ms: 1.019x,
 # 1.009x), served / in-process then 0.953 (662 / 631 ms a load; it was ~0.92); 128 streams 1.020x; medium, 32
-# streams, 1.067x (TTFT 982 -> 864 ms), once 0.915x on a host that drifts that much between runs.
+# streams, 1.067x (TTFT 982 -> 864 ms), once 0.915x on a host that drifts that much between runs. The price:
+# one stream 1.001x and 0.987x, TTFT p50 +1.0 and +2.5 ms.
 BURST_GAP = 0.0005
 BURST_GATHER_MAX = 0.02
 
