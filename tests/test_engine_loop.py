@@ -436,18 +436,19 @@ def _queued(loop: EngineLoop) -> list:
     return got
 
 
+def _job() -> tuple[Job, ListSink, float]:
+    """A streamed job as the loop's queue holds it: (job, sink, arrival time)."""
+    return Job(prompt_token_ids=[1, 2], stream=True), ListSink(), 0.0
+
+
 def _stream_loop(native: list[bool], requests: int = 2) -> tuple[EngineLoop, list[ListSink]]:
     engine = _NativeStepsEngine(native)
     loop = EngineLoop(engine)
     engine.set_forward_hook(loop._on_forward)  # what the engine thread does once it built the engine
-    sinks = [ListSink() for _ in range(requests)]
-    for sink in sinks:
-        loop._admit_one(Job(prompt_token_ids=[1, 2], stream=True), sink, 0.0)
-    return loop, sinks
-
-
-def _job() -> tuple[Job, ListSink, float]:
-    return Job(prompt_token_ids=[1, 2], stream=True), ListSink(), 0.0
+    jobs = [_job() for _ in range(requests)]
+    for job in jobs:
+        loop._admit_one(*job)
+    return loop, [sink for _, sink, _ in jobs]
 
 
 def test_an_idle_loop_admits_a_burst_into_its_first_step():
