@@ -500,8 +500,11 @@ def test_held_responses_keep_their_order_with_errors_and_metrics():
     finished = []
 
     class Observer:
-        def on_finish(self, timings) -> None:
-            finished.append(timings.finish_reason)
+        def on_finish(self, batch) -> None:
+            finished.extend(t.finish_reason for t in batch)
+
+        def after_finish(self, batch) -> None:
+            pass
 
         def on_step(self, stats) -> None:
             pass
@@ -512,13 +515,52 @@ def test_held_responses_keep_their_order_with_errors_and_metrics():
     loop._drop("0", GenerationError("boom"))  # after its held token: the error must not overtake it
     assert _queued(loop) == []
     loop._iterate()
-    held = _queued(loop)[0]
-    held = [item for item in held if not callable(item)] + [item for item in held if callable(item)]
+    got = _queued(loop)[0]
+    held = [item for item in got if isinstance(item, tuple)]
     assert [(item[0], type(item[1]).__name__) for item in held[:3]] == [
         (sinks[0], "Chunk"), (sinks[1], "Chunk"), (sinks[0], "GenerationError")]
-    for item in held[3:]:  # then the metrics
-        item()
-    assert finished == ["error"]
+    assert len([item for item in got if type(item) is engine_loop._Finished]) == 1  # with the stats update
+    assert loop._respond(got) and finished == ["error"]
+
+
+def test_a_batch_of_ends_is_counted_before_its_responses_and_observed_after_them():
+    """Counters once per batch before any final response (a client holding one sees its request counted),
+    histograms after the responses but before a later metrics update (an idle gauge never precedes them)."""
+    calls = []
+
+    class Observer:
+        def on_finish(self, batch) -> None:
+            calls.append(("count", [t.finish_reason for t in batch]))
+
+        def after_finish(self, batch) -> None:
+            calls.append(("observe", [t.finish_reason for t in batch]))
+
+    class Sink(ListSink):
+        def send(self, chunk, final) -> None:
+            calls.append(("send", chunk.token_ids))
+
+    loop = EngineLoop(None, observer=Observer())
+    ends = [engine_loop._Finished(_timings_of(reason)) for reason in ("length", "eos_token")]
+    sink = Sink()
+    items = [(sink, Chunk(token_ids=[1]), False), ends[0], (sink, Chunk(token_ids=[2]), True), ends[1],
+             (sink, Chunk(token_ids=[3]), True), lambda: calls.append(("gauge", None)), (sink, Chunk(token_ids=[4]), False)]
+    assert loop._respond(items)
+    assert calls == [("count", ["length", "eos_token"]), ("send", [1]), ("send", [2]), ("send", [3]),
+                     ("observe", ["length", "eos_token"]), ("gauge", None), ("send", [4])]
+    calls.clear()
+    assert loop._respond(items[:3])  # no later update: observed at the batch's end
+    assert calls == [("count", ["length"]), ("send", [1]), ("send", [2]), ("observe", ["length"])]
+    calls.clear()
+    assert not loop._respond([ends[0], engine_loop._STOP, (sink, Chunk(token_ids=[5]), True)])
+    assert calls == [("count", ["length"]), ("observe", ["length"])]
+
+
+def _timings_of(reason: str):
+    from tgi_backend.serving.observer import RequestTimings
+
+    return RequestTimings(arrival_time=0.0, finish_time=1.0, scheduled_time=0.1, first_token_time=0.2,
+                          num_prompt_tokens=2, num_cached_tokens=0, num_generated_tokens=3, max_new_tokens=3,
+                          finish_reason=reason)
 
 
 def test_failing_every_request_sends_the_held_responses_then_the_errors_at_once():

@@ -45,6 +45,7 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.steps: list[EngineStats] = []
         self.finished: list[RequestTimings] = []
+        self.observed: list[RequestTimings] = []
         self.rejected: list[str] = []
         self.threads: set[str] = set()
 
@@ -52,9 +53,13 @@ class RecordingObserver:
         self.threads.add(threading.current_thread().name)
         self.steps.append(stats)
 
-    def on_finish(self, timings: RequestTimings) -> None:
+    def on_finish(self, batch: list[RequestTimings]) -> None:
         self.threads.add(threading.current_thread().name)
-        self.finished.append(timings)
+        self.finished.extend(batch)
+
+    def after_finish(self, batch: list[RequestTimings]) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.observed.extend(batch)
 
     def on_reject(self, kind: str) -> None:
         self.rejected.append(kind)
@@ -108,6 +113,7 @@ def test_loop_reports_steps_finishes_and_rejections(engine):
             assert t.time_to_first_token <= t.duration
             assert t.mean_time_per_token == pytest.approx(t.inference_duration / 6)
     assert sorted(t.num_prompt_tokens for t in observer.finished if t.succeeded) == [4, 8, 12]
+    assert sorted(map(id, observer.observed)) == sorted(map(id, observer.finished))
     assert any(s.num_running > 0 and s.kv_blocks_used > 0 for s in observer.steps)
     last = observer.steps[-1]
     assert (last.num_running, last.num_waiting, last.kv_blocks_used) == (0, 0, 0)
@@ -143,6 +149,7 @@ class FakeMetric:
     buckets: list | None
     value: float = 0.0
     sets: int = 0
+    increments: int = 0
     observed: list = field(default_factory=list)
 
     def set(self, v: float) -> None:
@@ -151,6 +158,7 @@ class FakeMetric:
     def increment(self, v: float) -> None:
         assert v >= 0, "a counter only grows"
         self.value += v
+        self.increments += 1
 
     def observe(self, v: float) -> None:
         self.observed.append(v)
@@ -240,8 +248,11 @@ def test_gauges_set_on_change_and_counters_grow_by_deltas(metrics):
 
 
 def test_finish_and_reject_fill_counters_and_histograms(metrics):
-    metrics.on_finish(_timings())
-    metrics.on_finish(_timings("cancelled", generated=2))
+    batch = [_timings(), _timings("cancelled", generated=2)]
+    metrics.on_finish(batch)
+    assert _metric("tgi_request_count").increments == 1  # each update is a round trip: one per batch
+    assert _metric("tgi_request_duration").observed == []  # the histograms come after the final responses
+    metrics.after_finish(batch)
     metrics.on_reject("overloaded")
     metrics.on_reject("validation")
     assert _metric("tgi_request_count").value == 4

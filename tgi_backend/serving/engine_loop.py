@@ -121,6 +121,13 @@ class ResponseSink(Protocol):
 
 
 @dataclass(slots=True)
+class _Finished:
+    """A request's end for the observer, queued among its responses (the response thread counts it in bulk)."""
+
+    timings: RequestTimings
+
+
+@dataclass(slots=True)
 class _Active:
     job: Job
     sink: ResponseSink
@@ -517,12 +524,12 @@ class EngineLoop:
         if self.observer is None or active.request is None:
             return
         r = active.request
-        self._notify("on_finish", RequestTimings(
+        self._queue(_Finished(RequestTimings(
             arrival_time=active.arrival_time, finish_time=time.monotonic(), scheduled_time=r.scheduled_time,
             first_token_time=r.first_token_time, num_prompt_tokens=r.num_prompt_tokens,
             num_cached_tokens=r.num_cached_tokens, num_generated_tokens=len(active.output_ids),
             max_new_tokens=r.max_new_tokens, finish_reason=reason, inter_token_latencies=active.inter_token,
-        ))
+        )))
 
     # ---- response thread ----------------------------------------------------------------------
     def _run_responses(self) -> None:
@@ -538,18 +545,48 @@ class EngineLoop:
                 except queue.Empty:
                     break
                 items.extend(got if type(got) is list else [got])
-            for item in coalesce(items) if self.coalesce else items:
-                if item is _STOP:
-                    return
-                try:
-                    if callable(item):  # a metrics update
-                        item()
-                    elif len(item) == 2:
-                        item[0].send_error(item[1])
-                    else:
-                        item[0].send(item[1], item[2])
-                except Exception:  # the client is gone (cancellation polling ends the request), or a metric failed
-                    log.warning("sending a response or a metric failed", exc_info=True)
+            if not self._respond(coalesce(items) if self.coalesce else items):
+                return
+
+    # Each metric update is an IPC round trip to tritonserver (~13 us): 11 per finished request (3 counters, 8
+    # histograms) went before each final response. Small model via Triton, 32 streams ending in one step, from
+    # the last step's end to the client's last token: 13.8 -> 5.6 ms (median of 12 loads, toggled in one server);
+    # 128 streams 20.5 -> 15.4 ms.
+    def _respond(self, items: list[Any]) -> bool:
+        """Sends one batch of items in order; False at the stop marker. The batch's finished requests are
+        counted once before anything leaves (a client holding its final response sees its request counted),
+        their distributions observed after the responses, ahead of any later metrics update."""
+        ended = [item.timings for item in items if type(item) is _Finished]
+        self._observe("on_finish", ended)
+        pending = ended  # for after_finish
+        stopped = False
+        for item in items:
+            if item is _STOP:
+                stopped = True
+                break
+            if type(item) is _Finished:
+                continue
+            try:
+                if callable(item):  # a metrics update
+                    self._observe("after_finish", pending)
+                    pending = []
+                    item()
+                elif len(item) == 2:
+                    item[0].send_error(item[1])
+                else:
+                    item[0].send(item[1], item[2])
+            except Exception:  # the client is gone (cancellation polling ends the request), or a metric failed
+                log.warning("sending a response or a metric failed", exc_info=True)
+        self._observe("after_finish", pending)
+        return not stopped
+
+    def _observe(self, method: str, timings: list[RequestTimings]) -> None:
+        if not timings or self.observer is None:
+            return
+        try:
+            getattr(self.observer, method)(timings)
+        except Exception:
+            log.warning("a metrics update failed", exc_info=True)
 
 
 def name_os_thread(name: str) -> None:

@@ -132,23 +132,36 @@ class EngineMetrics:
                 self.metrics[name].increment(value - self._stat_values[field])
                 self._stat_values[field] = value
 
-    def on_finish(self, timings: RequestTimings) -> None:
-        self.metrics["tgi_request_count"].increment(1)
-        if timings.num_generated_tokens:
-            self.metrics["tgi_generated_tokens_total"].increment(timings.num_generated_tokens)
-        if not timings.succeeded:
-            kind = "cancelled" if timings.finish_reason == "cancelled" else "generation"
-            self.metrics[f"tgi_request_failure/{kind}"].increment(1)
-            return
-        self.metrics["tgi_request_success"].increment(1)
-        for name, (_, _, value_of) in HISTOGRAMS.items():
-            value = value_of(timings)
-            if value is not None:
-                self.metrics[name].observe(float(value))
-        if self.inter_token:
-            inter_token = self.metrics[INTER_TOKEN]
-            for gap in timings.inter_token_latencies:
-                inter_token.observe(gap)
+    def on_finish(self, batch: list[RequestTimings]) -> None:
+        """The counters, one update each for the whole batch."""
+        failures = {kind: 0 for kind in FAILURE_KINDS}
+        for t in batch:
+            if not t.succeeded:
+                failures["cancelled" if t.finish_reason == "cancelled" else "generation"] += 1
+        self.metrics["tgi_request_count"].increment(len(batch))
+        generated = sum(t.num_generated_tokens for t in batch)
+        if generated:
+            self.metrics["tgi_generated_tokens_total"].increment(generated)
+        succeeded = len(batch) - sum(failures.values())
+        if succeeded:
+            self.metrics["tgi_request_success"].increment(succeeded)
+        for kind, count in failures.items():
+            if count:
+                self.metrics[f"tgi_request_failure/{kind}"].increment(count)
+
+    def after_finish(self, batch: list[RequestTimings]) -> None:
+        """The histograms, successes only (as TGI): one observation per value, no batch form exists."""
+        for timings in batch:
+            if not timings.succeeded:
+                continue
+            for name, (_, _, value_of) in HISTOGRAMS.items():
+                value = value_of(timings)
+                if value is not None:
+                    self.metrics[name].observe(float(value))
+            if self.inter_token:
+                inter_token = self.metrics[INTER_TOKEN]
+                for gap in timings.inter_token_latencies:
+                    inter_token.observe(gap)
 
     def on_reject(self, kind: str) -> None:
         self.metrics["tgi_request_count"].increment(1)

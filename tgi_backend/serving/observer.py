@@ -2,7 +2,8 @@
 
 The loop calls an `EngineObserver` from its response thread (never from the engine thread, so a slow sink
 never stalls a step): `on_step` with an `EngineStats` snapshot when it changed (at most once per loop
-iteration), `on_finish` once per admitted request, `on_reject` once per request refused before admission.
+iteration), `on_finish` and then `after_finish` once for each admitted request, in batches, and `on_reject`
+once per request refused before admission.
 """
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ class EngineObserver(Protocol):
 
     def on_step(self, stats: Any) -> None: ...  # stats: engine.engine.EngineStats
 
-    def on_finish(self, timings: RequestTimings) -> None: ...
+    # requests that ended, before any of their final responses leaves
+    def on_finish(self, batch: list[RequestTimings]) -> None: ...
+
+    # the same requests, after their final responses left and before any later call
+    def after_finish(self, batch: list[RequestTimings]) -> None: ...
 
     def on_reject(self, kind: str) -> None: ...  # "validation", "overloaded" or "generation"
