@@ -92,9 +92,7 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                job, flags = parse_job(
-                    lambda name: _as_numpy(request, name), request.parameters(), self.limits
-                )
+                job, flags = parse_job(_input_getter(request), request.parameters(), self.limits)
             except Exception as exc:  # a bad request gets its error; the model keeps serving
                 error = exc if isinstance(exc, ValidationError) else ValidationError(f"Input validation error: {exc}")
                 TritonSink(sender, {}).send_error(error)
@@ -115,6 +113,13 @@ def _requested_outputs(request: Any) -> frozenset[str] | None:
     return names or None  # Triton lists every output when the client named none
 
 
-def _as_numpy(request: Any, name: str) -> Any:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else tensor.as_numpy()
+def _input_getter(request: Any) -> Any:
+    """name -> numpy array or None. The inputs are listed once: each request.inputs() is a pybind call that
+    wraps every tensor again, and parse_job asks for about a dozen names (pb_utils' lookup lists them each time)."""
+    tensors = {tensor.name(): tensor for tensor in request.inputs()}
+
+    def get(name: str) -> Any:
+        tensor = tensors.get(name)
+        return None if tensor is None else tensor.as_numpy()
+
+    return get
