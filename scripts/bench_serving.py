@@ -136,6 +136,7 @@ def run_engine(engine: Any, prompts: list[list[int]], new_tokens: int, speculate
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, detokenize=False)
     stamps: dict[str, list[float]] = {}
     run = next(_RUNS)  # request ids stay unique when one engine serves several runs
+    switches = _own_involuntary_switches()
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"b{run}-{i}", p, params)
@@ -145,11 +146,11 @@ def run_engine(engine: Any, prompts: list[list[int]], new_tokens: int, speculate
             stamps[out.request_id].append(time.perf_counter())
     seconds = time.perf_counter() - start
     ttft, itl = _latencies([start] * len(prompts), list(stamps.values()))
-    note = ""
+    note = f"threads preempted {_own_involuntary_switches() - switches} times"  # against the served engine's
     if speculate:  # a step's accepted tokens leave together: their gaps are 0 in the ITL figures
         stats = engine.stats()
         share = stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0
-        note = f"--speculate {speculate}: {stats.accepted_tokens} of {stats.draft_tokens} drafts accepted ({share:.0%})"
+        note += f"; --speculate {speculate}: {stats.accepted_tokens} of {stats.draft_tokens} drafts accepted ({share:.0%})"
     return Result("engine in-process", len(prompts), sum(map(len, stamps.values())), seconds, ttft, itl, note)
 
 
@@ -300,15 +301,17 @@ class TritonProcess:
         produced = sum(len([x for x in s if x == x]) for s in stamps)
         used = {k: (server[k] - server_before[k]) / wall for k in server}
         note = (f"cores used: engine {used['engine']:.2f}, tritonserver {used['tritonserver']:.2f}, "
-                f"stub I/O {used['stub']:.2f}, client {client / wall:.2f}")
+                f"stub I/O {used['stub']:.2f}, client {client / wall:.2f}; engine threads preempted "
+                f"{server['preempted'] - server_before['preempted']:.0f} times")
         return Result("triton gRPC stream", len(prompts), produced, seconds, ttft, itl, note)
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds so far of the server's process tree: the engine's threads (named tgi-engine, with the
         OpenMP workers they started), the stubs' other threads (requests, responses, cancellation), tritonserver
-        and the rest (the launcher)."""
+        and the rest (the launcher); under "preempted", how often the engine's threads were switched out while
+        runnable (another thread took the core: each IPC wake-up on these two cores can)."""
         tick = os.sysconf("SC_CLK_TCK")
-        out = {"engine": 0.0, "stub": 0.0, "tritonserver": 0.0, "other": 0.0}
+        out = {"engine": 0.0, "stub": 0.0, "tritonserver": 0.0, "other": 0.0, "preempted": 0.0}
         for pid in process_tree(self.proc.pid) if self.proc else []:
             try:
                 process = Path(f"/proc/{pid}/comm").read_text().strip()
@@ -319,10 +322,31 @@ class TritonProcess:
                 try:
                     comm = (task / "comm").read_text().strip()
                     fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                    status = (task / "status").read_text() if comm == "tgi-engine" else ""
                 except OSError:  # the thread ended meanwhile
                     continue
                 out["engine" if comm == "tgi-engine" else kind] += (int(fields[11]) + int(fields[12])) / tick
+                out["preempted"] += _involuntary_switches(status)
         return out
+
+
+def _own_involuntary_switches() -> int:
+    """This process's threads' involuntary context switches so far (Linux; 0 elsewhere)."""
+    total = 0
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            total += _involuntary_switches((task / "status").read_text())
+        except OSError:
+            continue
+    return total
+
+
+def _involuntary_switches(status: str) -> int:
+    """nonvoluntary_ctxt_switches from a /proc/<pid>/task/<tid>/status text (0 if absent)."""
+    for line in status.splitlines():
+        if line.startswith("nonvoluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _bytes_element(text: str) -> bytes:

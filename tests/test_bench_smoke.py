@@ -141,3 +141,11 @@ def test_quant_table_has_prefill_against_bf16() -> None:
     assert all(line.count("|") == table[0].count("|") for line in table)
     assert table[3].endswith("| 600.0 | 1.20x |")
     assert table[4].endswith("| - | - |")  # a result from before the prefill figure
+
+
+def test_involuntary_switches_are_read_from_proc_status() -> None:
+    import bench_serving as S
+
+    status = "Name:\tpython\nvoluntary_ctxt_switches:\t7\nnonvoluntary_ctxt_switches:\t42\n"
+    assert S._involuntary_switches(status) == 42 and S._involuntary_switches("Name:\tx\n") == 0
+    assert S._own_involuntary_switches() >= 0
