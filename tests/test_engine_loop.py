@@ -612,3 +612,49 @@ def test_a_bf16_engine_streams_through_its_native_calls(tiny_llama_dir: str):
             assert whole.chunks[0].text == "Hello world" + sink.text
     finally:
         loop.stop()
+
+
+def test_a_sink_is_never_polled_once_its_final_response_went_out():
+    """tritonserver frees a request's response factory at its final response: a poll racing it crashed the
+    server. A poll in flight holds the final response back; after the final, no poll reaches the sink."""
+    events = []
+    polling, release = threading.Event(), threading.Event()
+
+    class Sink(ListSink):
+        def is_cancelled(self) -> bool:
+            events.append("poll")
+            polling.set()
+            release.wait(WAIT)
+            events.append("poll done")
+            return False
+
+        def send(self, chunk, final) -> None:
+            events.append(("send", final))
+
+        def send_error(self, error) -> None:
+            events.append("error")
+
+    guarded = engine_loop._GuardedSink(Sink())
+    guarded.send(Chunk(token_ids=[1]), False)
+    poller = threading.Thread(target=guarded.is_cancelled)
+    poller.start()
+    assert polling.wait(WAIT)
+    sender = threading.Thread(target=guarded.send, args=(Chunk(token_ids=[2]), True))
+    sender.start()
+    time.sleep(0.05)  # gives the final send the chance to overtake the poll, which it must not take
+    release.set()
+    poller.join(WAIT)
+    sender.join(WAIT)
+    assert events == [("send", False), "poll", "poll done", ("send", True)]
+    assert guarded.is_cancelled() is False and events[-1] == ("send", True)
+    errored = engine_loop._GuardedSink(Sink())
+    errored.send_error(GenerationError("boom"))
+    assert errored.is_cancelled() is False and events[-1] == "error"
+
+
+def test_submitted_jobs_reach_the_engine_with_guarded_sinks():
+    loop = EngineLoop(_NativeStepsEngine([True]))
+    sink = ListSink()
+    loop.submit(Job(prompt_token_ids=[1, 2], stream=True), sink)
+    _, guarded, _ = loop._jobs.get_nowait()
+    assert isinstance(guarded, engine_loop._GuardedSink) and guarded.sink is sink

@@ -120,6 +120,36 @@ class ResponseSink(Protocol):
     def is_cancelled(self) -> bool: ...  # called from the cancellation thread
 
 
+class _GuardedSink:
+    """A job's sink whose is_cancelled (the cancellation thread) never runs once its final response or error
+    went out (the response thread): tritonserver frees a request's response factory at its final response, and
+    a poll racing that crashed the server (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled)."""
+
+    __slots__ = ("sink", "lock", "ended")
+
+    def __init__(self, sink: ResponseSink) -> None:
+        self.sink = sink
+        self.lock = threading.Lock()
+        self.ended = False
+
+    def send(self, chunk: Chunk | None, final: bool) -> None:
+        if not final:
+            self.sink.send(chunk, False)
+            return
+        with self.lock:
+            self.ended = True
+            self.sink.send(chunk, True)
+
+    def send_error(self, error: Exception) -> None:
+        with self.lock:
+            self.ended = True
+            self.sink.send_error(error)
+
+    def is_cancelled(self) -> bool:
+        with self.lock:
+            return not self.ended and self.sink.is_cancelled()
+
+
 @dataclass(slots=True)
 class _Finished:
     """A request's end for the observer, queued among its responses (the response thread counts it in bulk)."""
@@ -204,7 +234,7 @@ class EngineLoop:
         if self._stopping.is_set():
             sink.send_error(GenerationError("the server is shutting down"))
             return
-        self._jobs.put((job, sink, time.monotonic()))
+        self._jobs.put((job, _GuardedSink(sink), time.monotonic()))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ends every request (error "shutting down") and joins the threads."""
