@@ -342,8 +342,7 @@ class EngineLoop:
             if active is None:  # finished meanwhile
                 continue
             self.engine.abort_request(request_id)
-            self._report_finish(active, "cancelled")
-            self._emit(active.sink, None, final=True)
+            self._queue(*self._ended(active, "cancelled"), (active.sink, None, True))
 
     # ---- cancellation thread ------------------------------------------------------------------
     def _run_cancellation(self) -> None:
@@ -422,8 +421,7 @@ class EngineLoop:
 
     def _finish(self, active: _Active, out: Any, chunk: Chunk) -> None:
         # metrics first: a client holding its last response sees the request counted
-        self._report_finish(active, out.finish_reason or "length")
-        self._emit(active.sink, chunk, final=True)
+        self._queue(*self._ended(active, out.finish_reason or "length"), (active.sink, chunk, True))
 
     def _hold(self, active: _Active, chunk: Chunk, finished: bool, now: float, gap: float) -> Chunk | None:
         """vLLM's stream interval and the response budget: the first response and the last leave at once, the
@@ -482,8 +480,7 @@ class EngineLoop:
         except Exception:
             log.exception("abort of %s failed", request_id)
         if active is not None:
-            self._queue((active.sink, error))
-            self._report_finish(active, "error")
+            self._queue((active.sink, error), *self._ended(active, "error"))
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._active):
@@ -510,13 +507,14 @@ class EngineLoop:
     # call, which holds no GIL for milliseconds (LLMEngine.set_forward_hook). Small model via Triton, 32 streams,
     # toggled every 40 steps in one server, decode tok/s: 0.99-1.06x in 6 runs (median 1.025); medium 1.033x and
     # 1.017x. After steps on the modules (hundreds of ops) each item still goes at once.
-    def _queue(self, item: Any) -> None:
-        """To the response thread, in order: held while the last step ran natively, at once otherwise."""
+    def _queue(self, *items: Any) -> None:
+        """To the response thread, in order and in one hand-over (a request's end reaches the response thread's
+        batch with its last response): held while the last step ran natively, at once otherwise."""
         if self._defer:
-            self._deferred.append(item)
+            self._deferred.extend(items)
             return
         self._flush()
-        self._responses.put(item)
+        self._responses.put(items[0] if len(items) == 1 else list(items))
 
     def _flush(self) -> None:
         if self._deferred:
@@ -550,16 +548,17 @@ class EngineLoop:
             self._last_stats = stats
             self._notify("on_step", stats)
 
-    def _report_finish(self, active: _Active, reason: str) -> None:
+    def _ended(self, active: _Active, reason: str) -> tuple[Any, ...]:
+        """The request's end for the observer, to queue with its last response (none without an observer)."""
         if self.observer is None or active.request is None:
-            return
+            return ()
         r = active.request
-        self._queue(_Finished(RequestTimings(
+        return (_Finished(RequestTimings(
             arrival_time=active.arrival_time, finish_time=time.monotonic(), scheduled_time=r.scheduled_time,
             first_token_time=r.first_token_time, num_prompt_tokens=r.num_prompt_tokens,
             num_cached_tokens=r.num_cached_tokens, num_generated_tokens=len(active.output_ids),
             max_new_tokens=r.max_new_tokens, finish_reason=reason, inter_token_latencies=active.inter_token,
-        )))
+        )),)
 
     # ---- response thread ----------------------------------------------------------------------
     def _run_responses(self) -> None:
