@@ -138,6 +138,28 @@ def test_chunk_beyond_its_blocks_fails(llama):
     runner = ModelRunner(_config(folder), folder)
     with pytest.raises(ValueError, match="blocks"):
         runner.execute(SchedulerOutput([_chunk("a", [1] * 5, 0, [1])]))
+    with pytest.raises(ValueError, match="request b: 9 positions but 2 blocks"):  # a decode step's row
+        runner.execute(SchedulerOutput([_chunk("a", [1], 3, [1]), _chunk("b", [1], 8, [2, 3])]))
+
+
+def test_a_decode_steps_batch_is_the_general_build(llama):
+    folder, _ = llama
+    runner = ModelRunner(_config(folder), folder)  # blocks of 4
+    history = [1, 2, 3, 4, 5, 6]
+    chunks = [_chunk("a", [5], 4, [1, 2], n_out=1), _chunk("b", [6], 9, [3, 4, 5], n_out=3),
+              _chunk("c", [7], 0, [6])]
+    chunks[1].history, chunks[1].num_prompt_tokens = history, 5
+    fast, general = runner._prepare(chunks), runner._prepare_mixed(chunks)
+    assert fast.context.slot_mapping.tolist() == [8, 21, 24] == general.context.slot_mapping.tolist()
+    for name in ("input_ids", "positions", "sample_rows"):
+        assert torch.equal(getattr(fast, name), getattr(general, name)), name
+    fd, gd = fast.context.decode, general.context.decode
+    assert fd.block_table.tolist() == [[1, 2, 0], [3, 4, 5], [6, 0, 0]] == gd.block_table.tolist()
+    assert torch.equal(fd.positions, gd.positions) and (fd.num_rows, fd.block_size) == (gd.num_rows, gd.block_size)
+    assert fast.sampling == general.sampling and fast.sampling[1].token_ids is history
+    assert fast.drafts == general.drafts == [[], [], []]
+    assert fast.context.prefills == [] and fast.context.prefill_meta is None and not fast.prompt_rows
+    assert runner._ints([]).tolist() == [] and runner._ints([1, 2**40]).tolist() == [1, 2**40]
 
 
 def _copy_checkpoint(src: str, dst: str, edit) -> None:

@@ -6,6 +6,7 @@ import torch
 from tgi_backend.engine.request import SamplingParams
 import pytest
 
+from tgi_backend.sampling import sampler as sampler_module
 from tgi_backend.sampling.sampler import GREEDY_BLOCK_ROWS, Sampler, SamplingRow, greedy_tokens
 
 V = 50
@@ -137,3 +138,25 @@ def test_greedy_only_rows_take_the_heads_argmax_without_logits():
     assert sampler.sample(None, plain, torch.tensor([7, 9])).token_ids == [7, 9]
     with pytest.raises(ValueError, match="needs the logits"):
         sampler.sample(None, plain)
+
+
+def test_greedy_only_judges_each_params_object_once(monkeypatch):
+    asked = []
+
+    class Probe:  # a processor that counts its checks; active for params asking 5 new tokens
+        def active(self, params: SamplingParams) -> bool:
+            asked.append(params)
+            return params.max_new_tokens == 5
+
+    sampler = Sampler([Probe()], seed=0)
+    plain, probed = SamplingParams(), SamplingParams(max_new_tokens=5)
+    for _ in range(3):
+        assert sampler.greedy_only(_rows(plain, plain))
+        assert not sampler.greedy_only(_rows(plain, probed, prefix="p"))
+    assert asked == [plain, probed]
+    assert sampler.greedy_only(_rows(SamplingParams()))  # an equal but new object: judged on its own
+    assert len(asked) == 3
+    monkeypatch.setattr(sampler_module, "VERDICTS_KEPT", 1)  # past the bound the verdicts start over
+    newer = SamplingParams(max_new_tokens=5)
+    assert not sampler.greedy_only(_rows(newer)) and sampler.greedy_only(_rows(plain))
+    assert asked[3:] == [newer, plain]

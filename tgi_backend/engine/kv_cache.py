@@ -58,10 +58,8 @@ class KVCacheManager:
 
     def register_computed_blocks(self, request: Request) -> None:
         """Caches the request's blocks that became full of computed tokens."""
-        if not self._caches(request):
-            return
         full = min(request.num_computed_tokens // self.block_size, len(request.block_ids))
-        if request.num_registered_blocks >= full:
+        if request.num_registered_blocks >= full or not self._caches(request):
             return
         hashes = self._hashes(request, full)
         for i in range(request.num_registered_blocks, full):
@@ -89,6 +87,10 @@ class KVCacheManager:
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Grows the block table so that num_new_tokens more tokens fit; False (and no change) if the pool is short."""
+        pos, bs, table = request.num_computed_tokens, self.block_size, request.block_ids
+        # most decode steps: the tokens fit the blocks held, and the one written is the request's own (or new)
+        if pos + num_new_tokens <= len(table) * bs and (pos % bs == 0 or self.pool.refcount(table[pos // bs]) == 1):
+            return True
         need = self.num_blocks_needed(request, num_new_tokens)
         if need > self.pool.num_free_blocks:
             return False

@@ -2,6 +2,7 @@
 metadata once per step, runs the model, computes logits for the sampled rows only, and samples."""
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
 import json
@@ -129,8 +130,12 @@ class ModelRunner:
         dst = self._ints([d for _, d in copies])
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def _ints(self, values: list[int] | list[list[int]]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _ints(self, values: list[int]) -> torch.Tensor:
+        # torch.tensor reads a list at ~0.17 us an int: 1,152 block ids took 205 us, through an array 5 us
+        if not values:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        flat = torch.frombuffer(array.array("q", values), dtype=torch.long)
+        return flat if self.device.type == "cpu" else flat.to(self.device)
 
     def release(self, request_ids: list[str]) -> None:
         self.sampler.release(request_ids)
@@ -233,6 +238,12 @@ class ModelRunner:
     # ---- batch building -------------------------------------------------------------------------
     def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
         """Flat batch: decode rows (one token) first, then prefill chunks; sampled rows keep chunk order."""
+        if chunks and all(len(c.token_ids) == 1 and c.sample and not c.num_draft and not c.prompt_logprobs
+                          for c in chunks):
+            return self._prepare_decode(chunks)
+        return self._prepare_mixed(chunks)
+
+    def _prepare_mixed(self, chunks: list[ScheduledChunk]) -> _Batch:
         decode = [c for c in chunks if len(c.token_ids) == 1]
         prefill = [c for c in chunks if len(c.token_ids) > 1]
         ids: list[int] = []
@@ -275,22 +286,56 @@ class ModelRunner:
             prompt_owners=prompt_owners,
         )
 
+    def _prepare_decode(self, chunks: list[ScheduledChunk]) -> _Batch:
+        """_prepare's batch where every chunk is one token that samples (no drafts, no prompt logprobs): one pass
+        per list. The general loop took 0.25 ms of a 15 ms step at 128 rows."""
+        bs = self.block_size
+        positions = [c.start_pos for c in chunks]
+        try:
+            slots = [c.block_ids[p // bs] * bs + p % bs for c, p in zip(chunks, positions)]
+        except IndexError:
+            for c in chunks:
+                self._slots(c)  # raises the error naming the request
+            raise
+        if self.lora is not None:
+            self.lora.set_chunks(chunks)
+        rows = len(chunks)
+        context = ForwardContext(slot_mapping=self._ints(slots), decode=self._decode_batch(chunks, positions),
+                                 prefills=[], block_size=bs, ops=self.ops, prefill_meta=None)
+        return _Batch(
+            input_ids=self._ints([c.token_ids[0] for c in chunks]),
+            positions=self._ints(positions),
+            context=context,
+            sample_rows=torch.arange(rows, device=self.device),
+            sampling=[SamplingRow(c.request_id, c.sampling, c.num_output_tokens, c.history, c.num_prompt_tokens)
+                      for c in chunks],
+            drafts=[[] for _ in range(rows)],
+        )
+
     def _slots(self, c: ScheduledChunk) -> list[int]:
         bs, table = self.block_size, c.block_ids
         end = c.start_pos + len(c.token_ids)
         if end > len(table) * bs:
             raise ValueError(f"request {c.request_id}: {end} positions but {len(table)} blocks of {bs}")
+        if end == c.start_pos + 1:  # a decode row
+            return [table[c.start_pos // bs] * bs + c.start_pos % bs]
         return [table[p // bs] * bs + p % bs for p in range(c.start_pos, end)]
 
-    def _decode_batch(self, decode: list[ScheduledChunk]) -> DecodeBatch:
+    def _decode_batch(self, decode: list[ScheduledChunk], positions: list[int] | None = None) -> DecodeBatch:
         bs = self.block_size
-        num_blocks = [c.start_pos // bs + 1 for c in decode]
-        width = max(num_blocks)
-        table = [c.block_ids[:n] + [0] * (width - n) for c, n in zip(decode, num_blocks)]
+        if positions is None:
+            positions = [c.start_pos for c in decode]
+        width = max(positions) // bs + 1
+        flat: list[int] = []  # the rows' tables padded with block 0, one flat list (see _ints)
+        for c, p in zip(decode, positions):
+            n = p // bs + 1
+            flat.extend(c.block_ids[:n])
+            if n < width:
+                flat.extend([0] * (width - n))
         return DecodeBatch(
             num_rows=len(decode),
-            block_table=self._ints(table),
-            positions=self._ints([c.start_pos for c in decode]),
+            block_table=self._ints(flat).view(len(decode), width),
+            positions=self._ints(positions),
             block_size=bs,
         )
 
