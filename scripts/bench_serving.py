@@ -5,6 +5,7 @@ transformers' `generate` (static batch). Writes JSON and a markdown table with r
     .venv/bin/python scripts/bench_serving.py --model demo --concurrency 8
     .venv/bin/python scripts/bench_serving.py --model medium --concurrency 1 --concurrency 16
     .venv/bin/python scripts/bench_serving.py --model small --concurrency 1 --concurrency 32 --paired 5
+    .venv/bin/python scripts/bench_serving.py --model small --concurrency 32 --sched 3
 
 Models: `demo` (the built-in demo checkpoint), `small` / `medium` (random-weight Llamas of the benchmark suite,
 generated once under the cache folder), or a local checkpoint folder. Prompts are random token ids and EOS is
@@ -429,6 +430,50 @@ def paired(path: str, vocab: int, concurrency: int, args: argparse.Namespace) ->
             "serve_flags": list(args.serve_flag or ())}
 
 
+def sched(path: str, vocab: int, concurrency: int, args: argparse.Namespace) -> list[dict]:
+    """Served and in-process loads taking turns (as --paired), each under the scheduler trace
+    (scripts/sched_report.py): where the two cores went, in CPU milliseconds; per side, each figure's median."""
+    sched_report = _sched_report()
+    me = os.getpid()
+    server = TritonProcess(path, args.dtype, tuple(args.serve_flag or ()))
+
+    def served_groups() -> tuple[dict[int, str], set[int]]:
+        processes, engine_threads = sched_report.server_groups(process_tree(server.proc.pid))
+        return {**processes, me: "client"}, engine_threads
+
+    def local_groups() -> tuple[dict[int, str], set[int]]:  # every thread of this process runs the engine
+        return {me: "client"}, {int(t.name) for t in Path(f"/proc/{me}/task").glob("*")}
+
+    server.start()
+    sides: dict[str, list[tuple[Result, Any]]] = {"served": [], "in-process": []}
+    try:
+        engine = make_engine(path, args.dtype)
+        warm = make_prompts(vocab, concurrency, args.prompt_tokens, seed=97)
+        server.run_load(warm, args.new_tokens)  # the first load's allocations, on both sides
+        run_engine(engine, warm, args.new_tokens)
+        for r in range(args.sched):
+            prompts = make_prompts(vocab, concurrency, args.prompt_tokens, seed=100 + r)
+            sides["served"].append(sched_report.record(lambda: server.run_load(prompts, args.new_tokens),
+                                                       served_groups))
+            sides["in-process"].append(sched_report.record(lambda: run_engine(engine, prompts, args.new_tokens),
+                                                           local_groups))
+    finally:
+        server.stop()
+    return [{"concurrency": concurrency, "side": side, "loads": len(runs),
+             "output_tok_s": round(statistics.median(res.output_tokens / res.seconds for res, _ in runs), 1),
+             **sched_report.median_row([summary for _, summary in runs])} for side, runs in sides.items()]
+
+
+def _sched_report() -> Any:
+    """scripts/sched_report.py, also where this file was imported as scripts.bench_serving (tests)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import sched_report
+
+    return sched_report
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="demo | small | medium | folder (repeatable)")
@@ -441,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
                     help="instead of the peers: served / in-process ratio over ROUNDS alternated rounds")
     ap.add_argument("--serve-flag", action="append", help="a `tgi-triton serve` flag for the served side (repeatable)")
+    ap.add_argument("--sched", type=int, default=0, metavar="ROUNDS",
+                    help="instead of the peers: where the cores go in served and in-process loads, ROUNDS each "
+                         "(perf's scheduler trace)")
     args = ap.parse_args(argv)
     rows: list[dict] = []
     for model in args.model or ["demo"]:
@@ -450,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.paired:
                 rows.append({"model": model, **paired(path, vocab, conc, args)})
                 print(json.dumps(rows[-1]), flush=True)
+                continue
+            if args.sched:
+                rows.extend({"model": model, **r} for r in sched(path, vocab, conc, args))
                 continue
             prompts = make_prompts(vocab, conc, args.prompt_tokens)
             for peer in args.peers.split(","):
@@ -468,6 +519,13 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"| {r['model']} | {r['concurrency']} | served / in-process median {r['median']} "
                   f"(min {r['min']}, max {r['max']}, {len(r['ratios'])} rounds) |")
+        return 0
+    if args.sched:
+        sched_report = _sched_report()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"bench-sched-{stamp}.json").write_text(json.dumps(rows, indent=1))
+        print(sched_report.markdown(rows))
         return 0
     add_ratios(rows)
     out.mkdir(parents=True, exist_ok=True)

@@ -149,3 +149,35 @@ def test_involuntary_switches_are_read_from_proc_status() -> None:
     status = "Name:\tpython\nvoluntary_ctxt_switches:\t7\nnonvoluntary_ctxt_switches:\t42\n"
     assert S._involuntary_switches(status) == 42 and S._involuntary_switches("Name:\tx\n") == 0
     assert S._own_involuntary_switches() >= 0
+
+
+def test_sched_trace_summary_of_a_window() -> None:
+    import sched_report as T
+
+    def switch(t: float, cpu: int, pid: int, prev: int, prev_name: str, state: str, nxt: int, nxt_name: str) -> str:
+        return (f"{pid}/{prev} [{cpu:03d}] {t:.6f}: sched:sched_switch: prev_comm={prev_name} prev_pid={prev} "
+                f"prev_prio=120 prev_state={state} ==> next_comm={nxt_name} next_pid={nxt} next_prio=120")
+
+    lines = [  # CPU 0: the engine thread 11, preempted by tritonserver (pid 50) for 2 ms; CPU 1: engine 12, idle
+        switch(10.000, 0, 0, 0, "swapper/0", "R", 11, "tgi-engine"),
+        switch(10.000, 1, 0, 0, "swapper/1", "R", 12, "tgi-engine"),
+        switch(10.004, 0, 10, 11, "tgi-engine", "R", 51, "tritonserver"),
+        "10/12 [001] 10.005000: sched:sched_waking: comm=x pid=99 prio=120 target_cpu=001",
+        switch(10.006, 0, 50, 51, "tritonserver", "S", 11, "tgi-engine"),
+        switch(10.007, 1, 10, 12, "tgi-engine", "S", 0, "swapper/1"),
+        "10/11 [000] 10.007500: sched:sched_waking: comm=tgi-engine pid=12 prio=120 target_cpu=000",
+        switch(10.008, 0, 10, 11, "tgi-engine", "S", 12, "tgi-engine"),  # 12 woke onto CPU 0 while CPU 1 idled
+        switch(10.009, 1, 0, 0, "swapper/1", "R", 77, "stranger"),
+        switch(10.010, 1, 30, 77, "stranger", "S", 0, "swapper/1"),
+        switch(10.010, 0, 10, 12, "tgi-engine", "S", 0, "swapper/0"),
+    ]
+    s = T.summarize(lines, 10.0, 10.010, {50: "tritonserver", 10: "stub"}, {11, 12})
+    ms = {k: round(v, 3) for k, v in s.run_ms.items()}
+    assert ms == {"engine": 4 + 2 + 2 + 7, "tritonserver": 2.0, "idle": 2.0, "other": 1.0}
+    assert round(s.preempted_ms, 3) == 2.0 and s.preemptions == 1
+    assert round(s.waits_beside_idle_ms, 3) == 0.5  # 12 waited 10.0075-10.008 while CPU 1 idled
+    assert round(s.others["stranger"], 3) == 1.0
+    row = T.markdown([{"model": "small", "concurrency": 32, "side": "served", "output_tok_s": 1.0,
+                       **T.median_row([s, s])}])
+    cells = "| small | 32 | served | 1.0 | 0.01 | 15.0 | 1.0 | 2.0 | 2.0 | 2.0 (1) | 0.5 | stranger 1.0 |"
+    assert row.splitlines()[2] == cells
