@@ -288,7 +288,7 @@ class ModelRunner:
 
     def _prepare_decode(self, chunks: list[ScheduledChunk]) -> _Batch:
         """_prepare's batch where every chunk is one token that samples (no drafts, no prompt logprobs): one pass
-        per list. The general loop took 0.25 ms of a 15 ms step at 128 rows."""
+        per list. At 128 rows the general build took 0.25 ms (of a 15 ms step), this one 0.12."""
         bs = self.block_size
         positions = [c.start_pos for c in chunks]
         try:
