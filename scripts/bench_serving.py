@@ -47,6 +47,11 @@ class Result:
     ttft_ms: list[float] = field(default_factory=list, repr=False)
     itl_ms: list[float] = field(default_factory=list, repr=False)
     note: str = ""
+    window: tuple[float, float] | None = field(default=None, repr=False)  # the measured load, time.monotonic()
+
+    def load_window(self) -> tuple[float, float] | None:
+        """What --sched's trace sums over: the measured load only (not a warm-up, nor the CPU bookkeeping)."""
+        return self.window
 
     def summary(self) -> dict:
         return {
@@ -138,7 +143,7 @@ def run_engine(engine: Any, prompts: list[list[int]], new_tokens: int, speculate
     stamps: dict[str, list[float]] = {}
     run = next(_RUNS)  # request ids stay unique when one engine serves several runs
     switches = _own_involuntary_switches()
-    start = time.perf_counter()
+    start, began = time.perf_counter(), time.monotonic()
     for i, p in enumerate(prompts):
         engine.add_request(f"b{run}-{i}", p, params)
         stamps[f"b{run}-{i}"] = []
@@ -152,7 +157,8 @@ def run_engine(engine: Any, prompts: list[list[int]], new_tokens: int, speculate
         stats = engine.stats()
         share = stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0
         note += f"; --speculate {speculate}: {stats.accepted_tokens} of {stats.draft_tokens} drafts accepted ({share:.0%})"
-    return Result("engine in-process", len(prompts), sum(map(len, stamps.values())), seconds, ttft, itl, note)
+    return Result("engine in-process", len(prompts), sum(map(len, stamps.values())), seconds, ttft, itl, note,
+                  (began, began + seconds))
 
 
 def bench_transformers(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Result:
@@ -260,7 +266,7 @@ class TritonProcess:
             r.outputs.add(name="output_ids")
             return r
 
-        def run(batch: list[list[int]], n: int) -> tuple[float, list[list[float]]]:
+        def run(batch: list[list[int]], n: int) -> tuple[float, float, list[list[float]]]:
             stamps: list[list[float]] = [[] for _ in batch]
             requests = [request(i, prompt, n) for i, prompt in enumerate(batch)]
             done = threading.Event()
@@ -272,7 +278,7 @@ class TritonProcess:
             left = len(batch)
             with grpc.insecure_channel(f"127.0.0.1:{self.grpc}") as channel:
                 stream = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(send())
-                start = time.perf_counter()
+                start, began = time.perf_counter(), time.monotonic()
                 try:
                     for message in stream:
                         if message.error_message:  # an error ends the run; its requests count as failed
@@ -290,11 +296,11 @@ class TritonProcess:
                 finally:
                     done.set()
                     stream.cancel()
-            return start, stamps
+            return start, began, stamps
 
         run([prompts[0][:8]], 2)  # warm-up
         server_before, client_before, wall_before = self.cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
-        start, stamps = run(prompts, new_tokens)
+        start, began, stamps = run(prompts, new_tokens)
         wall = time.perf_counter() - wall_before
         server, client = self.cpu_seconds(), _own_cpu_seconds() - client_before
         seconds = max((x for s in stamps for x in s if x == x), default=start) - start
@@ -304,7 +310,7 @@ class TritonProcess:
         note = (f"cores used: engine {used['engine']:.2f}, tritonserver {used['tritonserver']:.2f}, "
                 f"stub I/O {used['stub']:.2f}, client {client / wall:.2f}; engine threads preempted "
                 f"{server['preempted'] - server_before['preempted']:.0f} times")
-        return Result("triton gRPC stream", len(prompts), produced, seconds, ttft, itl, note)
+        return Result("triton gRPC stream", len(prompts), produced, seconds, ttft, itl, note, (began, began + seconds))
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds so far of the server's process tree: the engine's threads (named tgi-engine, with the
@@ -454,9 +460,9 @@ def sched(path: str, vocab: int, concurrency: int, args: argparse.Namespace) -> 
         for r in range(args.sched):
             prompts = make_prompts(vocab, concurrency, args.prompt_tokens, seed=100 + r)
             sides["served"].append(sched_report.record(lambda: server.run_load(prompts, args.new_tokens),
-                                                       served_groups))
+                                                       served_groups, Result.load_window))
             sides["in-process"].append(sched_report.record(lambda: run_engine(engine, prompts, args.new_tokens),
-                                                           local_groups))
+                                                           local_groups, Result.load_window))
     finally:
         server.stop()
     return [{"concurrency": concurrency, "side": side, "loads": len(runs),

@@ -124,10 +124,11 @@ def _overlap(a: float, b: float, idle: dict[int, list[tuple[float, float]]], cpu
     return total
 
 
-def record(run: Callable[[], T], groups: Callable[[], tuple[dict[int, str], set[int]]]) -> tuple[T, SchedSummary]:
-    """Runs `run()` under `perf record`; returns its result and the summary of its window. groups() is asked
-    once the load is over: (process id -> group, the engine's thread ids). Raises RuntimeError where perf is
-    missing or not allowed."""
+def record(run: Callable[[], T], groups: Callable[[], tuple[dict[int, str], set[int]]],
+           window: Callable[[T], tuple[float, float] | None] | None = None) -> tuple[T, SchedSummary]:
+    """Runs `run()` under `perf record`; returns its result and the summary of a window: window(result) (the
+    load itself, in time.monotonic() seconds) or else the whole call. groups() is asked once the load is over:
+    (process id -> group, the engine's thread ids). Raises RuntimeError where perf is missing or not allowed."""
     with tempfile.TemporaryDirectory() as folder:
         data = str(Path(folder) / "sched.data")
         cmd = ["perf", "record", "-q", "-e", "sched:sched_switch", "-e", "sched:sched_waking", "-k",
@@ -149,6 +150,7 @@ def record(run: Callable[[], T], groups: Callable[[], tuple[dict[int, str], set[
             perf.wait(60)
         text = subprocess.run(["perf", "script", "-i", data, "-F", "pid,tid,time,cpu,event,trace"],
                               capture_output=True, text=True, check=True).stdout
+    start, end = (window and window(result)) or (start, end)
     return result, summarize(text.splitlines(), start, end, processes, engine)
 
 
