@@ -443,12 +443,12 @@ def sched(path: str, vocab: int, concurrency: int, args: argparse.Namespace) -> 
     me = os.getpid()
     server = TritonProcess(path, args.dtype, tuple(args.serve_flag or ()))
 
-    def served_groups() -> tuple[dict[int, str], set[int]]:
-        processes, engine_threads = sched_report.server_groups(process_tree(server.proc.pid))
-        return {**processes, me: "client"}, engine_threads
+    def served_groups() -> tuple[dict[int, str], dict[int, str]]:
+        processes, threads = sched_report.server_groups(process_tree(server.proc.pid))
+        return {**processes, me: "client"}, threads
 
-    def local_groups() -> tuple[dict[int, str], set[int]]:  # every thread of this process runs the engine
-        return {me: "client"}, {int(t.name) for t in Path(f"/proc/{me}/task").glob("*")}
+    def local_groups() -> tuple[dict[int, str], dict[int, str]]:  # every thread of this process runs the engine
+        return {me: "client"}, {int(t.name): sched_report.ENGINE for t in Path(f"/proc/{me}/task").glob("*")}
 
     server.start()
     sides: dict[str, list[tuple[Result, Any]]] = {"served": [], "in-process": []}

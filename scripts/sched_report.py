@@ -61,10 +61,12 @@ def median_row(summaries: list[SchedSummary]) -> dict:
 
 
 def summarize(lines: Iterable[str], start: float, end: float, processes: dict[int, str],
-              engine: set[int]) -> SchedSummary:
+              threads: dict[int, str]) -> SchedSummary:
     """`perf script -F pid,tid,time,cpu,event,trace` lines (CLOCK_MONOTONIC times) -> the window [start, end]'s
-    summary. processes: process id -> group (threads that came and went during the load count too); engine:
-    the engine's thread ids. Tasks of other processes count as "other" (by thread name), pid 0 as idle."""
+    summary. processes: process id -> group (threads that came and went during the load count too); threads:
+    thread id -> group where a thread is told apart from its process ("engine" for the engine's). Tasks of
+    other processes count as "other" (by thread name), pid 0 as idle."""
+    engine = {tid for tid, group in threads.items() if group == ENGINE}
     out = SchedSummary(seconds=end - start)
     running: dict[int, tuple[int, str, float]] = {}  # cpu -> (tid, name, since)
     waiting: dict[int, float] = {}  # engine tid -> runnable since (woken or preempted)
@@ -76,7 +78,7 @@ def summarize(lines: Iterable[str], start: float, end: float, processes: dict[in
         return max(0.0, min(b, end) - max(a, start))
 
     def account(cpu: int, tid: int, name: str, a: float, b: float, process: int) -> None:
-        group = IDLE if tid == 0 else ENGINE if tid in engine else processes.get(process, "other")
+        group = IDLE if tid == 0 else threads.get(tid) or processes.get(process, "other")
         out.run_ms[group] = out.run_ms.get(group, 0.0) + clip(a, b) * 1e3
         if group == "other":
             out.others[name] = out.others.get(name, 0.0) + clip(a, b) * 1e3
@@ -124,11 +126,11 @@ def _overlap(a: float, b: float, idle: dict[int, list[tuple[float, float]]], cpu
     return total
 
 
-def record(run: Callable[[], T], groups: Callable[[], tuple[dict[int, str], set[int]]],
+def record(run: Callable[[], T], groups: Callable[[], tuple[dict[int, str], dict[int, str]]],
            window: Callable[[T], tuple[float, float] | None] | None = None) -> tuple[T, SchedSummary]:
     """Runs `run()` under `perf record`; returns its result and the summary of a window: window(result) (the
     load itself, in time.monotonic() seconds) or else the whole call. groups() is asked once the load is over:
-    (process id -> group, the engine's thread ids). Raises RuntimeError where perf is missing or not allowed."""
+    (process id -> group, thread id -> group). Raises RuntimeError where perf is missing or not allowed."""
     with tempfile.TemporaryDirectory() as folder:
         data = str(Path(folder) / "sched.data")
         cmd = ["perf", "record", "-q", "-e", "sched:sched_switch", "-e", "sched:sched_waking", "-k",
@@ -144,21 +146,25 @@ def record(run: Callable[[], T], groups: Callable[[], tuple[dict[int, str], set[
             start = time.monotonic()
             result = run()
             end = time.monotonic()
-            processes, engine = groups()
+            processes, threads = groups()
         finally:
             perf.send_signal(signal.SIGINT)
             perf.wait(60)
         text = subprocess.run(["perf", "script", "-i", data, "-F", "pid,tid,time,cpu,event,trace"],
                               capture_output=True, text=True, check=True).stdout
     start, end = (window and window(result)) or (start, end)
-    return result, summarize(text.splitlines(), start, end, processes, engine)
+    return result, summarize(text.splitlines(), start, end, processes, threads)
 
 
-def server_groups(pids: Iterable[int], engine_comm: str = "tgi-engine") -> tuple[dict[int, str], set[int]]:
-    """(process id -> group by process name, the engine's thread ids by name) for a server's process tree."""
+THREADS = {"tgi-engine": ENGINE, "tgi-responses": "responses", "tgi-cancel": "cancellation"}  # the loop's threads
+
+
+def server_groups(pids: Iterable[int]) -> tuple[dict[int, str], dict[int, str]]:
+    """(process id -> group by process name, thread id -> group for the engine loop's named threads) for a
+    server's process tree: the stubs' other threads (execute, IPC) stay "stub"."""
     names = {"tritonserver": "tritonserver", "triton_python_b": "stub"}
     processes: dict[int, str] = {}
-    engine: set[int] = set()
+    threads: dict[int, str] = {}
     for pid in pids:
         try:
             processes[pid] = names.get(Path(f"/proc/{pid}/comm").read_text().strip(), "launcher")
@@ -167,11 +173,12 @@ def server_groups(pids: Iterable[int], engine_comm: str = "tgi-engine") -> tuple
             continue
         for task in tasks:
             try:
-                if (task / "comm").read_text().strip() == engine_comm:
-                    engine.add(int(task.name))
+                group = THREADS.get((task / "comm").read_text().strip())
             except OSError:
                 continue
-    return processes, engine
+            if group:
+                threads[int(task.name)] = group
+    return processes, threads
 
 
 def markdown(rows: list[dict]) -> str:

@@ -171,7 +171,7 @@ def test_sched_trace_summary_of_a_window() -> None:
         switch(10.010, 1, 30, 77, "stranger", "S", 0, "swapper/1"),
         switch(10.010, 0, 10, 12, "tgi-engine", "S", 0, "swapper/0"),
     ]
-    s = T.summarize(lines, 10.0, 10.010, {50: "tritonserver", 10: "stub"}, {11, 12})
+    s = T.summarize(lines, 10.0, 10.010, {50: "tritonserver", 10: "stub"}, {11: "engine", 12: "engine"})
     ms = {k: round(v, 3) for k, v in s.run_ms.items()}
     assert ms == {"engine": 4 + 2 + 2 + 7, "tritonserver": 2.0, "idle": 2.0, "other": 1.0}
     assert round(s.preempted_ms, 3) == 2.0 and s.preemptions == 1
