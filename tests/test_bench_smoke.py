@@ -54,6 +54,15 @@ def test_roofline_memory_and_compute_bound() -> None:
     assert row.roofline == pytest.approx(0.5)
 
 
+def test_the_memory_bound_takes_the_bandwidth_over_the_weights_footprint() -> None:
+    m = R.Machine(bandwidth_gb_s=10.0, matmul_gflop_s={"bfloat16": 100.0},
+                  bandwidth_by_size={2**27: 40.0, 2**29: 20.0})
+    assert m.bandwidth_for(2**26) == 40.0 and m.bandwidth_for(2**27 + 1) == 20.0 and m.bandwidth_for(2**30) == 10.0
+    assert m.bound_tok_s(int(4e8), int(2e8), 1, "bfloat16") == pytest.approx(50.0)  # 0.4 GB at 20 GB/s
+    line = R.roofline_line(m)
+    assert "10.0 GB/s past the caches, 40.0 over 128 MiB, 20.0 over 512 MiB" in line
+
+
 def test_prefill_rows_report_prompt_tokens_per_second_against_the_compute_bound() -> None:
     m = R.Machine(bandwidth_gb_s=10.0, matmul_gflop_s={"bfloat16": 200.0})
     row = R.Row("small", "prefill", "ours", "bfloat16", 32, output_tokens=32, seconds=2.0, prompt_tokens=16384)

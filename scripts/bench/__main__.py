@@ -161,19 +161,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown peers {unknown}; choose from {sorted(P.PEERS)}")
     cpu = describe_cpu()
     print(cpu, flush=True)
-    machine = None
-    if not args.no_roofline:
-        bw, rates = P.measure_machine(["float32", "bfloat16"])
-        machine = R.Machine(bw, rates)
-        print(R.roofline_line(machine), flush=True)
     rows: list[R.Row] = []
     sizes: dict[str, tuple[int, int]] = {}
-    for model in args.model or ["small"]:
-        path = serving.resolve_model(model)
-        vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
-        hidden = json.loads((Path(path) / "config.json").read_text())["hidden_size"]
+    paths = {model: serving.resolve_model(model) for model in args.model or ["small"]}
+    for model, path in paths.items():
+        config = json.loads((Path(path) / "config.json").read_text())
         params = model_size(path)
-        sizes[model] = (params, params - vocab * hidden)  # a prompt token skips the LM head
+        sizes[model] = (params, params - config["vocab_size"] * config["hidden_size"])  # a prompt skips the head
+    machine = None
+    if not args.no_roofline:
+        footprints = [n * (2 if dtype == "bfloat16" else 4) for n, _ in sizes.values() for dtype in args.dtype]
+        machine = R.Machine(*P.measure_machine(["float32", "bfloat16"], footprints))
+        print(R.roofline_line(machine), flush=True)
+    for model, path in paths.items():
+        vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
         for scenario in args.scenario or ["1", "32"]:
             for dtype in args.dtype:
                 for peer in peers:
@@ -203,6 +204,7 @@ def write(rows: list[R.Row], others: list[str], machine: R.Machine | None, args:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     meta = {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "cpus": os.cpu_count(), "cpu": cpu,
             "bandwidth_gb_s": machine.bandwidth_gb_s if machine else None,
+            "bandwidth_gb_s_by_bytes": machine.bandwidth_by_size if machine else None,
             "matmul_gflop_s": machine.matmul_gflop_s if machine else None, "params_per_step": params}
     (out / f"bench-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]},
                                                         indent=1))

