@@ -9,6 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -174,7 +175,7 @@ LABELS = {"triton": "ours via Triton gRPC", "triton-coalescing": "ours via Trito
 DRAM_PROBE_BYTES = 2**30  # past the L3 (300 MB on these hosts, shared by every tenant)
 
 
-def measure_machine(dtypes: list[str], footprints: list[int] = (), seconds: float = 1.0
+def measure_machine(dtypes: list[str], footprints: Sequence[int] = (), seconds: float = 1.0
                     ) -> tuple[float, dict[str, float], dict[int, float]]:
     """Memory read bandwidth (GB/s: a sum over the buffer, as a decode step streams its weights; a copy, which
     writes too, measured 2/3 of it here) past the caches and over each footprint (a model's weight bytes, at
