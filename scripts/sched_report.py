@@ -1,11 +1,11 @@
 """Where the cores go during a load, from the kernel's scheduler trace (`perf record` of sched_switch and
 sched_waking; Linux, root or kernel.perf_event_paranoid <= 1).
 
-Per load: each thread group's run time (the engine's threads, tritonserver, the stubs' other threads, the load
-generator, idle), how long the engine's threads were switched out while runnable (another thread took the
-core), and how long they waited for a core while another one idled (a wake-up placed on the busy core). These
-are CPU milliseconds, which a noisy shared host moves far less than tokens per second: bench_serving --sched
-compares a served load with the in-process engine's this way.
+Per load: each thread group's run time (the engine's threads, the engine loop's response and cancellation threads,
+the stubs' other threads, tritonserver, the load generator, idle), how long the engine's threads were switched out
+while runnable (another thread took the core), and how long they waited for a core while another one idled (a
+wake-up placed on the busy core). These are CPU milliseconds, which a noisy shared host moves far less than tokens
+per second: bench_serving --sched compares a served load with the in-process engine's this way.
 """
 from __future__ import annotations
 
