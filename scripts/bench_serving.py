@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,8 @@ class Result:
     ttft_ms: list[float] = field(default_factory=list, repr=False)
     itl_ms: list[float] = field(default_factory=list, repr=False)
     note: str = ""
-    window: tuple[float, float] | None = field(default=None, repr=False)  # the measured load, time.monotonic()
-
-    def load_window(self) -> tuple[float, float] | None:
-        """What --sched's trace sums over: the measured load only (not a warm-up, nor the CPU bookkeeping)."""
-        return self.window
+    # the measured load, time.monotonic(): what --sched's trace sums over (not a warm-up, nor the CPU bookkeeping)
+    window: tuple[float, float] | None = field(default=None, repr=False)
 
     def summary(self) -> dict:
         return {
@@ -460,9 +458,9 @@ def sched(path: str, vocab: int, concurrency: int, args: argparse.Namespace) -> 
         for r in range(args.sched):
             prompts = make_prompts(vocab, concurrency, args.prompt_tokens, seed=100 + r)
             sides["served"].append(sched_report.record(lambda: server.run_load(prompts, args.new_tokens),
-                                                       served_groups, Result.load_window))
+                                                       served_groups, attrgetter("window")))
             sides["in-process"].append(sched_report.record(lambda: run_engine(engine, prompts, args.new_tokens),
-                                                           local_groups, Result.load_window))
+                                                           local_groups, attrgetter("window")))
     finally:
         server.stop()
     return [{"concurrency": concurrency, "side": side, "loads": len(runs),

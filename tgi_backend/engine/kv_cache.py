@@ -81,32 +81,23 @@ class KVCacheManager:
         request.num_registered_blocks = len(cached)
         return True
 
-    def num_blocks_needed(self, request: Request, num_new_tokens: int) -> int:
-        total = self.blocks_for(request.num_computed_tokens + num_new_tokens)
-        return max(0, total - len(request.block_ids)) + int(self._must_copy_last(request))
-
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Grows the block table so that num_new_tokens more tokens fit; False (and no change) if the pool is short."""
         pos, bs, table = request.num_computed_tokens, self.block_size, request.block_ids
-        # most decode steps: the tokens fit the blocks held, and the one written is the request's own (or new)
-        if pos + num_new_tokens <= len(table) * bs and (pos % bs == 0 or self.pool.refcount(table[pos // bs]) == 1):
-            return True
-        need = self.num_blocks_needed(request, num_new_tokens)
-        if need > self.pool.num_free_blocks:
+        grow = (pos + num_new_tokens + bs - 1) // bs - len(table)  # blocks to add (<= 0: none)
+        # only a partly filled block is written again; if another request reads it too, it is copied first
+        copy = pos % bs != 0 and pos // bs < len(table) and self.pool.refcount(table[pos // bs]) > 1
+        if grow <= 0:
+            if not copy:  # most decode steps: the tokens fit the blocks held
+                return True
+            grow = 0
+        if grow + copy > self.pool.num_free_blocks:
             return False
-        if self._must_copy_last(request):
+        if copy:
             self._copy_on_write(request)
-            need -= 1
-        if need:
-            request.block_ids.extend(self.pool.allocate(need))
+        if grow:
+            request.block_ids.extend(self.pool.allocate(grow))
         return True
-
-    def _must_copy_last(self, request: Request) -> bool:
-        # Only a partly filled block can be written again; if another request reads it too, copy it first.
-        pos = request.num_computed_tokens
-        if pos % self.block_size == 0 or pos // self.block_size >= len(request.block_ids):
-            return False
-        return self.pool.refcount(request.block_ids[pos // self.block_size]) > 1
 
     def _copy_on_write(self, request: Request) -> None:
         i = request.num_computed_tokens // self.block_size

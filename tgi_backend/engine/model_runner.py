@@ -317,8 +317,6 @@ class ModelRunner:
         end = c.start_pos + len(c.token_ids)
         if end > len(table) * bs:
             raise ValueError(f"request {c.request_id}: {end} positions but {len(table)} blocks of {bs}")
-        if end == c.start_pos + 1:  # a decode row
-            return [table[c.start_pos // bs] * bs + c.start_pos % bs]
         return [table[p // bs] * bs + p % bs for p in range(c.start_pos, end)]
 
     def _decode_batch(self, decode: list[ScheduledChunk], positions: list[int] | None = None) -> DecodeBatch:
