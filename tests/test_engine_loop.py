@@ -424,7 +424,7 @@ class _NativeStepsEngine:
                 del self.left[rid]
             outputs.append(SimpleNamespace(request_id=rid, new_token_ids=[self.steps], text=str(self.steps),
                                            finished=done, finish_reason="length" if done else None,
-                                           num_input_tokens=2, num_output_tokens=self.steps))
+                                           num_input_tokens=2, num_output_tokens=self.steps, details=None))
         return outputs
 
 

@@ -22,16 +22,22 @@ def mergeable(chunk: Chunk | None) -> bool:
 
 
 def merge(first: Chunk, then: Chunk) -> Chunk:
-    """`first` with `then`'s tokens appended; counts and finish reason become the later chunk's. Written into
-    `first`, which must be a chunk no one else holds yet (a held or queued one): the engine thread merges every
-    held token of a stream, and a dataclasses.replace copy cost ~3 us a token there (0.1 ms of a 32-row step)."""
-    first.text += then.text
-    first.token_ids.extend(then.token_ids)
-    first.finish_reason = then.finish_reason
-    first.num_input_tokens, first.num_output_tokens = then.num_input_tokens, then.num_output_tokens
-    if first.details or then.details:
-        first.details = merge_details([first.details, then.details])
-    return first
+    """`first` with `then`'s tokens appended (see `extend`)."""
+    return extend(first, then.text, then.token_ids, then.finish_reason, then.num_output_tokens, then.details)
+
+
+def extend(chunk: Chunk, text: str, token_ids: list[int], finish_reason: str, num_output_tokens: int,
+           details: dict[str, Any] | None) -> Chunk:
+    """`chunk` with later tokens appended; the output count and finish reason become the later ones'. Written
+    into `chunk`, which must be one no one else holds yet (a held or queued one): a dataclasses.replace copy
+    cost ~3 us a token on the engine thread (0.1 ms of a 32-row step)."""
+    chunk.text += text
+    chunk.token_ids += token_ids
+    chunk.finish_reason = finish_reason
+    chunk.num_output_tokens = num_output_tokens
+    if chunk.details or details:
+        chunk.details = merge_details([chunk.details, details])
+    return chunk
 
 
 def coalesce(items: list[Any]) -> list[Any]:

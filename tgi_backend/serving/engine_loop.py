@@ -23,7 +23,7 @@ from typing import Any, Callable, Protocol
 from tgi_backend.engine.request import SamplingParams
 from tgi_backend.errors import GenerationError, OverloadedError, TGIError, ValidationError
 from tgi_backend.sampling.details import merge as merge_details
-from tgi_backend.serving.coalesce import coalesce, merge as merge_chunks
+from tgi_backend.serving.coalesce import coalesce, extend
 from tgi_backend.serving.observer import EngineObserver, RequestTimings
 
 log = logging.getLogger(__name__)
@@ -170,6 +170,7 @@ class _Active:
     arrival_time: float = 0.0  # submitted to the loop
     last_token_time: float | None = None
     inter_token: list[float] = field(default_factory=list)
+    interval: int = 1  # tokens per streamed response: the job's or the server's stream interval, the larger
     held: Chunk | None = None  # streamed tokens waiting for the stream interval or the budget's gap
     streamed: bool = False  # a response left already (the first one never waits)
     last_sent: float = 0.0  # when the last response left (engine-thread clock)
@@ -311,7 +312,8 @@ class EngineLoop:
             self._notify("on_reject", _failure_kind(error))  # counted before the client can see the error
             self._queue((sink, error))
             return
-        active = _Active(job=job, sink=sink, prompt_ids=prompt_ids, request=request, arrival_time=arrival_time)
+        active = _Active(job=job, sink=sink, prompt_ids=prompt_ids, request=request, arrival_time=arrival_time,
+                         interval=max(self.stream_interval, job.stream_interval))
         if job.decode_window and job.stream:
             from tgi_backend.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -401,13 +403,11 @@ class EngineLoop:
         active.output_ids.extend(out.new_token_ids)
         if not job.stream:
             active.texts.append(out.text)
-            active.details.append(getattr(out, "details", None))
+            active.details.append(out.details)
             if out.finished:
                 self._finish(active, out, self._whole(active, out))
             return
-        chunk = self._chunk(out, out.text, list(out.new_token_ids))
-        chunk.details = getattr(out, "details", None)
-        chunk = self._hold(active, chunk, out.finished, now, gap)
+        chunk = self._hold(active, out, now, gap)
         if chunk is None:
             return
         if active.window is not None:
@@ -423,19 +423,31 @@ class EngineLoop:
         # metrics first: a client holding its last response sees the request counted
         self._queue(*self._ended(active, out.finish_reason or "length"), (active.sink, chunk, True))
 
-    def _hold(self, active: _Active, chunk: Chunk, finished: bool, now: float, gap: float) -> Chunk | None:
-        """vLLM's stream interval and the response budget: the first response and the last leave at once, the
-        others once they hold `interval` tokens and `gap` seconds have passed since the stream's last response.
-        None: the chunk waits in `active.held`."""
-        interval = max(self.stream_interval, active.job.stream_interval)
+    # Most steps of a budgeted stream only hold its token: it goes straight into the held chunk (no chunk a
+    # token, no merge): 1.45 -> 0.5 us a row (fake engine, 128 streams), ~0.8% of a small model's decode step.
+    def _hold(self, active: _Active, out: Any, now: float, gap: float) -> Chunk | None:
+        """The streamed chunk to send for `out`, or None while it waits in `active.held`. vLLM's stream interval
+        and the response budget: the first response and the last leave at once, the others once they hold
+        `interval` tokens and `gap` seconds have passed since the stream's last response."""
+        interval = active.interval
         if (interval == 1 and not gap) or active.window is not None:  # decode windows: the ensemble's protocol
-            return chunk
-        if active.held is not None:
-            chunk, active.held = merge_chunks(active.held, chunk), None
-        if active.streamed and not finished and (len(chunk.token_ids) < interval or now - active.last_sent < gap):
-            active.held = chunk
+            return self._stream_chunk(out)
+        held = active.held
+        if held is None:
+            held = self._stream_chunk(out)
+        else:  # the held chunk is this stream's alone until it leaves
+            extend(held, out.text, out.new_token_ids, (out.finish_reason or "") if out.finished else "",
+                   out.num_output_tokens, out.details)
+        if active.streamed and not out.finished and (len(held.token_ids) < interval or now - active.last_sent < gap):
+            active.held = held
             return None
+        active.held = None
         active.streamed, active.last_sent = True, now
+        return held
+
+    def _stream_chunk(self, out: Any) -> Chunk:
+        chunk = self._chunk(out, out.text, list(out.new_token_ids))
+        chunk.details = out.details
         return chunk
 
     def _whole(self, active: _Active, out: Any) -> Chunk:
