@@ -91,12 +91,12 @@ def test_stolen_tasks_give_the_same_bits(runner, monkeypatch):
     cache are those of a step without stealing, bit for bit, and tasks were stolen."""
     fused, threads = runner.fused, torch.get_num_threads()
     gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 256, (3 + i % 7,), generator=gen).tolist() for i in range(20)]
-    blocks = {i: list(range(1 + i * 8, 1 + i * 8 + 8)) for i in range(20)}
+    prompts = [torch.randint(0, 256, (3 + i % 7,), generator=gen).tolist() for i in range(40)]
+    blocks = {i: list(range(1 + i * 8, 1 + i * 8 + 8)) for i in range(40)}
     runner.compute_logits(SchedulerOutput([_chunk(f"r{i}", p, 0, blocks[i]) for i, p in enumerate(prompts)]))
     torch.set_num_threads(2)  # a second thread to steal, even on one core
     try:
-        sizes = [1, 3] + ([5, 17] if fused.max_rows > 4 else [])
+        sizes = [1, 3] + ([5, 17, 40] if fused.max_rows > 4 else [])  # 40: norm and rope tasks of 2 rows
         for step, rows in enumerate(sizes):
             chunks = [_chunk(f"r{i}", [(5 * step + i) % 256], len(prompts[i]) + step, blocks[i]) for i in range(rows)]
             before = runner.kv_cache.clone()
@@ -105,7 +105,8 @@ def test_stolen_tasks_give_the_same_bits(runner, monkeypatch):
             kv_want = runner.kv_cache.clone()
             runner.kv_cache.copy_(before)
             monkeypatch.setattr(decoder, "STEAL_SPINS", 0)
-            fused.stall_task, stolen = rows, fused.stolen  # layer 0's first qkv task (norms: a task a row)
+            per_task = -(-rows // decoder.ROW_TASKS)  # rows of a norm task
+            fused.stall_task, stolen = -(-rows // per_task), fused.stolen  # layer 0's first qkv task
             got = runner.compute_logits(SchedulerOutput(chunks))
             assert torch.equal(got, want) and torch.equal(runner.kv_cache, kv_want), f"{rows} rows"
             assert fused.stolen > stolen, f"{rows} rows: nothing stolen"

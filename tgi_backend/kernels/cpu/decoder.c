@@ -71,7 +71,12 @@ enum { FINAL_NORM = PHASES, HEAD }; /* after the layers: the final norm, then (w
  * four rows (medium model, few-row kernel), 3-6% with 8-32 (AMX), 1.4% with 128 (ABBA in one engine). */
 #define CHUNK 128
 _Static_assert(CHUNK % AMX_OUTPUTS == 0 && CHUNK % 4 == 0, "a task is whole AMX chunks and whole tiles");
-#define ACT_CHUNK 1024  /* elements per act task */
+/* Each task costs three atomics on lines both threads write (~0.4 us here), more than a row's norm: so a norm or
+ * rope task takes rows_per_task rows (at most ROW_TASKS tasks a phase), an act task at least ACT_CHUNK elements
+ * (at most ACT_TASKS tasks). Small model, 128 rows: 1.044x a step (pairs of old and new alternated). */
+#define ROW_TASKS 32
+#define ACT_CHUNK 1024
+#define ACT_TASKS 64
 #define SPINS_BEFORE_YIELD 4096
 
 typedef struct { /* where a step's activations live (bf16); y, attn and act have `padded` rows for the tiles */
@@ -93,6 +98,13 @@ typedef struct { /* a thread's own outputs: a task computes here, in its destina
 } Own;
 
 static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static inline int64_t rows_per_task(int64_t rows) { return ceil_div(rows, ROW_TASKS); }
+
+static inline int64_t act_chunk(int64_t elements) { /* whole vectors of 16 */
+    const int64_t even = ceil_div(ceil_div(elements, ACT_TASKS), 16) * 16;
+    return even > ACT_CHUNK ? even : ACT_CHUNK;
+}
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -116,8 +128,8 @@ static int64_t phase_tasks(const Model *m, int64_t R, int phase) {
     case ATTEND: return R * m->kv_heads / items_per_task((int)R, (int)m->kv_heads);
     case O_PROJ: case DOWN: return ceil_div(m->hidden, CHUNK);
     case GATE_UP: return ceil_div(2 * m->intermediate, CHUNK);
-    case ACT: return ceil_div(R * m->intermediate, ACT_CHUNK);
-    default: return R; /* norms, rope, the final norm: a row each */
+    case ACT: return ceil_div(R * m->intermediate, act_chunk(R * m->intermediate));
+    default: return ceil_div(R, rows_per_task(R)); /* norms, rope, the final norm: rows_per_task rows each */
     }
 }
 
@@ -182,23 +194,28 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
         head_task(m, s, k, o);
         return;
     }
-    if (l == m->layers) { /* the final norm of row k */
-        norm_row(a->h + k * H, a->resid + k * H, o->sum + k * H, o->out + k * H, m->final_norm, (int)H, m->eps, 1);
+    const int64_t first_row = k * rows_per_task(R), end_row = first_row + rows_per_task(R) < R ? first_row + rows_per_task(R) : R;
+    if (l == m->layers) { /* the final norm of the task's rows */
+        for (int64_t r = first_row; r < end_row; r++)
+            norm_row(a->h + r * H, a->resid + r * H, o->sum + r * H, o->out + r * H, m->final_norm, (int)H, m->eps, 1);
         return;
     }
     const Layer *L = &m->layer[l];
     switch (phase) {
     case NORM_IN: /* y = norm(x + residual), the sum the new residual; layer 0: residual = x */
-        if (l == 0) norm_row(s->x + k * H, NULL, NULL, o->out + k * H, L->input_norm, (int)H, m->eps, 1);
-        else norm_row(a->h + k * H, a->resid + k * H, o->sum + k * H, o->out + k * H, L->input_norm, (int)H, m->eps, 1);
+        for (int64_t r = first_row; r < end_row; r++) {
+            if (l == 0) norm_row(s->x + r * H, NULL, NULL, o->out + r * H, L->input_norm, (int)H, m->eps, 1);
+            else norm_row(a->h + r * H, a->resid + r * H, o->sum + r * H, o->out + r * H, L->input_norm, (int)H, m->eps, 1);
+        }
         break;
     case QKV:
         linear_task(a, a->y, R, H, L->qkv, L->qkv_amx, qkv_out, L->qkv_bias, o->out, k, o->xf, &o->widened, phase_id);
         break;
-    case ROPE: /* rotated in a copy of the row; the cache rows go to a scratch slot */
-        memcpy(o->out + k * qkv_out, a->qkv + k * qkv_out, sizeof(uint16_t) * (size_t)qkv_out);
-        rope_token(o->out + k * qkv_out, s->cos + k * D, s->sin + k * D, o->slot, o->slot, 0, (int)m->heads,
-                   (int)m->kv_heads, (int)D, 1);
+    case ROPE: /* rotated in a copy of the rows; the cache rows go to a scratch slot */
+        memcpy(o->out + first_row * qkv_out, a->qkv + first_row * qkv_out, sizeof(uint16_t) * (size_t)((end_row - first_row) * qkv_out));
+        for (int64_t r = first_row; r < end_row; r++)
+            rope_token(o->out + r * qkv_out, s->cos + r * D, s->sin + r * D, o->slot, o->slot, 0, (int)m->heads,
+                       (int)m->kv_heads, (int)D, 1);
         break;
     case ATTEND: {
         const Problem p = {a->qkv, L->k_cache, L->v_cache, s->table, s->positions, o->out, qkv_out,
@@ -213,14 +230,15 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
         linear_task(a, a->attn, R, m->heads * D, L->o, L->o_amx, H, L->o_bias, o->out, k, o->xf, &o->widened, phase_id);
         break;
     case NORM_POST:
-        norm_row(a->h + k * H, a->resid + k * H, o->sum + k * H, o->out + k * H, L->post_norm, (int)H, m->eps, 1);
+        for (int64_t r = first_row; r < end_row; r++)
+            norm_row(a->h + r * H, a->resid + r * H, o->sum + r * H, o->out + r * H, L->post_norm, (int)H, m->eps, 1);
         break;
     case GATE_UP:
         linear_task(a, a->y, R, H, L->gate_up, L->gate_up_amx, 2 * I, L->gate_up_bias, o->out, k, o->xf, &o->widened,
                     phase_id);
         break;
     case ACT: { /* act(gate) * up, each rounded to bf16 as PyTorch's two ops; elements [first, last) */
-        const int64_t first = k * ACT_CHUNK, last = first + ACT_CHUNK < R * I ? first + ACT_CHUNK : R * I;
+        const int64_t n = act_chunk(R * I), first = k * n, last = first + n < R * I ? first + n : R * I;
         act_span(m->act_table, a->gu, o->out, I, first, last);
         break;
     }
@@ -254,24 +272,27 @@ static void commit_task(const Model *m, const Step *s, const Acts *a, int64_t l,
         memcpy(a->head_at + k * R, o->head_at, sizeof(int64_t) * (size_t)R);
         return;
     }
+    const int64_t first_row = k * rows_per_task(R), end_row = first_row + rows_per_task(R) < R ? first_row + rows_per_task(R) : R;
+    const size_t rows = row * (size_t)(end_row - first_row);
     if (l == m->layers) {
-        memcpy(s->out + k * H, o->out + k * H, row);
+        memcpy(s->out + first_row * H, o->out + first_row * H, rows);
         return;
     }
     const Layer *L = &m->layer[l];
     switch (phase) {
     case NORM_IN: case NORM_POST:
-        memcpy(a->resid + k * H, l == 0 && phase == NORM_IN ? s->x + k * H : o->sum + k * H, row);
-        memcpy(a->y + k * H, o->out + k * H, row);
+        memcpy(a->resid + first_row * H, l == 0 && phase == NORM_IN ? s->x + first_row * H : o->sum + first_row * H, rows);
+        memcpy(a->y + first_row * H, o->out + first_row * H, rows);
         break;
     case QKV: copy_columns(a->qkv, o->out, R, qkv_out, first, first + CHUNK < qkv_out ? first + CHUNK : qkv_out); break;
-    case ROPE: {
-        const uint16_t *rotated = o->out + k * qkv_out;
-        memcpy(a->qkv + k * qkv_out, rotated, sizeof(uint16_t) * (size_t)qkv_out);
-        memcpy((uint16_t *)L->k_cache + s->slots[k] * kv, rotated + m->heads * D, sizeof(uint16_t) * (size_t)kv);
-        memcpy((uint16_t *)L->v_cache + s->slots[k] * kv, rotated + m->heads * D + kv, sizeof(uint16_t) * (size_t)kv);
+    case ROPE:
+        memcpy(a->qkv + first_row * qkv_out, o->out + first_row * qkv_out, sizeof(uint16_t) * (size_t)((end_row - first_row) * qkv_out));
+        for (int64_t r = first_row; r < end_row; r++) {
+            const uint16_t *rotated = o->out + r * qkv_out;
+            memcpy((uint16_t *)L->k_cache + s->slots[r] * kv, rotated + m->heads * D, sizeof(uint16_t) * (size_t)kv);
+            memcpy((uint16_t *)L->v_cache + s->slots[r] * kv, rotated + m->heads * D + kv, sizeof(uint16_t) * (size_t)kv);
+        }
         break;
-    }
     case ATTEND: { /* the query heads of task k's items: consecutive KV heads of one row */
         const int64_t group = m->heads / m->kv_heads, n = items_per_task((int)R, (int)m->kv_heads);
         const int64_t at = ((k * n / m->kv_heads) * m->heads + (k * n % m->kv_heads) * group) * D;
@@ -281,7 +302,7 @@ static void commit_task(const Model *m, const Step *s, const Acts *a, int64_t l,
     case O_PROJ: case DOWN: copy_columns(a->h, o->out, R, H, first, first + CHUNK < H ? first + CHUNK : H); break;
     case GATE_UP: copy_columns(a->gu, o->out, R, 2 * I, first, first + CHUNK < 2 * I ? first + CHUNK : 2 * I); break;
     default: { /* ACT */
-        const int64_t at = k * ACT_CHUNK, last = at + ACT_CHUNK < R * I ? at + ACT_CHUNK : R * I;
+        const int64_t n = act_chunk(R * I), at = k * n, last = at + n < R * I ? at + n : R * I;
         memcpy(a->act + at, o->out + at, sizeof(uint16_t) * (size_t)(last - at));
         break;
     }
