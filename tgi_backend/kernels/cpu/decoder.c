@@ -71,9 +71,10 @@ enum { FINAL_NORM = PHASES, HEAD }; /* after the layers: the final norm, then (w
  * four rows (medium model, few-row kernel), 3-6% with 8-32 (AMX), 1.4% with 128 (ABBA in one engine). */
 #define CHUNK 128
 _Static_assert(CHUNK % AMX_OUTPUTS == 0 && CHUNK % 4 == 0, "a task is whole AMX chunks and whole tiles");
-/* Each task costs three atomics on lines both threads write (~0.4 us here), more than a row's norm: so a norm or
- * rope task takes rows_per_task rows (at most ROW_TASKS tasks a phase), an act task at least ACT_CHUNK elements
- * (at most ACT_TASKS tasks). Small model, 128 rows: 1.044x a step (pairs of old and new alternated). */
+/* Each task costs three atomics on lines both threads write (~0.4 us here), more than a row's norm: so a norm,
+ * rope or attention task takes rows_per_task rows (at most ROW_TASKS tasks a phase), an act task at least
+ * ACT_CHUNK elements (at most ACT_TASKS tasks). Steps of pairs of old and new alternated: norms, rope and act
+ * 1.044x at 128 rows (small), attention then 1.032x (small) and 1.022x (medium); from 32 rows down unchanged. */
 #define ROW_TASKS 32
 #define ACT_CHUNK 1024
 #define ACT_TASKS 64
@@ -101,6 +102,10 @@ static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 static inline int64_t rows_per_task(int64_t rows) { return ceil_div(rows, ROW_TASKS); }
 
+static inline int64_t attend_items(const Model *m, int64_t rows) { /* a row's KV heads, several rows past ROW_TASKS */
+    return items_per_task((int)rows, (int)m->kv_heads) * (rows >= ROW_ITEMS ? rows_per_task(rows) : 1);
+}
+
 static inline int64_t act_chunk(int64_t elements) { /* whole vectors of 16 */
     const int64_t even = ceil_div(ceil_div(elements, ACT_TASKS), 16) * 16;
     return even > ACT_CHUNK ? even : ACT_CHUNK;
@@ -125,7 +130,7 @@ static int64_t phase_tasks(const Model *m, int64_t R, int phase) {
     switch (phase) {
     case HEAD: return ceil_div(m->vocab, HEAD_CHUNK);
     case QKV: return ceil_div(qkv_out, CHUNK);
-    case ATTEND: return R * m->kv_heads / items_per_task((int)R, (int)m->kv_heads);
+    case ATTEND: return ceil_div(R * m->kv_heads, attend_items(m, R));
     case O_PROJ: case DOWN: return ceil_div(m->hidden, CHUNK);
     case GATE_UP: return ceil_div(2 * m->intermediate, CHUNK);
     case ACT: return ceil_div(R * m->intermediate, act_chunk(R * m->intermediate));
@@ -221,8 +226,8 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
         const Problem p = {a->qkv, L->k_cache, L->v_cache, s->table, s->positions, o->out, qkv_out,
                            s->table_row_stride, (int)R, (int)m->heads, (int)m->kv_heads, (int)D,
                            (int)m->block_size, (int)L->window, m->scale};
-        const int n = items_per_task((int)R, (int)m->kv_heads);
-        for (int64_t w = k * n; w < (k + 1) * n; w++)
+        const int64_t n = attend_items(m, R);
+        for (int64_t w = k * n; w < (k + 1) * n && w < R * m->kv_heads; w++)
             attend_item(&p, (int)(w / m->kv_heads), (int)(w % m->kv_heads), o->scores, 1);
         break;
     }
@@ -293,9 +298,10 @@ static void commit_task(const Model *m, const Step *s, const Acts *a, int64_t l,
             memcpy((uint16_t *)L->v_cache + s->slots[r] * kv, rotated + m->heads * D + kv, sizeof(uint16_t) * (size_t)kv);
         }
         break;
-    case ATTEND: { /* the query heads of task k's items: consecutive KV heads of one row */
-        const int64_t group = m->heads / m->kv_heads, n = items_per_task((int)R, (int)m->kv_heads);
-        const int64_t at = ((k * n / m->kv_heads) * m->heads + (k * n % m->kv_heads) * group) * D;
+    case ATTEND: { /* the query heads of task k's items: consecutive KV heads of consecutive rows */
+        const int64_t group = m->heads / m->kv_heads, first = k * attend_items(m, R);
+        const int64_t n = first + attend_items(m, R) < R * m->kv_heads ? attend_items(m, R) : R * m->kv_heads - first;
+        const int64_t at = ((first / m->kv_heads) * m->heads + (first % m->kv_heads) * group) * D;
         memcpy(a->attn + at, o->out + at, sizeof(uint16_t) * (size_t)(n * group * D));
         break;
     }
