@@ -102,6 +102,12 @@ static inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 static inline int64_t rows_per_task(int64_t rows) { return ceil_div(rows, ROW_TASKS); }
 
+/* Rows [*first, *end) of task k of a phase by rows (norms, rope, the final norm). */
+static inline void task_rows(int64_t rows, int64_t k, int64_t *first, int64_t *end) {
+    const int64_t n = rows_per_task(rows);
+    *first = k * n, *end = *first + n < rows ? *first + n : rows;
+}
+
 static inline int64_t attend_items(const Model *m, int64_t rows) { /* a row's KV heads, several rows past ROW_TASKS */
     return items_per_task((int)rows, (int)m->kv_heads) * (rows >= ROW_ITEMS ? rows_per_task(rows) : 1);
 }
@@ -199,7 +205,8 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
         head_task(m, s, k, o);
         return;
     }
-    const int64_t first_row = k * rows_per_task(R), end_row = first_row + rows_per_task(R) < R ? first_row + rows_per_task(R) : R;
+    int64_t first_row, end_row;
+    task_rows(R, k, &first_row, &end_row);
     if (l == m->layers) { /* the final norm of the task's rows */
         for (int64_t r = first_row; r < end_row; r++)
             norm_row(a->h + r * H, a->resid + r * H, o->sum + r * H, o->out + r * H, m->final_norm, (int)H, m->eps, 1);
@@ -210,14 +217,16 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
     case NORM_IN: /* y = norm(x + residual), the sum the new residual; layer 0: residual = x */
         for (int64_t r = first_row; r < end_row; r++) {
             if (l == 0) norm_row(s->x + r * H, NULL, NULL, o->out + r * H, L->input_norm, (int)H, m->eps, 1);
-            else norm_row(a->h + r * H, a->resid + r * H, o->sum + r * H, o->out + r * H, L->input_norm, (int)H, m->eps, 1);
+            else norm_row(a->h + r * H, a->resid + r * H, o->sum + r * H, o->out + r * H, L->input_norm, (int)H,
+                          m->eps, 1);
         }
         break;
     case QKV:
         linear_task(a, a->y, R, H, L->qkv, L->qkv_amx, qkv_out, L->qkv_bias, o->out, k, o->xf, &o->widened, phase_id);
         break;
     case ROPE: /* rotated in a copy of the rows; the cache rows go to a scratch slot */
-        memcpy(o->out + first_row * qkv_out, a->qkv + first_row * qkv_out, sizeof(uint16_t) * (size_t)((end_row - first_row) * qkv_out));
+        memcpy(o->out + first_row * qkv_out, a->qkv + first_row * qkv_out,
+               sizeof(uint16_t) * (size_t)((end_row - first_row) * qkv_out));
         for (int64_t r = first_row; r < end_row; r++)
             rope_token(o->out + r * qkv_out, s->cos + r * D, s->sin + r * D, o->slot, o->slot, 0, (int)m->heads,
                        (int)m->kv_heads, (int)D, 1);
@@ -277,7 +286,8 @@ static void commit_task(const Model *m, const Step *s, const Acts *a, int64_t l,
         memcpy(a->head_at + k * R, o->head_at, sizeof(int64_t) * (size_t)R);
         return;
     }
-    const int64_t first_row = k * rows_per_task(R), end_row = first_row + rows_per_task(R) < R ? first_row + rows_per_task(R) : R;
+    int64_t first_row, end_row;
+    task_rows(R, k, &first_row, &end_row);
     const size_t rows = row * (size_t)(end_row - first_row);
     if (l == m->layers) {
         memcpy(s->out + first_row * H, o->out + first_row * H, rows);
@@ -286,21 +296,23 @@ static void commit_task(const Model *m, const Step *s, const Acts *a, int64_t l,
     const Layer *L = &m->layer[l];
     switch (phase) {
     case NORM_IN: case NORM_POST:
-        memcpy(a->resid + first_row * H, l == 0 && phase == NORM_IN ? s->x + first_row * H : o->sum + first_row * H, rows);
+        memcpy(a->resid + first_row * H, (l == 0 && phase == NORM_IN ? s->x : o->sum) + first_row * H, rows);
         memcpy(a->y + first_row * H, o->out + first_row * H, rows);
         break;
     case QKV: copy_columns(a->qkv, o->out, R, qkv_out, first, first + CHUNK < qkv_out ? first + CHUNK : qkv_out); break;
     case ROPE:
-        memcpy(a->qkv + first_row * qkv_out, o->out + first_row * qkv_out, sizeof(uint16_t) * (size_t)((end_row - first_row) * qkv_out));
+        memcpy(a->qkv + first_row * qkv_out, o->out + first_row * qkv_out,
+               sizeof(uint16_t) * (size_t)((end_row - first_row) * qkv_out));
         for (int64_t r = first_row; r < end_row; r++) {
             const uint16_t *rotated = o->out + r * qkv_out;
-            memcpy((uint16_t *)L->k_cache + s->slots[r] * kv, rotated + m->heads * D, sizeof(uint16_t) * (size_t)kv);
-            memcpy((uint16_t *)L->v_cache + s->slots[r] * kv, rotated + m->heads * D + kv, sizeof(uint16_t) * (size_t)kv);
+            const int64_t at = s->slots[r] * kv;
+            memcpy((uint16_t *)L->k_cache + at, rotated + m->heads * D, sizeof(uint16_t) * (size_t)kv);
+            memcpy((uint16_t *)L->v_cache + at, rotated + m->heads * D + kv, sizeof(uint16_t) * (size_t)kv);
         }
         break;
     case ATTEND: { /* the query heads of task k's items: consecutive KV heads of consecutive rows */
-        const int64_t group = m->heads / m->kv_heads, first = k * attend_items(m, R);
-        const int64_t n = first + attend_items(m, R) < R * m->kv_heads ? attend_items(m, R) : R * m->kv_heads - first;
+        const int64_t group = m->heads / m->kv_heads, items = attend_items(m, R), first = k * items;
+        const int64_t n = first + items < R * m->kv_heads ? items : R * m->kv_heads - first;
         const int64_t at = ((first / m->kv_heads) * m->heads + (first % m->kv_heads) * group) * D;
         memcpy(a->attn + at, o->out + at, sizeof(uint16_t) * (size_t)(n * group * D));
         break;
