@@ -96,7 +96,7 @@ def test_stolen_tasks_give_the_same_bits(runner, monkeypatch):
     runner.compute_logits(SchedulerOutput([_chunk(f"r{i}", p, 0, blocks[i]) for i, p in enumerate(prompts)]))
     torch.set_num_threads(2)  # a second thread to steal, even on one core
     try:
-        sizes = [1, 3] + ([5, 17, 40] if fused.max_rows > 4 else [])  # 40: norm and rope tasks of 2 rows
+        sizes = [1, 3] + ([5, 17, 40] if fused.max_rows > 4 else [])  # 17, 40: tasks of 3 and 5 rows
         for step, rows in enumerate(sizes):
             chunks = [_chunk(f"r{i}", [(5 * step + i) % 256], len(prompts[i]) + step, blocks[i]) for i in range(rows)]
             before = runner.kv_cache.clone()

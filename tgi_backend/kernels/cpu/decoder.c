@@ -71,13 +71,15 @@ enum { FINAL_NORM = PHASES, HEAD }; /* after the layers: the final norm, then (w
  * four rows (medium model, few-row kernel), 3-6% with 8-32 (AMX), 1.4% with 128 (ABBA in one engine). */
 #define CHUNK 128
 _Static_assert(CHUNK % AMX_OUTPUTS == 0 && CHUNK % 4 == 0, "a task is whole AMX chunks and whole tiles");
-/* Each task costs three atomics on lines both threads write (~0.4 us here), more than a row's norm: so a norm,
- * rope or attention task takes rows_per_task rows (at most ROW_TASKS tasks a phase), an act task at least
- * ACT_CHUNK elements (at most ACT_TASKS tasks). Steps of pairs of old and new alternated: norms, rope and act
- * 1.044x at 128 rows (small), attention then 1.032x (small) and 1.022x (medium); from 32 rows down unchanged. */
-#define ROW_TASKS 32
+/* Each task costs ~1 us of atomics on lines both threads write (the counter, its claim, the phase's count, the
+ * phase-done reads), more than a row's norm: a norm, rope or attention task takes rows_per_task rows (at most
+ * ROW_TASKS tasks a phase), an act task at least ACT_CHUNK elements (at most ACT_TASKS tasks). Steps, old and new
+ * alternated in pairs, against a task a row: small 32 / 128 rows 1.077x / 1.029x (32 rows of mixed contexts
+ * 1.047x; next to a burner taking 6% of the cores in 100 us bursts 1.073x / 1.005x), 16 rows 1.031x, medium 32 /
+ * 128 rows 1.024x / 1.020x; 8 rows and fewer unchanged. At most 32 tasks a phase had given 128 rows 1.04-1.07x. */
+#define ROW_TASKS 8
 #define ACT_CHUNK 1024
-#define ACT_TASKS 64
+#define ACT_TASKS 8
 #define SPINS_BEFORE_YIELD 4096
 
 typedef struct { /* where a step's activations live (bf16); y, attn and act have `padded` rows for the tiles */

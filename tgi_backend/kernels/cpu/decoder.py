@@ -30,7 +30,7 @@ AMX_MAX_ROWS = 128
 # a thread that waits on a phase this long (~15 ns a spin here: ~20 us, past a task's few us) redoes the tasks
 # still out: their thread is most likely preempted by the serving threads sharing the cores
 STEAL_SPINS = 1024
-ROW_TASKS = 32  # decoder.c's: a norm, rope or attention phase has at most this many tasks (tests name tasks by index)
+ROW_TASKS = 8  # decoder.c's: a norm, rope or attention phase has at most this many tasks (tests name tasks by index)
 
 
 class _Layer(ctypes.Structure):
