@@ -74,9 +74,10 @@ _Static_assert(CHUNK % AMX_OUTPUTS == 0 && CHUNK % 4 == 0, "a task is whole AMX 
 /* Each task costs ~1 us of atomics on lines both threads write (the counter, its claim, the phase's count, the
  * phase-done reads), more than a row's norm: a norm, rope or attention task takes rows_per_task rows (at most
  * ROW_TASKS tasks a phase), an act task at least ACT_CHUNK elements (at most ACT_TASKS tasks). Steps, old and new
- * alternated in pairs, against a task a row: small 32 / 128 rows 1.077x / 1.029x (32 rows of mixed contexts
- * 1.047x; next to a burner taking 6% of the cores in 100 us bursts 1.073x / 1.005x), 16 rows 1.031x, medium 32 /
- * 128 rows 1.024x / 1.020x; 8 rows and fewer unchanged. At most 32 tasks a phase had given 128 rows 1.04-1.07x. */
+ * alternated in pairs: at most 32 tasks a phase against a task a row, 128 rows 1.04-1.07x (small); at most 8
+ * against 32: small 32 / 128 rows 1.077x / 1.029x (32 rows of mixed contexts 1.047x; next to a burner taking 6%
+ * of the cores in 100 us bursts 1.073x / 1.005x), 16 rows 1.031x, medium 32 / 128 rows 1.024x / 1.020x; 8 rows
+ * and fewer unchanged. */
 #define ROW_TASKS 8
 #define ACT_CHUNK 1024
 #define ACT_TASKS 8
