@@ -181,7 +181,7 @@ def test_int4_many_rows_take_the_float32_gemm_and_agree_with_the_int4_op(fmt, op
     from tgi_backend.layers.quantization import compute
 
     layer, reference = _packed_qkv(fmt, opts)  # 128 output rows: two of the op's blocks; act-order permutes
-    assert layer.weight_format == "int4" and layer.int4_unpacks
+    assert layer.weight_format == "int4" and layer.int4_block
     x = torch.randn(compute.INT4_FLOAT_ROWS + 3, 64)
     calls = []
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or _int4pack(*a))
@@ -200,15 +200,15 @@ def test_int4_unpack_is_checked_against_the_values_packed(monkeypatch):
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (96, 128), generator=g)  # [in, out]
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous().to(torch.int32), 8)
-    assert compute._unpacks_to(packed, q)
-    assert not compute._unpacks_to(packed, q.roll(1, dims=1))  # a layout that moved the output rows
+    assert compute._unpack_block(packed, q) in compute.INT4_BLOCK_ROWS  # 64 with AVX-512, 32 with AVX2 only
+    assert not compute._unpack_block(packed, q.roll(1, dims=1))  # a layout that moved the output rows
     # 48 output rows: not whole blocks of the op, so a layer keeps the op at any row count
     base = Linear(128, 48)
     base.weight.data.normal_()
     layer = strategy_for("bitsandbytes-nf4", {}).build(base)
     layer.weight.weight_loader(layer.weight, base.weight.data)
     layer.process_weights_after_loading()
-    assert layer.weight_format == "int4" and not layer.int4_unpacks
+    assert layer.weight_format == "int4" and not layer.int4_block
     calls = []
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", lambda *a: calls.append(1) or _int4pack(*a))
     x = torch.randn(compute.INT4_FLOAT_ROWS + 1, 128)

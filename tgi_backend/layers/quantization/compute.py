@@ -22,9 +22,10 @@ INT8_FLOAT_ROWS = 64
 # The int4 op's cost grows linearly with rows too, but unpacking costs more than int8's conversion: the float32
 # GEMM pays from more rows. Ice Lake, 6 small/medium shapes: 0.92-1.09x at 256 rows, 1.33-1.48x at 512, 1.7-2x at 2048.
 INT4_FLOAT_ROWS = 384
-# The CPU int4 op packs output rows in blocks of 64: byte j of input column k holds rows j (low nibble) and
-# j + 32 (high). A private layout, so set_int4 checks it on each weight and keeps the op alone if it differs.
-INT4_BLOCK_ROWS = 64
+# The CPU int4 op packs output rows in blocks of 64 with AVX-512, of 32 with AVX2 only: byte j of input column k
+# holds rows j (low nibble) and j + block / 2 (high). A private layout, so set_int4 finds the block size on each
+# weight and keeps the op alone if neither matches.
+INT4_BLOCK_ROWS = (64, 32)
 
 
 def act_dtype(model_dtype: torch.dtype) -> torch.dtype:
@@ -67,7 +68,7 @@ def set_int4(
     except RuntimeError:
         return False
     layer.int4_weight = _buffer(packed)
-    layer.int4_unpacks = _unpacks_to(packed, q)
+    layer.int4_block = _unpack_block(packed, q)  # 0: the op alone, at any row count
     layer.int4_scale_zeros = _buffer(torch.stack([s, (8 - z) * s], dim=-1).to(act_dtype(layer.dtype)).contiguous())
     layer.int4_group_size = gs
     layer.int4_perm = None if perm is None else _buffer(perm)
@@ -75,23 +76,28 @@ def set_int4(
     return True
 
 
-def int4_unpack(packed: torch.Tensor, n_in: int, out: torch.Tensor) -> torch.Tensor:
-    """The int4 op's packed weight -> its 0..15 values as float32 in `out` [in, out_features] (W^T)."""
+def int4_unpack(packed: torch.Tensor, n_in: int, out: torch.Tensor, block: int) -> torch.Tensor:
+    """The int4 op's packed weight (`block` output rows a block) -> its 0..15 values as float32 in `out`
+    [in, out_features] (W^T)."""
     n_out = out.shape[1]
-    blocks = packed.view(n_out // INT4_BLOCK_ROWS, n_in, INT4_BLOCK_ROWS // 2)
-    halves = out.view(n_in, n_out // INT4_BLOCK_ROWS, 2, INT4_BLOCK_ROWS // 2)
+    blocks = packed.view(n_out // block, n_in, block // 2)
+    halves = out.view(n_in, n_out // block, 2, block // 2)
     nibbles = scratch(*blocks.shape, dtype=torch.uint8)
     halves[:, :, 0].copy_(torch.bitwise_and(blocks, 15, out=nibbles).transpose(0, 1))
     halves[:, :, 1].copy_(torch.bitwise_right_shift(blocks, 4, out=nibbles).transpose(0, 1))
     return out
 
 
-def _unpacks_to(packed: torch.Tensor, q: torch.Tensor) -> bool:
-    # q: [in, out] 0..15, the values packed (input rows already permuted)
+def _unpack_block(packed: torch.Tensor, q: torch.Tensor) -> int:
+    """The op's output rows a block that unpacks `packed` back to q [in, out] 0..15 (input rows already
+    permuted), or 0: no layout we know."""
     n_in, n_out = q.shape
-    if n_out % INT4_BLOCK_ROWS or packed.numel() * 2 != q.numel():
-        return False
-    return bool(torch.equal(int4_unpack(packed, n_in, torch.empty(n_in, n_out)), q.float()))
+    if packed.numel() * 2 != q.numel():
+        return 0
+    for block in INT4_BLOCK_ROWS:
+        if n_out % block == 0 and torch.equal(int4_unpack(packed, n_in, torch.empty(n_in, n_out), block), q.float()):
+            return block
+    return 0
 
 
 def int4_float_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +105,7 @@ def int4_float_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     n_in = x.shape[1]
     n_out = layer.int4_scale_zeros.shape[1]
     gs = layer.int4_group_size
-    w = int4_unpack(layer.int4_weight, n_in, scratch(n_in, n_out))
+    w = int4_unpack(layer.int4_weight, n_in, scratch(n_in, n_out), layer.int4_block)
     sz = layer.int4_scale_zeros.float()  # [groups, out, 2]: the op's (q - 8) * scale + zero, as q * scale + zp
     s = sz[..., 0].unsqueeze(1)
     zp = (sz[..., 1] - 8 * sz[..., 0]).unsqueeze(1)
@@ -112,7 +118,7 @@ def int4_matmul(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     # x: [tokens, in] -> [tokens, out]
     if layer.int4_perm is not None:
         x = x.index_select(-1, layer.int4_perm)
-    if layer.int4_unpacks and x.shape[0] >= INT4_FLOAT_ROWS and x.device.type == "cpu":
+    if layer.int4_block and x.shape[0] >= INT4_FLOAT_ROWS and x.device.type == "cpu":
         return int4_float_matmul(layer, x)
     x = x.to(layer.int4_scale_zeros.dtype).contiguous()
     y = torch._weight_int4pack_mm_for_cpu(x, layer.int4_weight, layer.int4_group_size, layer.int4_scale_zeros)
