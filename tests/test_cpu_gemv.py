@@ -84,7 +84,8 @@ def test_inputs_it_does_not_take_are_refused():
 
 
 @needs_kernel
-@needs_onednn_bf16
+@pytest.mark.skipif(linear_module.bf16_support() == "none" and not gemv.avx2_tiles(),
+                    reason="neither oneDNN bf16 nor the kernel's AVX2 tiles: no kernel plan here")
 def test_native_plan_runs_the_kernel_up_to_max_rows_then_float32():
     layer, w, b = _bf16_layer()
     head = LMHead(32, 64).to(torch.bfloat16)
@@ -129,6 +130,13 @@ def test_plan_takes_the_kernel_where_it_builds(monkeypatch):
     monkeypatch.setattr(gemv, "available", lambda: True)
     assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16_NATIVE
     assert linear_module.matmul_plan(8 * gib) is linear_module.EMULATED_BF16_NO_COPY  # ~2B parameters: no copies
+    monkeypatch.setattr(linear_module, "bf16_support", lambda: "none")  # AVX2 only: the kernel's AVX2 tiles
+    monkeypatch.setattr(gemv, "avx2_tiles", lambda: True)
+    assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16_NATIVE
+    assert linear_module.matmul_plan(8 * gib) is linear_module.EMULATED_BF16_NO_COPY
+    monkeypatch.setattr(gemv, "avx2_tiles", lambda: False)  # older x86 (SSE only): F.linear's bf16
+    assert linear_module.matmul_plan(2 * gib) is None
+    monkeypatch.setattr(linear_module, "bf16_support", lambda: "emulated")
     monkeypatch.setattr(gemv, "available", lambda: False)  # no compiler, or TGI_CPU_KERNELS=0
     assert linear_module.matmul_plan(2 * gib) is linear_module.EMULATED_BF16
     assert linear_module.matmul_plan(8 * gib) is None

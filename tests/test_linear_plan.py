@@ -122,6 +122,7 @@ def test_plan_follows_the_cpu_and_the_weights_size(monkeypatch):
     assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16  # float32 copies: 2 GiB of 24
     assert linear_module.matmul_plan(8 * gib) is None  # over a quarter of memory
     monkeypatch.setattr(linear_module, "bf16_support", lambda: "none")
+    monkeypatch.setattr(linear_module.gemv, "avx2_tiles", lambda: False)
     assert linear_module.matmul_plan(gib) is None
 
 

@@ -85,7 +85,7 @@ NATIVE_BF16 = MatmulPlan(fp32_rows=None)  # float32 packed measured slower than 
 # oneDNN (medium's from DRAM at 26-31 GB/s against 20-24, small's from L3 at 27-51 against 12-34), even at 4
 NATIVE_BF16_KERNEL = MatmulPlan(fp32_rows=None, native_rows=4, plain_copy=True)
 EMULATED_BF16 = MatmulPlan(fp32_rows=2, packed_fp32_rows=4)
-EMULATED_BF16_NATIVE = dataclasses.replace(EMULATED_BF16, native_rows=gemv.MAX_ROWS)  # where gemv.c builds
+EMULATED_BF16_NATIVE = dataclasses.replace(EMULATED_BF16, native_rows=gemv.MAX_ROWS)  # where gemv.c builds; AVX2 only too
 # no room for float32 copies: the native kernel for few rows, the plain weight upcast per call past them
 EMULATED_BF16_NO_COPY = MatmulPlan(fp32_rows=None, native_rows=gemv.MAX_ROWS)
 # oneDNN's blocking follows a batch-size hint: with 1, a [32000, 512] LM head's bf16 GEMV ran 1.8x slower
@@ -103,9 +103,13 @@ def matmul_plan(extra_bytes: int) -> MatmulPlan | None:
     if support == "native":  # the plain copy for the kernel costs half a float32 copy
         room = extra_bytes // 2 <= COPY_MEMORY_FRACTION * physical_memory()
         return NATIVE_BF16_KERNEL if room and gemv.available() else NATIVE_BF16
-    if support == "emulated" and extra_bytes <= COPY_MEMORY_FRACTION * physical_memory():
+    if support == "none" and not gemv.avx2_tiles():
+        return None
+    # AVX2 only (no oneDNN bf16) runs as emulated bf16 does, the kernel's AVX2 tiles for few rows: small model,
+    # EPYC Milan, 1 / 8 / 32 streams in-process 90 -> 150-175 / ~100 -> 610 / 300 -> 510 tok/s
+    if extra_bytes <= COPY_MEMORY_FRACTION * physical_memory():
         return EMULATED_BF16_NATIVE if gemv.available() else EMULATED_BF16
-    if support == "emulated" and gemv.available():
+    if gemv.available():
         return EMULATED_BF16_NO_COPY
     return None
 

@@ -25,7 +25,7 @@ FUNCTIONS = {
     "paged_decode": {"paged_decode": [_P, _I64, _P, _P, _P, _I64, _P, _P, _I32, _I32, _I32, _I32, _I32, _I32, _F32,
                                       _I32, _I32, _I32]},
     "rms_norm": {"rms_norm_residual": [_P, _P, _P, _P, _P, _I64, _I32, _F32, _I32, _I32]},
-    "gemv": {"linear_bf16": [_P, _I64, _I64, _P, _I64, _P, _P, _I32, _I32]},
+    "gemv": {"linear_bf16": [_P, _I64, _I64, _P, _I64, _P, _P, _I32, _I32], "avx2_tiles": []},
     "rope_store": {"rope_store": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _I32, _I32, _I32, _I32, _I32]},
     "act": {"act_mul": [_P, _P, _I64, _I64, _P, _I32]},
     "prefill_attn": {"prefill_attention": [_P, _I64, _P, _I64, _P, _I64, _P, _P, _I64, _P, _I64, _P, _P, _I64, _I64,

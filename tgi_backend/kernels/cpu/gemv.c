@@ -28,3 +28,12 @@ int linear_bf16(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w, 
 #endif
     return 0;
 }
+
+/* 1 where this build has gemv.h's AVX2 tiles (an AVX2 CPU without AVX-512). */
+int avx2_tiles(void) {
+#ifdef AVX2_TILES
+    return 1;
+#else
+    return 0;
+#endif
+}

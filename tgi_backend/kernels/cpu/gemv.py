@@ -17,6 +17,14 @@ def available() -> bool:
     return library("gemv") is not None
 
 
+def avx2_tiles() -> bool:
+    """The build has gemv.h's AVX2 tiles (AVX2 and FMA, no AVX-512: no oneDNN bf16 either). There the kernel
+    runs 1-8 rows 1.5-5x faster than F.linear's bf16 (EPYC Milan), and at 1-4 rows faster than oneDNN's float32
+    on a packed copy, which reads twice the bytes."""
+    lib = library("gemv")
+    return lib is not None and bool(lib.avx2_tiles())
+
+
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.dtype is torch.bfloat16 and x.is_contiguous()
