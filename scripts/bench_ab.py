@@ -74,7 +74,8 @@ def summarize(a_tok_s: Sequence[float], b_tok_s: Sequence[float]) -> Summary:
 
 
 def _without_gemv(engine: Any) -> None:
-    """Linears back on oneDNN's bf16 layout (sharing their float32 copy), or plain where no copy was made."""
+    """Linears back on oneDNN's bf16 layout (sharing their float32 copy; with no oneDNN bf16, F.linear's bf16 for
+    the rows before the copy's), or plain where no copy was made."""
     import dataclasses
 
     from torch import nn
@@ -89,7 +90,8 @@ def _without_gemv(engine: Any) -> None:
             packed.native_rows = 0
         elif packed.large is not None:
             bf16_only = dataclasses.replace(linear.EMULATED_BF16, fp32_rows=None)
-            module.packed = linear.prepack(packed.small, bf16_only, getattr(module, "bias", None))
+            module.packed = (linear.prepack(packed.small, bf16_only, getattr(module, "bias", None))
+                             or linear.PackedWeight(packed.dtype, packed.small, small_packed=False))  # AVX2 only
             module.packed.large, module.packed.large_bias = packed.large, packed.large_bias
             module.packed.large_rows = packed.large_rows
         else:
