@@ -31,7 +31,7 @@ int linear_bf16(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w, 
 
 /* 1 where this build has gemv.h's AVX2 tiles (an AVX2 CPU without AVX-512). */
 int avx2_tiles(void) {
-#ifdef AVX2_TILES
+#if HAVE_AVX2_ONLY
     return 1;
 #else
     return 0;

@@ -15,6 +15,7 @@
 #include <immintrin.h>
 #endif
 
+#include "avx2.h"
 #include "bf16.h"
 #include "vec16.h"
 
@@ -49,22 +50,9 @@ static inline __attribute__((always_inline)) void tile(const xelem *x, int64_t i
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) sums[r * T + t] = _mm512_reduce_add_ps(acc[r][t]);
 }
-#elif defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-#include <immintrin.h>
+#elif HAVE_AVX2_ONLY
 typedef float xelem; /* x converted once to float32 */
 #define XLANES 8
-#define AVX2_TILES /* gemv_rows' R x T fit AVX2's 16 registers: R * T sums, T weight vectors, one x vector */
-
-/* 8 bf16 weights widened to float32: zero-extend to 32 bits, shift into the top half */
-static inline __m256 widen8(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-static inline float hsum8(__m256 v) {
-    const __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 b = _mm_add_ps(a, _mm_movehl_ps(a, a));
-    return _mm_cvtss_f32(_mm_add_ss(b, _mm_movehdup_ps(b)));
-}
 
 /* T outputs from o for R rows; each weight vector loaded once for the R rows. */
 static inline __attribute__((always_inline)) void tile(const xelem *xf, int64_t in, const uint16_t *w, int64_t o,
@@ -77,7 +65,7 @@ static inline __attribute__((always_inline)) void tile(const xelem *xf, int64_t 
         __m256 wv[4];
         if ((i & 31) == 0) /* the next tile's line at this offset: alone, one core keeps too few DRAM reads in flight */
             for (int t = 0; t < T; t++) __builtin_prefetch(w + (o + T + t) * in + i, 0, 3);
-        for (int t = 0; t < T; t++) wv[t] = widen8(w + (o + t) * in + i);
+        for (int t = 0; t < T; t++) wv[t] = bf16x8(w + (o + t) * in + i);
         for (int r = 0; r < R; r++) {
             const __m256 xv = _mm256_loadu_ps(xf + r * in + i);
             for (int t = 0; t < T; t++) acc[r][t] = _mm256_fmadd_ps(wv[t], xv, acc[r][t]);
@@ -152,7 +140,7 @@ static inline __attribute__((always_inline)) void outputs(const xelem *x, int64_
  * so the tile's loops unroll into registers. */
 static inline void gemv_rows(const xelem *x, int64_t rows, int64_t in, const uint16_t *w, int64_t out, int64_t first,
                              int64_t last, const uint16_t *bias, void *y, int y_f32) {
-#ifdef AVX2_TILES
+#if HAVE_AVX2_ONLY /* R x T fit AVX2's 16 registers: R * T sums, T weight vectors, one x vector */
     switch (rows) {
     case 1: outputs(x, in, w, out, first, last, bias, y, y_f32, 1, 4); break;
     case 2: outputs(x, in, w, out, first, last, bias, y, y_f32, 2, 4); break;

@@ -6,7 +6,8 @@
  * their softmax, then the weighted sum of the values. Items are spread over OpenMP threads; the libraries are
  * loaded after torch, so their libgomp soname resolves to the OpenMP runtime torch already runs.
  * GCC vector extensions (16 floats, vec16.h) keep it portable; with AVX-512, bf16 caches of the common shapes
- * take paged_decode_bf16.h's copies of item(), which give the same bits faster.
+ * take paged_decode_bf16.h's copies of item(), which give the same bits faster; with AVX2 only,
+ * paged_decode_avx2.h's (sums in another order).
  */
 #ifndef TGI_PAGED_DECODE_H
 #define TGI_PAGED_DECODE_H
@@ -15,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "avx2.h"
 #include "bf16.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -226,6 +228,35 @@ static inline __m512 bf16x16(const uint16_t *p) { /* 16 bf16 as float32 */
 #define ITEM_G 8
 #define ITEM_NV 8
 #include "paged_decode_bf16.h"
+#elif HAVE_AVX2_ONLY /* bf16 caches: paged_decode_avx2.h's copies, item_avx2_<G>_<NV> */
+#define ITEM_PASTE(G, NV) item_avx2_##G##_##NV
+#define ITEM_COPY(G, NV) ITEM_PASTE(G, NV)
+#define ITEM_G 1
+#define ITEM_NV 4
+#include "paged_decode_avx2.h"
+#define ITEM_G 1
+#define ITEM_NV 8
+#include "paged_decode_avx2.h"
+#define ITEM_G 2
+#define ITEM_NV 4
+#include "paged_decode_avx2.h"
+#define ITEM_G 2
+#define ITEM_NV 8
+#include "paged_decode_avx2.h"
+#define ITEM_G 4
+#define ITEM_NV 4
+#include "paged_decode_avx2.h"
+#define ITEM_G 4
+#define ITEM_NV 8
+#include "paged_decode_avx2.h"
+#define ITEM_G 8
+#define ITEM_NV 4
+#include "paged_decode_avx2.h"
+#define ITEM_G 8
+#define ITEM_NV 8
+#include "paged_decode_avx2.h"
+#endif
+#ifdef ITEM_COPY
 #define CASE_BF16(G, NV)                                                                                        \
     if (bf16 && group == G && nv == NV) {                                                                       \
         ITEM_COPY(G, NV)(p, r, h, s);                                                                           \

@@ -1,0 +1,81 @@
+/* One decode-attention item (row r, KV head h) for bf16 caches on AVX2 without AVX-512: included by
+ * paged_decode.h once per (group, head vectors) ITEM_G, ITEM_NV, as item_avx2_<G>_<NV>. item()'s v16f arrays,
+ * sized by its parameters, are variable-length arrays that GCC keeps in memory, and each v16f takes two of
+ * AVX2's 16 registers: there small model's attention took 10 of a 47 ms step at 32 rows (EPYC Milan). Here the
+ * sizes are constants and the loops keep their sums in registers: a key's G scores from 2 sums per head (even
+ * and odd 8-dim vectors); the values, 16 dims at a time over the keys (2 x G sums). Same softmax as item();
+ * the sums run in another order, so the last bits differ from item()'s (both kernels' callers use this one).
+ */
+static void ITEM_COPY(ITEM_G, ITEM_NV)(const Problem *p, int r, int h, float *s) {
+    enum { G = ITEM_G, NY = 2 * ITEM_NV }; /* NY vectors of 8 dims a head */
+    const uint16_t *K = (const uint16_t *)p->k_cache, *V = (const uint16_t *)p->v_cache;
+    const int64_t token_stride = (int64_t)p->kv_heads * p->dim;
+    const int bs = p->block_size;
+    int64_t start;
+    const int64_t *table;
+    const int64_t end = item_keys(p, r, &start, &table);
+    const int n = (int)(end - start);
+    float qf[G * NY * 8] __attribute__((aligned(32))); /* the scaled queries: read from L1 by the FMAs */
+    for (int g = 0; g < G; g++)
+        for (int y = 0; y < NY; y++)
+            _mm256_store_ps(qf + (g * NY + y) * 8,
+                            _mm256_mul_ps(bf16x8((const uint16_t *)p->q + r * p->q_row_stride +
+                                                 (int64_t)(h * G + g) * p->dim + y * 8), _mm256_set1_ps(p->scale)));
+    for (int64_t j = start; j < end;) { /* scores, block by block */
+        const int64_t blk = j / bs, stop = (blk + 1) * bs < end ? (blk + 1) * bs : end;
+        const uint16_t *base = K + (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim;
+        if (stop < end) prefetch_block(p->k_cache, table[blk + 1], p, h, 1);
+        for (; j < stop; j++) {
+            __m256 acc[G][2];
+            for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+            const uint16_t *key = base + j * token_stride;
+            for (int y = 0; y < NY; y++) {
+                const __m256 k = bf16x8(key + y * 8);
+                for (int g = 0; g < G; g++)
+                    acc[g][y & 1] = _mm256_fmadd_ps(_mm256_load_ps(qf + (g * NY + y) * 8), k, acc[g][y & 1]);
+            }
+            for (int g = 0; g < G; g++) s[(j - start) * G + g] = hsum8(_mm256_add_ps(acc[g][0], acc[g][1]));
+        }
+    }
+    float mx[MAX_GROUP], inv[MAX_GROUP];
+    if (16 % G == 0) {
+        softmax_tiled(s, n * G, G, mx, inv);
+    } else {
+        for (int g = 0; g < G; g++) mx[g] = -INFINITY, inv[g] = 0.0f;
+        for (int i = 0; i < n; i++)
+            for (int g = 0; g < G; g++) mx[g] = s[i * G + g] > mx[g] ? s[i * G + g] : mx[g];
+        for (int i = 0; i < n; i++)
+            for (int g = 0; g < G; g++) {
+                const float e = exp_nonpositive(s[i * G + g] - mx[g]);
+                s[i * G + g] = e;
+                inv[g] += e;
+            }
+    }
+    for (int y = 0; y < NY; y += 2) { /* weighted values, dims [8y, 8y + 16) of every head */
+        __m256 o[G][2];
+        for (int g = 0; g < G; g++) o[g][0] = o[g][1] = _mm256_setzero_ps();
+        for (int64_t j = start; j < end;) {
+            const int64_t blk = j / bs, stop = (blk + 1) * bs < end ? (blk + 1) * bs : end;
+            const uint16_t *base = V + (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim + y * 8;
+            if (y == 0 && stop < end) prefetch_block(p->v_cache, table[blk + 1], p, h, 1);
+            for (; j < stop; j++) {
+                const __m256 x0 = bf16x8(base + j * token_stride), x1 = bf16x8(base + j * token_stride + 8);
+                for (int g = 0; g < G; g++) {
+                    const __m256 w = _mm256_broadcast_ss(s + (j - start) * G + g);
+                    o[g][0] = _mm256_fmadd_ps(w, x0, o[g][0]);
+                    o[g][1] = _mm256_fmadd_ps(w, x1, o[g][1]);
+                }
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            uint16_t *dst = (uint16_t *)p->out + ((int64_t)r * p->heads + h * G + g) * p->dim + y * 8;
+            const __m256 norm = _mm256_set1_ps(1.0f / inv[g]);
+            float f[16];
+            _mm256_storeu_ps(f, _mm256_mul_ps(o[g][0], norm));
+            _mm256_storeu_ps(f + 8, _mm256_mul_ps(o[g][1], norm));
+            for (int i = 0; i < 16; i++) dst[i] = f32_to_bf16(f[i]);
+        }
+    }
+}
+#undef ITEM_G
+#undef ITEM_NV
