@@ -1,4 +1,4 @@
-/* AVX2 helpers shared by gemv.h, paged_decode.h and panel.h (CPUs with AVX2 and FMA but no AVX-512). */
+/* AVX2 helpers shared by gemv.h and paged_decode.h (CPUs with AVX2 and FMA but no AVX-512). */
 #ifndef TGI_AVX2_H
 #define TGI_AVX2_H
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
