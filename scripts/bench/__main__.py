@@ -191,10 +191,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def describe_cpu() -> str:
     """The CPU's name, cores and bf16 support: the figures of a run mean little without it."""
+    from tgi_backend.kernels.cpu import gemv
     from tgi_backend.layers.linear import bf16_support, cpu_info
 
     names = [line.split(":", 1)[1].strip() for line in cpu_info().splitlines() if line.startswith("model name")]
-    return f"CPU: {names[0] if names else 'unknown'}, {os.cpu_count()} cores, bf16 {bf16_support()}"
+    avx2 = " (AVX2 kernels)" if bf16_support() == "none" and gemv.avx2_tiles() else ""
+    return f"CPU: {names[0] if names else 'unknown'}, {os.cpu_count()} cores, bf16 {bf16_support()}{avx2}"
 
 
 def write(rows: list[R.Row], others: list[str], machine: R.Machine | None, args: argparse.Namespace,

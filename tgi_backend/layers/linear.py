@@ -106,7 +106,7 @@ def matmul_plan(extra_bytes: int) -> MatmulPlan | None:
     if support == "none" and not gemv.avx2_tiles():
         return None
     # AVX2 only (no oneDNN bf16) runs as emulated bf16 does, the kernel's AVX2 tiles for few rows: small model,
-    # EPYC Milan, 1 / 8 / 32 streams in-process 90 -> 150-175 / ~100 -> 610 / 300 -> 510 tok/s
+    # EPYC Milan, 1 / 8 / 32 / 128 streams in-process 88 / 154 / 378 / 593 -> 125-175 / 510 / 495 / 675 tok/s
     if extra_bytes <= COPY_MEMORY_FRACTION * physical_memory():
         return EMULATED_BF16_NATIVE if gemv.available() else EMULATED_BF16
     if gemv.available():

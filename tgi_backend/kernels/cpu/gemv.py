@@ -19,7 +19,7 @@ def available() -> bool:
 
 def avx2_tiles() -> bool:
     """The build has gemv.h's AVX2 tiles (AVX2 and FMA, no AVX-512: no oneDNN bf16 either). There the kernel
-    runs 1-8 rows 1.5-5x faster than F.linear's bf16 (EPYC Milan), and at 1-4 rows faster than oneDNN's float32
+    runs 1-8 rows 1.2-4.8x faster than F.linear's bf16 (EPYC Milan), and at 1-4 rows faster than oneDNN's float32
     on a packed copy, which reads twice the bytes."""
     lib = library("gemv")
     return lib is not None and bool(lib.avx2_tiles())
