@@ -137,34 +137,28 @@ static inline __attribute__((always_inline)) void outputs(const xelem *x, int64_
     }
 }
 
+/* Outputs per tile for R rows, GEMV_T<R>. */
+#if HAVE_AVX2_ONLY /* R x T fit AVX2's 16 registers: R * T sums, T weight vectors, one x vector. One row takes 8
+                   * outputs (8 chains of FMAs, 8 weight streams): against 4, per matrix from DRAM 0.98-1.07x,
+                   * small's LM head 1.05x (EPYC Milan, alternated in one process) */
+enum { GEMV_T1 = 8, GEMV_T2 = 4, GEMV_T3 = 2, GEMV_T4 = 2, GEMV_T5 = 2, GEMV_T6 = 2, GEMV_T7 = 1, GEMV_T8 = 1 };
+#else
+enum { GEMV_T1 = 4, GEMV_T2 = 4, GEMV_T3 = 4, GEMV_T4 = 4, GEMV_T5 = 2, GEMV_T6 = 2, GEMV_T7 = 2, GEMV_T8 = 2 };
+#endif
+
 /* Outputs [first, last) of a linear for `rows` rows (1..MAX_ROWS): the switch gives every case constant R and T,
  * so the tile's loops unroll into registers. */
 static inline void gemv_rows(const xelem *x, int64_t rows, int64_t in, const uint16_t *w, int64_t out, int64_t first,
                              int64_t last, const uint16_t *bias, void *y, int y_f32) {
-#if HAVE_AVX2_ONLY /* R x T fit AVX2's 16 registers: R * T sums, T weight vectors, one x vector. One row takes 8
-                   * outputs (8 chains of FMAs, 8 weight streams): against 4, per matrix from DRAM 0.98-1.07x,
-                   * small's LM head 1.05x (EPYC Milan, alternated in one process) */
     switch (rows) {
-    case 1: outputs(x, in, w, out, first, last, bias, y, y_f32, 1, 8); break;
-    case 2: outputs(x, in, w, out, first, last, bias, y, y_f32, 2, 4); break;
-    case 3: outputs(x, in, w, out, first, last, bias, y, y_f32, 3, 2); break;
-    case 4: outputs(x, in, w, out, first, last, bias, y, y_f32, 4, 2); break;
-    case 5: outputs(x, in, w, out, first, last, bias, y, y_f32, 5, 2); break;
-    case 6: outputs(x, in, w, out, first, last, bias, y, y_f32, 6, 2); break;
-    case 7: outputs(x, in, w, out, first, last, bias, y, y_f32, 7, 1); break;
-    default: outputs(x, in, w, out, first, last, bias, y, y_f32, 8, 1); break;
-    }
-    return;
-#endif
-    switch (rows) {
-    case 1: outputs(x, in, w, out, first, last, bias, y, y_f32, 1, 4); break;
-    case 2: outputs(x, in, w, out, first, last, bias, y, y_f32, 2, 4); break;
-    case 3: outputs(x, in, w, out, first, last, bias, y, y_f32, 3, 4); break;
-    case 4: outputs(x, in, w, out, first, last, bias, y, y_f32, 4, 4); break;
-    case 5: outputs(x, in, w, out, first, last, bias, y, y_f32, 5, 2); break;
-    case 6: outputs(x, in, w, out, first, last, bias, y, y_f32, 6, 2); break;
-    case 7: outputs(x, in, w, out, first, last, bias, y, y_f32, 7, 2); break;
-    default: outputs(x, in, w, out, first, last, bias, y, y_f32, 8, 2); break;
+    case 1: outputs(x, in, w, out, first, last, bias, y, y_f32, 1, GEMV_T1); break;
+    case 2: outputs(x, in, w, out, first, last, bias, y, y_f32, 2, GEMV_T2); break;
+    case 3: outputs(x, in, w, out, first, last, bias, y, y_f32, 3, GEMV_T3); break;
+    case 4: outputs(x, in, w, out, first, last, bias, y, y_f32, 4, GEMV_T4); break;
+    case 5: outputs(x, in, w, out, first, last, bias, y, y_f32, 5, GEMV_T5); break;
+    case 6: outputs(x, in, w, out, first, last, bias, y, y_f32, 6, GEMV_T6); break;
+    case 7: outputs(x, in, w, out, first, last, bias, y, y_f32, 7, GEMV_T7); break;
+    default: outputs(x, in, w, out, first, last, bias, y, y_f32, 8, GEMV_T8); break;
     }
 }
 

@@ -198,63 +198,44 @@ static inline __attribute__((always_inline)) void item(const Problem *p, int r, 
     }
 }
 
-#ifdef __AVX512F__ /* bf16 caches: a copy of paged_decode_bf16.h per common shape, item_bf16_<G>_<NV> */
+/* bf16 caches: a copy of an item header per common shape (G, NV), ITEM_COPY(G, NV): with AVX-512
+ * paged_decode_bf16.h's (item_bf16_<G>_<NV>), with AVX2 only paged_decode_avx2.h's (item_avx2_<G>_<NV>) */
+#ifdef __AVX512F__
 static inline __m512 bf16x16(const uint16_t *p) { /* 16 bf16 as float32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 #define ITEM_PASTE(G, NV) item_bf16_##G##_##NV
-#define ITEM_COPY(G, NV) ITEM_PASTE(G, NV)
-#define ITEM_G 1
-#define ITEM_NV 4
-#include "paged_decode_bf16.h"
-#define ITEM_G 1
-#define ITEM_NV 8
-#include "paged_decode_bf16.h"
-#define ITEM_G 2
-#define ITEM_NV 4
-#include "paged_decode_bf16.h"
-#define ITEM_G 2
-#define ITEM_NV 8
-#include "paged_decode_bf16.h"
-#define ITEM_G 4
-#define ITEM_NV 4
-#include "paged_decode_bf16.h"
-#define ITEM_G 4
-#define ITEM_NV 8
-#include "paged_decode_bf16.h"
-#define ITEM_G 8
-#define ITEM_NV 4
-#include "paged_decode_bf16.h"
-#define ITEM_G 8
-#define ITEM_NV 8
-#include "paged_decode_bf16.h"
-#elif HAVE_AVX2_ONLY /* bf16 caches: paged_decode_avx2.h's copies, item_avx2_<G>_<NV> */
+#define ITEM_HEADER "paged_decode_bf16.h"
+#elif HAVE_AVX2_ONLY
 #define ITEM_PASTE(G, NV) item_avx2_##G##_##NV
+#define ITEM_HEADER "paged_decode_avx2.h"
+#endif
+#ifdef ITEM_HEADER
 #define ITEM_COPY(G, NV) ITEM_PASTE(G, NV)
 #define ITEM_G 1
 #define ITEM_NV 4
-#include "paged_decode_avx2.h"
+#include ITEM_HEADER
 #define ITEM_G 1
 #define ITEM_NV 8
-#include "paged_decode_avx2.h"
+#include ITEM_HEADER
 #define ITEM_G 2
 #define ITEM_NV 4
-#include "paged_decode_avx2.h"
+#include ITEM_HEADER
 #define ITEM_G 2
 #define ITEM_NV 8
-#include "paged_decode_avx2.h"
+#include ITEM_HEADER
 #define ITEM_G 4
 #define ITEM_NV 4
-#include "paged_decode_avx2.h"
+#include ITEM_HEADER
 #define ITEM_G 4
 #define ITEM_NV 8
-#include "paged_decode_avx2.h"
+#include ITEM_HEADER
 #define ITEM_G 8
 #define ITEM_NV 4
-#include "paged_decode_avx2.h"
+#include ITEM_HEADER
 #define ITEM_G 8
 #define ITEM_NV 8
-#include "paged_decode_avx2.h"
+#include ITEM_HEADER
 #endif
 #ifdef ITEM_COPY
 #define CASE_BF16(G, NV)                                                                                        \

@@ -37,20 +37,9 @@ static void ITEM_COPY(ITEM_G, ITEM_NV)(const Problem *p, int r, int h, float *s)
             for (int g = 0; g < G; g++) s[(j - start) * G + g] = hsum8(_mm256_add_ps(acc[g][0], acc[g][1]));
         }
     }
+    _Static_assert(16 % G == 0, "the copies are for groups that divide 16: softmax_tiled's vectors");
     float mx[MAX_GROUP], inv[MAX_GROUP];
-    if (16 % G == 0) {
-        softmax_tiled(s, n * G, G, mx, inv);
-    } else {
-        for (int g = 0; g < G; g++) mx[g] = -INFINITY, inv[g] = 0.0f;
-        for (int i = 0; i < n; i++)
-            for (int g = 0; g < G; g++) mx[g] = s[i * G + g] > mx[g] ? s[i * G + g] : mx[g];
-        for (int i = 0; i < n; i++)
-            for (int g = 0; g < G; g++) {
-                const float e = exp_nonpositive(s[i * G + g] - mx[g]);
-                s[i * G + g] = e;
-                inv[g] += e;
-            }
-    }
+    softmax_tiled(s, n * G, G, mx, inv);
     for (int y = 0; y < NY; y += 2) { /* weighted values, dims [8y, 8y + 16) of every head */
         __m256 o[G][2];
         for (int g = 0; g < G; g++) o[g][0] = o[g][1] = _mm256_setzero_ps();
