@@ -4,7 +4,8 @@
  * AVX2's 16 registers: there small model's attention took 10 of a 47 ms step at 32 rows (EPYC Milan). Here the
  * sizes are constants and the loops keep their sums in registers: a key's G scores from 2 sums per head (even
  * and odd 8-dim vectors); the values, 16 dims at a time over the keys (2 x G sums). Same softmax as item();
- * the sums run in another order, so the last bits differ from item()'s (both kernels' callers use this one).
+ * the sums run in another order, so the last bits differ from item()'s (the op and the fused step both take
+ * this copy, so their bits agree).
  */
 static void ITEM_COPY(ITEM_G, ITEM_NV)(const Problem *p, int r, int h, float *s) {
     enum { G = ITEM_G, NY = 2 * ITEM_NV }; /* NY vectors of 8 dims a head */
