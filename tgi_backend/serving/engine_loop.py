@@ -77,6 +77,11 @@ def stream_budget(configured: int) -> float:
     return float(STREAM_BUDGET_PER_CORE * cores)
 
 
+def _finish_reason(out: Any) -> str:
+    """An engine output's finish reason for its chunk: "" until the request ends."""
+    return (out.finish_reason or "") if out.finished else ""
+
+
 @dataclass(slots=True)
 class Job:
     """One inference request as the adapter parsed it."""
@@ -436,8 +441,7 @@ class EngineLoop:
         if held is None:
             held = self._stream_chunk(out)
         else:  # the held chunk is this stream's alone until it leaves
-            extend(held, out.text, out.new_token_ids, (out.finish_reason or "") if out.finished else "",
-                   out.num_output_tokens, out.details)
+            extend(held, out.text, out.new_token_ids, _finish_reason(out), out.num_output_tokens, out.details)
         if active.streamed and not out.finished and (len(held.token_ids) < interval or now - active.last_sent < gap):
             active.held = held
             return None
@@ -476,7 +480,7 @@ class EngineLoop:
         return Chunk(
             text=text,
             token_ids=token_ids,
-            finish_reason=(out.finish_reason or "") if out.finished else "",
+            finish_reason=_finish_reason(out),
             num_input_tokens=out.num_input_tokens,
             num_output_tokens=out.num_output_tokens,
         )
