@@ -85,6 +85,44 @@ def test_amx_steps_match_the_modules(runner):
         torch.testing.assert_close(kv_fused.float(), kv_modules.float(), rtol=0.02, atol=0.02)
 
 
+@pytest.fixture
+def sgemm_runner(runner, monkeypatch) -> ModelRunner:
+    """The runner with its fused step's many-row linears on MKL's sgemm (any CPU: build picks them without AMX
+    and native bf16)."""
+    if decoder.mkl_sgemm() is None:
+        pytest.skip("no MKL sgemm_ in this PyTorch")
+    monkeypatch.setattr(runner, "fused", decoder.FusedDecoder(runner.model.decoder_weights(), library("decoder"),
+                                                              sgemm=True))
+    return runner
+
+
+def test_sgemm_steps_match_the_modules(sgemm_runner):
+    assert sgemm_runner.fused.max_rows == decoder.SGEMM_MAX_ROWS
+    for rows, got, want, kv_fused, kv_modules in _decode_steps(sgemm_runner, [5, 8, 9, 16, 17, 33, 7, 128]):
+        # float32 sums as the modules' float32 copies (or bf16 ones), in another order: a last bf16 bit may differ
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() <= 0.02 * scale, f"{rows} rows"
+        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+        torch.testing.assert_close(kv_fused.float(), kv_modules.float(), rtol=0.02, atol=0.02)
+
+
+def test_sgemm_steps_steal_and_give_the_same_bits(sgemm_runner, monkeypatch):
+    test_stolen_tasks_give_the_same_bits(sgemm_runner, monkeypatch)
+
+
+def test_no_sgemm_copies_past_the_memory_share(runner, monkeypatch):
+    weights = runner.model.decoder_weights()
+    f32_bytes = sum(t.numel() * 4 for lw in weights.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
+    monkeypatch.setattr(decoder, "bf16_support", lambda: "none")
+    monkeypatch.setattr(decoder, "physical_memory", lambda: int(f32_bytes / decoder.COPY_MEMORY_FRACTION) + 1)
+    assert decoder._sgemm_wanted(weights) == (decoder.mkl_sgemm() is not None)
+    monkeypatch.setattr(decoder, "physical_memory", lambda: int(f32_bytes / decoder.COPY_MEMORY_FRACTION) - 1)
+    assert not decoder._sgemm_wanted(weights)
+    monkeypatch.setattr(decoder, "physical_memory", lambda: 1 << 50)
+    monkeypatch.setattr(decoder, "bf16_support", lambda: "native")  # bf16 matmuls of their own past the few rows
+    assert not decoder._sgemm_wanted(weights)
+
+
 def test_stolen_tasks_give_the_same_bits(runner, monkeypatch):
     """A thread that waits on a phase redoes the tasks still out and the first copy done is committed: with every
     wait stealing at once and one task's thread held until the step is a layer on (a preemption), logits and

@@ -4,11 +4,14 @@ A model hands over its tensors as `DecoderWeights` (models/llama.py: `decoder_we
 decode-only steps of up to `max_rows` rows here and everything else through the model. The C structs are
 built once; a step costs the embedding lookup, the rotary table lookup and one call. Up to the few-row
 kernel's rows the linears run it on the plain weights; past them, where the CPU has AMX, on a copy packed for
-the tiles (amx.h), up to AMX_MAX_ROWS rows.
+the tiles (amx.h), up to AMX_MAX_ROWS rows; where it has no native bf16, by MKL's sgemm (PyTorch's own) on float32
+copies, up to SGEMM_MAX_ROWS.
 """
 from __future__ import annotations
 
 import ctypes
+import functools
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,7 +20,7 @@ import torch
 from tgi_backend.engine.forward_context import DecodeBatch
 from tgi_backend.kernels.cpu import library
 from tgi_backend.kernels.cpu.act import EXACT, act_table
-from tgi_backend.layers.linear import COPY_MEMORY_FRACTION, physical_memory
+from tgi_backend.layers.linear import COPY_MEMORY_FRACTION, bf16_support, physical_memory
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 MAX_DIM = 512  # rope.h
@@ -27,6 +30,7 @@ MAX_DIM = 512  # rope.h
 # ops hand the GIL to the serving threads and a preempted OpenMP thread stalls them, 128 streams against a limit
 # of 96 (switched every 40 steps in one server, decode tok/s): small 1.048x / 1.060x, medium 1.105x / 1.009x
 AMX_MAX_ROWS = 128
+SGEMM_MAX_ROWS = 128
 # a thread that waits on a phase this long (~15 ns a spin here: ~20 us, past a task's few us) redoes the tasks
 # still out: their thread is most likely preempted by the serving threads sharing the cores
 STEAL_SPINS = 1024
@@ -36,14 +40,15 @@ ROW_TASKS = 8  # decoder.c's: a norm, rope or attention phase has at most this m
 class _Layer(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("input_norm", "post_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
                                         "gate_up_bias", "down", "down_bias", "qkv_amx", "o_amx", "gate_up_amx",
-                                        "down_amx", "k_cache", "v_cache")] + [("window", _I64)]
+                                        "down_amx", "qkv_f32", "o_f32", "gate_up_f32", "down_f32", "k_cache",
+                                        "v_cache")] + [("window", _I64)]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, _I64) for name in ("layers", "hidden", "heads", "kv_heads", "dim", "intermediate",
                                           "block_size", "num_slots", "few_rows", "max_rows")] + [
         ("eps", _F32), ("scale", _F32), ("final_norm", _P), ("act_table", _P), ("layer", ctypes.POINTER(_Layer)),
-        ("lm_head", _P), ("vocab", _I64)]
+        ("lm_head", _P), ("vocab", _I64), ("sgemm", _P)]
 
 
 class _Step(ctypes.Structure):
@@ -132,6 +137,24 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: t
     return out
 
 
+@functools.cache
+def mkl_sgemm() -> int | None:
+    """The address of MKL's Fortran sgemm_ (LP64) in PyTorch's CPU library, or None (a build without MKL)."""
+    try:
+        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).sgemm_
+    except (OSError, AttributeError):
+        return None
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
+def _sgemm_wanted(w: DecoderWeights) -> bool:
+    """Past the few-row kernel's rows, sgemm on float32 copies where bf16 has no native matmul here (no AMX:
+    see build) and the copies fit the share of memory the linear plans give theirs."""
+    copies = 2 * sum(t.numel() * t.element_size() for lw in w.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
+    return (bf16_support() != "native" and mkl_sgemm() is not None
+            and copies <= COPY_MEMORY_FRACTION * physical_memory())
+
+
 def _amx_packable(w: DecoderWeights) -> bool:
     """Shapes whole tiles, and room: the packed copies and the plain ones (the few-row kernel's) together take at
     most the share of memory the linear plans give their copies."""
@@ -167,13 +190,20 @@ def supported(w: DecoderWeights) -> bool:
 class FusedDecoder:
     """Runs decode-only steps of up to `max_rows` rows through decoder.c; keeps the tensors it points to."""
 
-    def __init__(self, weights: DecoderWeights, lib: ctypes.CDLL, amx: bool = False) -> None:
+    def __init__(self, weights: DecoderWeights, lib: ctypes.CDLL, amx: bool = False, sgemm: bool = False) -> None:
         self.weights, self.lib = weights, lib
-        # per layer: qkv, o, gate_up, down packed for AMX, or Nones
+        if amx and sgemm:
+            raise ValueError("the fused decoder's many-row linears run on AMX or sgemm, not both")
+        sgemm_at = mkl_sgemm() if sgemm else None
+        if sgemm and sgemm_at is None:
+            raise RuntimeError("no MKL sgemm_ in this PyTorch")
+        # per layer: qkv, o, gate_up, down packed for AMX, float32 for sgemm, or Nones
         self.amx = [tuple(vnni_pack(t) for t in (lw.qkv, lw.o, lw.gate_up, lw.down)) if amx else (None,) * 4
                     for lw in weights.layers]
+        self.f32 = [tuple(t.float().contiguous() for t in (lw.qkv, lw.o, lw.gate_up, lw.down)) if sgemm
+                    else (None,) * 4 for lw in weights.layers]
         self.lm_head_amx = vnni_pack(weights.lm_head) if amx and _head_packable(weights) else None
-        self.max_rows = AMX_MAX_ROWS if amx else weights.max_rows
+        self.max_rows = AMX_MAX_ROWS if amx else SGEMM_MAX_ROWS if sgemm else weights.max_rows
         first = weights.layers[0]
         self.hidden = first.o.shape[0]
         head = weights.lm_head
@@ -189,14 +219,15 @@ class FusedDecoder:
         self._layers = (_Layer * len(weights.layers))(*[
             _Layer(_ptr(lw.input_norm), _ptr(lw.post_norm), _ptr(lw.qkv), _ptr(lw.qkv_bias), _ptr(lw.o),
                    _ptr(lw.o_bias), _ptr(lw.gate_up), _ptr(lw.gate_up_bias), _ptr(lw.down), _ptr(lw.down_bias),
-                   *(_ptr(t) for t in packed), _ptr(lw.k_cache), _ptr(lw.v_cache), lw.window or 0)
-            for lw, packed in zip(weights.layers, self.amx)])
+                   *(_ptr(t) for t in packed), *(_ptr(t) for t in f32), _ptr(lw.k_cache), _ptr(lw.v_cache),
+                   lw.window or 0)
+            for lw, packed, f32 in zip(weights.layers, self.amx, self.f32)])
         self._model = _Model(
             len(weights.layers), self.hidden, weights.heads, weights.kv_heads, weights.head_dim,
             first.down.shape[1], first.k_cache.shape[1], first.k_cache.shape[0] * first.k_cache.shape[1],
             weights.max_rows, self.max_rows, weights.eps, weights.scale, _ptr(weights.final_norm),
             _ptr(self.act_table), self._layers, _ptr(head) if self.head_in_step else None,
-            head.shape[0] if self.head_in_step else 0)
+            head.shape[0] if self.head_in_step else 0, sgemm_at)
 
     @classmethod
     def build(cls, weights: DecoderWeights | None) -> FusedDecoder | None:
@@ -206,7 +237,8 @@ class FusedDecoder:
         lib = library("decoder")
         if lib is None:
             return None
-        return cls(weights, lib, amx=amx_available() and _amx_packable(weights))
+        amx = amx_available() and _amx_packable(weights)
+        return cls(weights, lib, amx=amx, sgemm=not amx and _sgemm_wanted(weights))
 
     def logits(self, hidden: torch.Tensor,
                greedy_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
