@@ -176,6 +176,30 @@ def test_a_slot_outside_the_cache_is_refused(runner):
     assert torch.equal(before, runner.kv_cache)
 
 
+def test_token_ids_positions_and_block_ids_out_of_bounds_are_refused(runner):
+    """The step gathers its embeddings and rotary rows itself and reads the cache through the block table: a token
+    id past the vocabulary, a position past the rotary table or the row's blocks, or a block id past the cache is
+    an error before anything is written."""
+    fused = runner.fused
+    assert fused.gather_x and fused.gather_rope  # Llama's plain lookups: the tables go to C
+    vocab, positions = fused.weights.embed_table.shape[0], fused.weights.rope_tables[0].shape[0]
+    before = runner.kv_cache.clone()
+    slot = torch.tensor([BLOCK])  # block 1, offset 0
+    with pytest.raises(IndexError, match="token id outside"):
+        fused.forward(torch.tensor([vocab]), torch.tensor([0]), slot, runner._decode_batch([_chunk("x", [5], 0, [1])]))
+    with pytest.raises(IndexError, match="token id outside"):
+        fused.forward(torch.tensor([-1]), torch.tensor([0]), slot, runner._decode_batch([_chunk("x", [5], 0, [1])]))
+    far = positions  # a block table long enough, the rotary table not
+    table = [1] * (far // BLOCK + 1)
+    with pytest.raises(ValueError, match="out of bounds"):
+        fused.forward(torch.tensor([5]), torch.tensor([far]), slot, runner._decode_batch([_chunk("x", [5], far, table)]))
+    num_blocks = fused.num_blocks
+    with pytest.raises(ValueError, match="out of bounds"):  # a block id past the cache among the row's blocks
+        fused.forward(torch.tensor([5]), torch.tensor([BLOCK]), slot,
+                      runner._decode_batch([_chunk("x", [5], BLOCK, [1, num_blocks])]))
+    assert torch.equal(before, runner.kv_cache)
+
+
 @pytest.mark.parametrize("arch", ["gemma", "gemma2", "mixtral", "qwen2-moe"])
 def test_other_families_keep_their_modules(arch, tmp_path):
     build_other(arch, str(tmp_path))

@@ -246,6 +246,9 @@ class LlamaForCausalLM(nn.Module):
             kv_heads=first.num_kv_heads, head_dim=first.head_dim, scale=first.attn.scale,
             act=base.layers[0].mlp.act.act, embed=base.embed_tokens, rotary=base.rotary_emb.cos_signed_sin,
             max_rows=max_rows, lm_head=self._lm_head_weight(),
+            embed_table=base.embed_tokens.weight if type(base.embed_tokens) is VocabEmbedding else None,
+            rope_tables=((base.rotary_emb.cos_cached, base.rotary_emb.signed_sin_cached)
+                         if type(base.rotary_emb) is RotaryEmbedding else None),
         )
 
     def _lm_head_weight(self) -> torch.Tensor | None:

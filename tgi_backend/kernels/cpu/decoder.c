@@ -46,6 +46,10 @@ typedef struct {
     const uint16_t *lm_head; /* [vocab, hidden] bf16 as loaded; NULL: the step never takes the LM head */
     int64_t vocab;
     void *sgemm; /* MKL's sgemm_ (PyTorch's): past few_rows the linears on the float32 copies; NULL: AMX */
+    const uint16_t *embed;                /* [vocab_rows, hidden] bf16: Step.ids' rows; NULL: Step.x given */
+    int64_t vocab_rows;
+    const float *cos_table, *sin_table; /* [max_positions, dim] float32 (sin's first half negated); NULL: given */
+    int64_t max_positions;
 } Model;
 
 /* Fortran BLAS sgemm, LP64: C = alpha op(A) op(B) + beta C, column-major. Called inside the step's parallel
@@ -68,6 +72,8 @@ typedef struct { /* one decode step: `rows` tokens, one per request */
                           * layer on to be done by the others: a preemption that ends mid-step; -1: none */
     int64_t stolen;      /* out: tasks a waiting thread redid and committed first */
     int64_t *argmax;     /* [rows]: each row's greedy token from the LM head, a last phase; NULL: no LM head */
+    const int64_t *ids;  /* [rows] token ids: with x NULL, x is their rows of Model.embed; with cos NULL, cos and
+                          * sin are the tables' rows at positions, rounded to bf16 (as PyTorch's .to) */
 } Step;
 
 int amx_ready(void);
@@ -402,16 +408,55 @@ static int64_t help(const Plan *pl, int64_t q, Own *o) {
     return n;
 }
 
-/* Returns 0; -1 for a shape it does not take (rows outside 1..max_rows, head dim, group, AMX missing); -2 out
- * of memory;
- * -3 a slot outside the cache (nothing written). Positions and block ids are the caller's to check.
+/* Step.x, cos and sin from the tables (those NULL; `own` has room for them). Returns 0, -4 for a token id outside
+ * the embedding, -5 for a position outside the rotary table. */
+static int gather_inputs(const Model *m, Step *s, uint16_t *own) {
+    const int64_t R = s->rows, H = m->hidden, D = m->dim;
+    if (!s->x) {
+        for (int64_t r = 0; r < R; r++) {
+            if (s->ids[r] < 0 || s->ids[r] >= m->vocab_rows) return -4;
+            memcpy(own + r * H, m->embed + s->ids[r] * H, sizeof(uint16_t) * (size_t)H);
+        }
+        s->x = own, own += R * H;
+    }
+    if (!s->cos) {
+        uint16_t *cos = own, *sin = own + R * D;
+        for (int64_t r = 0; r < R; r++) {
+            const int64_t p = s->positions[r];
+            if (p < 0 || p >= m->max_positions) return -5;
+            for (int64_t j = 0; j < D; j++)
+                cos[r * D + j] = f32_to_bf16(m->cos_table[p * D + j]), sin[r * D + j] = f32_to_bf16(m->sin_table[p * D + j]);
+        }
+        s->cos = cos, s->sin = sin;
+    }
+    return 0;
+}
+
+/* Every row's position inside its table row and the step's context, and the block ids it reads inside the cache:
+ * the attention indexes memory with them unchecked. */
+static int positions_fit(const Model *m, const Step *s) {
+    const int64_t blocks = m->num_slots / m->block_size;
+    for (int64_t r = 0; r < s->rows; r++) {
+        const int64_t p = s->positions[r];
+        if (p < 0 || p >= s->max_len || p / m->block_size >= s->table_row_stride) return 0;
+        for (int64_t b = 0; b <= p / m->block_size; b++)
+            if (s->table[r * s->table_row_stride + b] < 0 || s->table[r * s->table_row_stride + b] >= blocks) return 0;
+    }
+    return 1;
+}
+
+/* Returns 0; -1 for a shape it does not take (rows outside 1..max_rows, head dim, group, AMX missing, no tables
+ * for inputs not given); -2 out of memory; -3 a slot outside the cache, -4 a token id outside the embedding, -5 a
+ * position outside the rotary table, its block table or the context, or a block id outside the cache (nothing
+ * written, for each).
  *
  * The step is a chain of phases (per layer: NORM_IN .. DOWN; then the final norm), each cut into tasks. Threads
  * take the next task from one counter, and a task waits only until every task of the phase before it is
  * done: no barrier. A thread the OS preempts (two cores shared with tritonserver and its clients) would still
  * hold up the next phase by the task it has: a thread that waits long redoes that task itself, and whichever
  * copy finishes first is committed (tasks compute into per-thread buffers), so the step goes on meanwhile. */
-int decode_step(const Model *m, Step *s) {
+int decode_step(const Model *m, Step *given) {
+    Step step = *given, *s = &step; /* its x, cos and sin may be gathered here */
     const int64_t R = s->rows, H = m->hidden, D = m->dim, I = m->intermediate;
     const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D, group = m->heads / m->kv_heads;
     const int wide = R <= m->few_rows ? FEW_ROWS : m->sgemm ? WIDE_SGEMM : WIDE_AMX, amx = wide == WIDE_AMX;
@@ -426,8 +471,11 @@ int decode_step(const Model *m, Step *s) {
                 : !L->qkv_f32 || !L->o_f32 || !L->gate_up_f32 || !L->down_f32)
             return -1;
     }
+    if ((!s->x && (!s->ids || !m->embed)) || (!s->cos && (!m->cos_table || !m->sin_table)) || !s->cos != !s->sin)
+        return -1;
     for (int64_t r = 0; r < R; r++)
         if (s->slots[r] < 0 || s->slots[r] >= m->num_slots) return -3;
+    if (!positions_fit(m, s)) return -5;
     const int64_t threads = s->threads > 0 ? s->threads : 1, max_len = s->max_len > 0 ? s->max_len : 1;
     const int64_t widest = (H > I ? H : I) > m->heads * D ? (H > I ? H : I) : m->heads * D;
     const int64_t phases = m->layers * PHASES + 1 + head; /* then the final norm, and the LM head */
@@ -453,7 +501,9 @@ int decode_step(const Model *m, Step *s) {
     const int64_t tasks = end[phases - 1], head_tasks = head ? end[phases - 1] - end[phases - 2] : 0;
     const size_t thread_bytes = per_thread * sizeof(float) + own * sizeof(uint16_t);
     const size_t head_bytes = (size_t)(head_tasks * R) * (sizeof(float) + sizeof(int64_t));
-    char *scratch = malloc(acts * sizeof(uint16_t) + (size_t)threads * thread_bytes + (size_t)tasks + head_bytes + 256);
+    const size_t inputs = (size_t)R * (size_t)(H + 2 * D); /* x, cos, sin where gathered here */
+    char *scratch = malloc(acts * sizeof(uint16_t) + (size_t)threads * thread_bytes + (size_t)tasks + head_bytes
+                           + inputs * sizeof(uint16_t) + 320);
     if (!scratch) {
         free(counts);
         return -2;
@@ -469,6 +519,12 @@ int decode_step(const Model *m, Step *s) {
     memset(claimed, 0, (size_t)tasks);
     a.head_at = (int64_t *)(((uintptr_t)(claimed + tasks) + 63) & ~(uintptr_t)63);
     a.head_best = (float *)(a.head_at + head_tasks * R);
+    const int gathered = gather_inputs(m, s, (uint16_t *)(((uintptr_t)(a.head_best + head_tasks * R) + 63) & ~(uintptr_t)63));
+    if (gathered) {
+        free(scratch);
+        free(counts);
+        return gathered;
+    }
     if (P > R) { /* the tiles' padding rows: zeros, never written by a phase */
         memset(a.y + R * H, 0, sizeof(uint16_t) * (size_t)((P - R) * H));
         memset(a.attn + R * m->heads * D, 0, sizeof(uint16_t) * (size_t)((P - R) * m->heads * D));
@@ -510,7 +566,7 @@ int decode_step(const Model *m, Step *s) {
         }
         if (amx) amx_release();
     }
-    s->stolen = stolen;
+    given->stolen = stolen;
     for (int64_t r = 0; r < R && head; r++) { /* the tasks' maxima in vocab order: the first maximum, or NaN */
         int64_t best = 0;
         for (int64_t k = 1; k < head_tasks; k++)

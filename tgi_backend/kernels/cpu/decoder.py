@@ -48,13 +48,14 @@ class _Model(ctypes.Structure):
     _fields_ = [(name, _I64) for name in ("layers", "hidden", "heads", "kv_heads", "dim", "intermediate",
                                           "block_size", "num_slots", "few_rows", "max_rows")] + [
         ("eps", _F32), ("scale", _F32), ("final_norm", _P), ("act_table", _P), ("layer", ctypes.POINTER(_Layer)),
-        ("lm_head", _P), ("vocab", _I64), ("sgemm", _P)]
+        ("lm_head", _P), ("vocab", _I64), ("sgemm", _P), ("embed", _P), ("vocab_rows", _I64), ("cos_table", _P),
+        ("sin_table", _P), ("max_positions", _I64)]
 
 
 class _Step(ctypes.Structure):
     _fields_ = [("rows", _I64), ("x", _P), ("cos", _P), ("sin", _P), ("slots", _P), ("table", _P),
                 ("positions", _P), ("table_row_stride", _I64), ("max_len", _I64), ("threads", _I64), ("out", _P),
-                ("steal_spins", _I64), ("stall_task", _I64), ("stolen", _I64), ("argmax", _P)]
+                ("steal_spins", _I64), ("stall_task", _I64), ("stolen", _I64), ("argmax", _P), ("ids", _P)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,10 @@ class DecoderWeights:
     rotary: Callable[[torch.Tensor, torch.dtype], tuple[torch.Tensor, torch.Tensor]]  # cos, signed sin
     max_rows: int  # what the linears' native kernel takes (their plan's native_rows)
     lm_head: torch.Tensor | None = None  # [vocab, hidden] bf16 as loaded (tied: the embedding's), for AMX
+    # where `embed` is a plain lookup and `rotary` a plain gather of float32 tables rounded to bf16: those, and
+    # the step gathers its inputs itself (a 1-row step spent ~0.1 ms of Python on the lookups and their checks)
+    embed_table: torch.Tensor | None = None  # [vocab, hidden] bf16
+    rope_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin: [positions, head_dim] float32
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -210,6 +215,10 @@ class FusedDecoder:
         # up to the few-row kernel's rows the step itself ends with the LM head where every row is plain greedy
         self.head_in_step = head is not None and head.is_contiguous() and head.shape[1] == self.hidden
         self.num_blocks = first.k_cache.shape[0]
+        embed, rope = weights.embed_table, weights.rope_tables
+        self.gather_x = embed is not None and embed.dtype is torch.bfloat16 and embed.is_contiguous()
+        self.gather_rope = rope is not None and all(t.dtype is torch.float32 and t.is_contiguous()
+                                                    and t.shape[1] == weights.head_dim for t in rope)
         self.act_table = act_table(weights.act)
         self.stall_task = -1  # tests: the task whose thread waits for the step to go on without it (decoder.c)
         self.stolen = 0  # tasks redone by a waiting thread and committed before their taker's copy, all steps
@@ -227,7 +236,9 @@ class FusedDecoder:
             first.down.shape[1], first.k_cache.shape[1], first.k_cache.shape[0] * first.k_cache.shape[1],
             weights.max_rows, self.max_rows, weights.eps, weights.scale, _ptr(weights.final_norm),
             _ptr(self.act_table), self._layers, _ptr(head) if self.head_in_step else None,
-            head.shape[0] if self.head_in_step else 0, sgemm_at)
+            head.shape[0] if self.head_in_step else 0, sgemm_at, _ptr(embed) if self.gather_x else None,
+            embed.shape[0] if self.gather_x else 0, *((_ptr(rope[0]), _ptr(rope[1]), rope[0].shape[0])
+                                                     if self.gather_rope else (None, None, 0)))
 
     @classmethod
     def build(cls, weights: DecoderWeights | None) -> FusedDecoder | None:
@@ -272,22 +283,31 @@ class FusedDecoder:
         if argmax is not None and not (self.greedy_rows(rows) and argmax.dtype is torch.int64
                                        and argmax.is_contiguous() and argmax.numel() == rows):
             raise ValueError(f"the step's greedy tokens take int64 [rows] for 1..{self.weights.max_rows} rows")
-        if not dec.fits(self.num_blocks):  # the C code indexes memory with them unchecked
-            raise ValueError("decode batch out of bounds: a position past its block table, or a block id past the cache")
-        x = self.weights.embed(input_ids).contiguous()
-        cos, sin = self.weights.rotary(positions, x.dtype)
-        cos, sin = cos.contiguous(), sin.contiguous()
-        slots, table, pos = slot_mapping.contiguous(), dec.block_table.contiguous(), dec.positions.contiguous()
-        out = torch.empty(rows, self.hidden, dtype=x.dtype)
-        step = _Step(rows, x.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), table.data_ptr(),
-                     pos.data_ptr(), table.stride(0), dec.max_ctx, torch.get_num_threads(), out.data_ptr(), STEAL_SPINS,
-                     self.stall_task, 0, _ptr(argmax))
+        # the rows' positions (dec.positions, a decode row's token at its context's last position) and block ids
+        # are checked in C, which reads memory with them
+        ids, pos = input_ids.contiguous(), dec.positions.contiguous()
+        x = cos = sin = None
+        if not self.gather_x:
+            x = self.weights.embed(ids).contiguous()
+        if not self.gather_rope:
+            cos, sin = self.weights.rotary(pos, torch.bfloat16)
+            cos, sin = cos.contiguous(), sin.contiguous()
+        slots, table = slot_mapping.contiguous(), dec.block_table.contiguous()
+        out = torch.empty(rows, self.hidden, dtype=torch.bfloat16)
+        step = _Step(rows, _ptr(x), _ptr(cos), _ptr(sin), slots.data_ptr(), table.data_ptr(), pos.data_ptr(),
+                     table.stride(0), dec.max_ctx, torch.get_num_threads(), out.data_ptr(), STEAL_SPINS,
+                     self.stall_task, 0, _ptr(argmax), ids.data_ptr())
         if self.on_native is not None:
             self.on_native()
         status = self.lib.decode_step(ctypes.byref(self._model), ctypes.byref(step))
         self.stolen += step.stolen
         if status == -3:
             raise ValueError(f"slot mapping out of bounds: a slot outside the cache's {self._model.num_slots}")
+        if status == -4:
+            raise IndexError(f"a token id outside the embedding's {self._model.vocab_rows} rows")
+        if status == -5:
+            raise ValueError("decode batch out of bounds: a position past its block table, the context or the "
+                             "rotary table, or a block id past the cache")
         if status == -2:
             raise MemoryError(f"decode_step: no memory for the activations of {rows} rows")
         if status != 0:
