@@ -48,14 +48,17 @@ static void ITEM_COPY(ITEM_G, ITEM_NV)(const Problem *p, int r, int h, float *s)
             const int64_t blk = j / bs, stop = (blk + 1) * bs < end ? (blk + 1) * bs : end;
             const uint16_t *base = V + (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim + y * 8;
             if (y == 0 && stop < end) prefetch_block(p->v_cache, table[blk + 1], p, h, 1);
+            __m256 a[G][2]; /* the block's sums in registers: GCC stored o's to the stack every key otherwise */
+            for (int g = 0; g < G; g++) a[g][0] = o[g][0], a[g][1] = o[g][1];
             for (; j < stop; j++) {
                 const __m256 x0 = bf16x8(base + j * token_stride), x1 = bf16x8(base + j * token_stride + 8);
                 for (int g = 0; g < G; g++) {
                     const __m256 w = _mm256_broadcast_ss(s + (j - start) * G + g);
-                    o[g][0] = _mm256_fmadd_ps(w, x0, o[g][0]);
-                    o[g][1] = _mm256_fmadd_ps(w, x1, o[g][1]);
+                    a[g][0] = _mm256_fmadd_ps(w, x0, a[g][0]);
+                    a[g][1] = _mm256_fmadd_ps(w, x1, a[g][1]);
                 }
             }
+            for (int g = 0; g < G; g++) o[g][0] = a[g][0], o[g][1] = a[g][1];
         }
         for (int g = 0; g < G; g++) {
             uint16_t *dst = (uint16_t *)p->out + ((int64_t)r * p->heads + h * G + g) * p->dim + y * 8;
