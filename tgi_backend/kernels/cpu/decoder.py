@@ -20,6 +20,7 @@ import torch
 from tgi_backend.engine.forward_context import DecodeBatch
 from tgi_backend.kernels.cpu import library
 from tgi_backend.kernels.cpu.act import EXACT, act_table
+from tgi_backend.kernels.cpu.weight_arena import move_to_huge_pages
 from tgi_backend.layers.linear import COPY_MEMORY_FRACTION, bf16_support, physical_memory
 
 _P, _I64, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -249,6 +250,9 @@ class FusedDecoder:
         if lib is None:
             return None
         amx = amx_available() and _amx_packable(weights)
+        # what a step of few rows streams: the layers' plain weights and the LM head
+        move_to_huge_pages([t for lw in weights.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+                           + ([weights.lm_head] if weights.lm_head is not None else []))
         return cls(weights, lib, amx=amx, sgemm=not amx and _sgemm_wanted(weights))
 
     def logits(self, hidden: torch.Tensor,
