@@ -2,10 +2,10 @@
 
 A model hands over its tensors as `DecoderWeights` (models/llama.py: `decoder_weights()`); the runner sends
 decode-only steps of up to `max_rows` rows here and everything else through the model. The C structs are
-built once; a step costs the embedding lookup, the rotary table lookup and one call. Up to the few-row
-kernel's rows the linears run it on the plain weights; past them, where the CPU has AMX, on a copy packed for
-the tiles (amx.h), up to AMX_MAX_ROWS rows; where it has no native bf16, by MKL's sgemm (PyTorch's own) on float32
-copies, up to SGEMM_MAX_ROWS.
+built once; a step costs one call (for Llama's plain lookups it gathers its embeddings and rotary rows
+itself). Up to the few-row kernel's rows the linears run it on the plain weights; past them, where the CPU has
+AMX, on a copy packed for the tiles (amx.h), up to AMX_MAX_ROWS rows; where it has no native bf16, by MKL's
+sgemm (PyTorch's own) on float32 copies, up to SGEMM_MAX_ROWS.
 """
 from __future__ import annotations
 
