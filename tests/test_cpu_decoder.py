@@ -192,7 +192,8 @@ def test_token_ids_positions_and_block_ids_out_of_bounds_are_refused(runner):
     far = positions  # a block table long enough, the rotary table not
     table = [1] * (far // BLOCK + 1)
     with pytest.raises(ValueError, match="out of bounds"):
-        fused.forward(torch.tensor([5]), torch.tensor([far]), slot, runner._decode_batch([_chunk("x", [5], far, table)]))
+        fused.forward(torch.tensor([5]), torch.tensor([far]), slot,
+                      runner._decode_batch([_chunk("x", [5], far, table)]))
     num_blocks = fused.num_blocks
     with pytest.raises(ValueError, match="out of bounds"):  # a block id past the cache among the row's blocks
         fused.forward(torch.tensor([5]), torch.tensor([BLOCK]), slot,

@@ -424,8 +424,10 @@ static int gather_inputs(const Model *m, Step *s, uint16_t *own) {
         for (int64_t r = 0; r < R; r++) {
             const int64_t p = s->positions[r];
             if (p < 0 || p >= m->max_positions) return -5;
-            for (int64_t j = 0; j < D; j++)
-                cos[r * D + j] = f32_to_bf16(m->cos_table[p * D + j]), sin[r * D + j] = f32_to_bf16(m->sin_table[p * D + j]);
+            for (int64_t j = 0; j < D; j++) {
+                cos[r * D + j] = f32_to_bf16(m->cos_table[p * D + j]);
+                sin[r * D + j] = f32_to_bf16(m->sin_table[p * D + j]);
+            }
         }
         s->cos = cos, s->sin = sin;
     }
@@ -439,8 +441,9 @@ static int positions_fit(const Model *m, const Step *s) {
     for (int64_t r = 0; r < s->rows; r++) {
         const int64_t p = s->positions[r];
         if (p < 0 || p >= s->max_len || p / m->block_size >= s->table_row_stride) return 0;
+        const int64_t *row = s->table + r * s->table_row_stride;
         for (int64_t b = 0; b <= p / m->block_size; b++)
-            if (s->table[r * s->table_row_stride + b] < 0 || s->table[r * s->table_row_stride + b] >= blocks) return 0;
+            if (row[b] < 0 || row[b] >= blocks) return 0;
     }
     return 1;
 }
@@ -460,8 +463,8 @@ int decode_step(const Model *m, Step *given) {
     const int64_t R = s->rows, H = m->hidden, D = m->dim, I = m->intermediate;
     const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D, group = m->heads / m->kv_heads;
     const int wide = R <= m->few_rows ? FEW_ROWS : m->sgemm ? WIDE_SGEMM : WIDE_AMX, amx = wide == WIDE_AMX;
-    if (R < 1 || R > m->max_rows || (!wide && R > MAX_ROWS) || attention_shape_ok((int)m->heads, (int)m->kv_heads, (int)D)
-        || D % 2 || D > MAX_DIM || (amx && !amx_ready()))
+    if (R < 1 || R > m->max_rows || (!wide && R > MAX_ROWS)
+        || attention_shape_ok((int)m->heads, (int)m->kv_heads, (int)D) || D % 2 || D > MAX_DIM || (amx && !amx_ready()))
         return -1;
     const int head = s->argmax != NULL; /* the LM head: few rows only (past them amx_linear or the model's) */
     if (head && (wide || !m->lm_head || m->vocab < 1)) return -1;
@@ -519,7 +522,8 @@ int decode_step(const Model *m, Step *given) {
     memset(claimed, 0, (size_t)tasks);
     a.head_at = (int64_t *)(((uintptr_t)(claimed + tasks) + 63) & ~(uintptr_t)63);
     a.head_best = (float *)(a.head_at + head_tasks * R);
-    const int gathered = gather_inputs(m, s, (uint16_t *)(((uintptr_t)(a.head_best + head_tasks * R) + 63) & ~(uintptr_t)63));
+    uint16_t *inputs_at = (uint16_t *)(((uintptr_t)(a.head_best + head_tasks * R) + 63) & ~(uintptr_t)63);
+    const int gathered = gather_inputs(m, s, inputs_at);
     if (gathered) {
         free(scratch);
         free(counts);
