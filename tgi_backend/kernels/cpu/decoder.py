@@ -153,20 +153,26 @@ def mkl_sgemm() -> int | None:
     return ctypes.cast(fn, ctypes.c_void_p).value
 
 
+def _linears(w: DecoderWeights) -> list[torch.Tensor]:
+    """Every layer's qkv, o, gate_up and down weights (bf16, as loaded)."""
+    return [t for lw in w.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+
+
+def _copies_fit(tensors: list[torch.Tensor]) -> bool:
+    """Copies of twice these tensors' bytes fit the share of memory the linear plans give theirs."""
+    return 2 * sum(t.numel() * t.element_size() for t in tensors) <= COPY_MEMORY_FRACTION * physical_memory()
+
+
 def _sgemm_wanted(w: DecoderWeights) -> bool:
     """Past the few-row kernel's rows, sgemm on float32 copies where bf16 has no native matmul here (no AMX:
-    see build) and the copies fit the share of memory the linear plans give theirs."""
-    copies = 2 * sum(t.numel() * t.element_size() for lw in w.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
-    return (bf16_support() != "native" and mkl_sgemm() is not None
-            and copies <= COPY_MEMORY_FRACTION * physical_memory())
+    see build) and the copies fit."""
+    return bf16_support() != "native" and mkl_sgemm() is not None and _copies_fit(_linears(w))
 
 
 def _amx_packable(w: DecoderWeights) -> bool:
-    """Shapes whole tiles, and room: the packed copies and the plain ones (the few-row kernel's) together take at
-    most the share of memory the linear plans give their copies."""
-    linears = [t for lw in w.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down)]
-    copies = 2 * sum(t.numel() * t.element_size() for t in linears + ([w.lm_head] if _head_packable(w) else []))
-    return all(map(_whole_tiles, linears)) and copies <= COPY_MEMORY_FRACTION * physical_memory()
+    """Shapes whole tiles, and room: the packed copies and the plain ones (the few-row kernel's) together fit."""
+    linears = _linears(w)
+    return all(map(_whole_tiles, linears)) and _copies_fit(linears + ([w.lm_head] if _head_packable(w) else []))
 
 
 def _head_packable(w: DecoderWeights) -> bool:
@@ -251,8 +257,7 @@ class FusedDecoder:
             return None
         amx = amx_available() and _amx_packable(weights)
         # what a step of few rows streams: the layers' plain weights and the LM head
-        move_to_huge_pages([t for lw in weights.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down)]
-                           + ([weights.lm_head] if weights.lm_head is not None else []))
+        move_to_huge_pages(_linears(weights) + ([weights.lm_head] if weights.lm_head is not None else []))
         return cls(weights, lib, amx=amx, sgemm=not amx and _sgemm_wanted(weights))
 
     def logits(self, hidden: torch.Tensor,
