@@ -16,6 +16,7 @@ static void ITEM_COPY(ITEM_G, ITEM_NV)(const Problem *p, int r, int h, float *s)
     const int64_t *table;
     const int64_t end = item_keys(p, r, &start, &table);
     const int n = (int)(end - start);
+    prefetch_block(p->k_cache, table[start / bs], p, h, 1); /* the first block: no block before it asked */
     float qf[G * NY * 8] __attribute__((aligned(32))); /* the scaled queries: read from L1 by the FMAs */
     for (int g = 0; g < G; g++)
         for (int y = 0; y < NY; y++)
@@ -25,7 +26,7 @@ static void ITEM_COPY(ITEM_G, ITEM_NV)(const Problem *p, int r, int h, float *s)
     for (int64_t j = start; j < end;) { /* scores, block by block */
         const int64_t blk = j / bs, stop = (blk + 1) * bs < end ? (blk + 1) * bs : end;
         const uint16_t *base = K + (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim;
-        if (stop < end) prefetch_block(p->k_cache, table[blk + 1], p, h, 1);
+        prefetch_ahead(p->k_cache, table, blk, end, p, h);
         for (; j < stop; j++) {
             __m256 acc[G][2];
             for (int g = 0; g < G; g++) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
@@ -38,6 +39,7 @@ static void ITEM_COPY(ITEM_G, ITEM_NV)(const Problem *p, int r, int h, float *s)
             for (int g = 0; g < G; g++) s[(j - start) * G + g] = hsum8(_mm256_add_ps(acc[g][0], acc[g][1]));
         }
     }
+    prefetch_block(p->v_cache, table[start / bs], p, h, 1);
     _Static_assert(16 % G == 0, "the copies are for groups that divide 16: softmax_tiled's vectors");
     float mx[MAX_GROUP], inv[MAX_GROUP];
     softmax_tiled(s, n * G, G, mx, inv);
@@ -47,7 +49,7 @@ static void ITEM_COPY(ITEM_G, ITEM_NV)(const Problem *p, int r, int h, float *s)
         for (int64_t j = start; j < end;) {
             const int64_t blk = j / bs, stop = (blk + 1) * bs < end ? (blk + 1) * bs : end;
             const uint16_t *base = V + (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim + y * 8;
-            if (y == 0 && stop < end) prefetch_block(p->v_cache, table[blk + 1], p, h, 1);
+            if (y == 0) prefetch_ahead(p->v_cache, table, blk, end, p, h);
             __m256 a[G][2]; /* the block's sums in registers: GCC stored o's to the stack every key otherwise */
             for (int g = 0; g < G; g++) a[g][0] = o[g][0], a[g][1] = o[g][1];
             for (; j < stop; j++) {
