@@ -11,7 +11,7 @@ from tgi_backend.config import EngineConfig
 from tgi_backend.engine.model_runner import ModelRunner
 from tgi_backend.engine.request import SamplingParams
 from tgi_backend.engine.scheduler_output import ScheduledChunk, SchedulerOutput
-from tgi_backend.kernels.cpu import decoder, gemv, library
+from tgi_backend.kernels.cpu import decoder, gemv, library, panel
 from tgi_backend.layers import linear as linear_module
 from tgi_backend.sampling.sampler import greedy_tokens
 
@@ -86,19 +86,19 @@ def test_amx_steps_match_the_modules(runner):
 
 
 @pytest.fixture
-def sgemm_runner(runner, monkeypatch) -> ModelRunner:
-    """The runner with its fused step's many-row linears on MKL's sgemm (any CPU: build picks them without AMX
-    and native bf16)."""
-    if decoder.mkl_sgemm() is None:
-        pytest.skip("no MKL sgemm_ in this PyTorch")
+def panel_runner(runner, monkeypatch) -> ModelRunner:
+    """The runner with its fused step's many-row linears on the panels (an AVX2 CPU without AVX-512: build picks
+    them there without native bf16)."""
+    if not panel.available():
+        pytest.skip("no panel kernel in this build (AVX2 without AVX-512)")
     monkeypatch.setattr(runner, "fused", decoder.FusedDecoder(runner.model.decoder_weights(), library("decoder"),
-                                                              sgemm=True))
+                                                              panels=True))
     return runner
 
 
-def test_sgemm_steps_match_the_modules(sgemm_runner):
-    assert sgemm_runner.fused.max_rows == decoder.SGEMM_MAX_ROWS
-    for rows, got, want, kv_fused, kv_modules in _decode_steps(sgemm_runner, [5, 8, 9, 16, 17, 33, 7, 128]):
+def test_panel_steps_match_the_modules(panel_runner):
+    assert panel_runner.fused.max_rows == decoder.PANEL_MAX_ROWS
+    for rows, got, want, kv_fused, kv_modules in _decode_steps(panel_runner, [5, 8, 9, 13, 16, 17, 33, 7, 128]):
         # float32 sums as the modules' float32 copies (or bf16 ones), in another order: a last bf16 bit may differ
         scale = want.abs().max().item()
         assert (got - want).abs().max().item() <= 0.02 * scale, f"{rows} rows"
@@ -106,21 +106,21 @@ def test_sgemm_steps_match_the_modules(sgemm_runner):
         torch.testing.assert_close(kv_fused.float(), kv_modules.float(), rtol=0.02, atol=0.02)
 
 
-def test_sgemm_steps_steal_and_give_the_same_bits(sgemm_runner, monkeypatch):
-    test_stolen_tasks_give_the_same_bits(sgemm_runner, monkeypatch)
+def test_panel_steps_steal_and_give_the_same_bits(panel_runner, monkeypatch):
+    test_stolen_tasks_give_the_same_bits(panel_runner, monkeypatch)
 
 
-def test_no_sgemm_copies_past_the_memory_share(runner, monkeypatch):
+def test_no_panels_past_the_memory_share(runner, monkeypatch):
     weights = runner.model.decoder_weights()
-    f32_bytes = sum(t.numel() * 4 for lw in weights.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
+    both_bytes = sum(t.numel() * 4 for lw in weights.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
     monkeypatch.setattr(decoder, "bf16_support", lambda: "none")
-    monkeypatch.setattr(decoder, "physical_memory", lambda: int(f32_bytes / decoder.COPY_MEMORY_FRACTION) + 1)
-    assert decoder._sgemm_wanted(weights) == (decoder.mkl_sgemm() is not None)
-    monkeypatch.setattr(decoder, "physical_memory", lambda: int(f32_bytes / decoder.COPY_MEMORY_FRACTION) - 1)
-    assert not decoder._sgemm_wanted(weights)
+    monkeypatch.setattr(decoder, "physical_memory", lambda: int(both_bytes / decoder.COPY_MEMORY_FRACTION) + 1)
+    assert decoder._panels_wanted(weights) == panel.available()
+    monkeypatch.setattr(decoder, "physical_memory", lambda: int(both_bytes / decoder.COPY_MEMORY_FRACTION) - 1)
+    assert not decoder._panels_wanted(weights)
     monkeypatch.setattr(decoder, "physical_memory", lambda: 1 << 50)
     monkeypatch.setattr(decoder, "bf16_support", lambda: "native")  # bf16 matmuls of their own past the few rows
-    assert not decoder._sgemm_wanted(weights)
+    assert not decoder._panels_wanted(weights)
 
 
 def test_stolen_tasks_give_the_same_bits(runner, monkeypatch):

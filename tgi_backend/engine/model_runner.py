@@ -188,7 +188,7 @@ class ModelRunner:
         if greedy is not None:  # the step's own LM head gave every row's greedy token
             return None, prompt, greedy
         rows = hidden.index_select(0, batch.sample_rows)
-        head = self.fused.logits(rows, greedy_only) if fused else None  # the LM head on AMX where the step was fused
+        head = self.fused.logits(rows, greedy_only) if fused else None  # the fused step's copy of the LM head
         if head is None:
             return self.model.compute_logits(rows), prompt, None
         logits, greedy = head

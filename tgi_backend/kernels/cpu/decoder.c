@@ -21,6 +21,7 @@
 #include "act.h"
 #include "amx.h"
 #include "gemv.h"
+#include "panel.h"
 #include "paged_decode.h"
 #include "rms_norm.h"
 #include "rope.h"
@@ -29,7 +30,7 @@ typedef struct { /* one decoder layer; weights bf16 [out, in] row-major; biases 
     const uint16_t *input_norm, *post_norm;
     const uint16_t *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
     const uint16_t *qkv_amx, *o_amx, *gate_up_amx, *down_amx; /* packed for amx.h; NULL: no AMX */
-    const float *qkv_f32, *o_f32, *gate_up_f32, *down_f32;    /* float32 copies for Model.sgemm; NULL: none */
+    const uint32_t *qkv_panel, *o_panel, *gate_up_panel, *down_panel; /* packed for panel.h; NULL: none */
     void *k_cache, *v_cache; /* [num_slots, kv_heads, dim] */
     int64_t window;          /* sliding window; 0: none */
 } Layer;
@@ -37,7 +38,7 @@ typedef struct { /* one decoder layer; weights bf16 [out, in] row-major; biases 
 typedef struct {
     int64_t layers, hidden, heads, kv_heads, dim, intermediate, block_size, num_slots;
     int64_t few_rows; /* up to this many rows the few-row kernel (gemv.h) on the plain weights, past it AMX
-                       * (or sgemm) */
+                       * (or the panels) */
     int64_t max_rows;
     float eps, scale;
     const uint16_t *final_norm;
@@ -45,18 +46,14 @@ typedef struct {
     const Layer *layer;
     const uint16_t *lm_head; /* [vocab, hidden] bf16 as loaded; NULL: the step never takes the LM head */
     int64_t vocab;
-    void *sgemm; /* MKL's sgemm_ (PyTorch's): past few_rows the linears on the float32 copies; NULL: AMX */
+    int64_t panels; /* past few_rows the linears on Layer's panels (panel.h, AVX2 builds); 0: AMX */
     const uint16_t *embed;                /* [vocab_rows, hidden] bf16: Step.ids' rows; NULL: Step.x given */
     int64_t vocab_rows;
     const float *cos_table, *sin_table; /* [max_positions, dim] float32 (sin's first half negated); NULL: given */
     int64_t max_positions;
 } Model;
 
-/* Fortran BLAS sgemm, LP64: C = alpha op(A) op(B) + beta C, column-major. Called inside the step's parallel
- * region, MKL runs it on the calling thread alone. */
-typedef void (*sgemm_fn)(const char *, const char *, const int *, const int *, const int *, const float *,
-                         const float *, const int *, const float *, const int *, const float *, float *, const int *);
-enum { FEW_ROWS, WIDE_AMX, WIDE_SGEMM }; /* how a step's linears run: by its rows and the CPU */
+enum { FEW_ROWS, WIDE_AMX, WIDE_PANEL }; /* how a step's linears run: by its rows and the CPU */
 
 typedef struct { /* one decode step: `rows` tokens, one per request */
     int64_t rows;
@@ -101,8 +98,7 @@ _Static_assert(CHUNK % AMX_OUTPUTS == 0 && CHUNK % 4 == 0, "a task is whole AMX 
 typedef struct { /* where a step's activations live (bf16); y, attn and act have `padded` rows for the tiles */
     uint16_t *resid, *y, *qkv, *attn, *h, *gu, *act;
     int64_t padded;
-    int wide; /* FEW_ROWS, WIDE_AMX, WIDE_SGEMM */
-    sgemm_fn sgemm;
+    int wide; /* FEW_ROWS, WIDE_AMX, WIDE_PANEL */
     float *head_best;   /* [head tasks][rows]: each task's first maximum per row, and where */
     int64_t *head_at;
 } Acts;
@@ -111,7 +107,7 @@ typedef struct { /* a thread's own outputs: a task computes here, in its destina
     uint16_t *out;  /* [rows, widest output] */
     uint16_t *sum;  /* [rows, hidden]: a norm's residual sum */
     uint16_t *slot; /* [kv_heads * dim]: rope's cache rows, dropped (the commit stores them) */
-    float *scores, *xf, *yf; /* yf: [rows, CHUNK], a task's sgemm outputs */
+    float *scores, *xf, *yf; /* yf: [rows, CHUNK], a panel task's float32 sums */
     int64_t widened;
     float head_best[MAX_ROWS]; /* the LM-head task's first maximum per row, and where */
     int64_t head_at[MAX_ROWS];
@@ -169,28 +165,28 @@ static inline void widen_once(const uint16_t *x, int64_t n, float *xf, int64_t *
     *widened = phase_id;
 }
 
-/* Outputs [first, last) of y = x @ w.T + bias by sgemm on the float32 weight, summed and biased in float32 and
- * rounded once: the modules' float32 path (oneDNN on its packed copy), up to the sums' order. */
-static inline void sgemm_task(const Acts *a, const float *xf, int64_t rows, int64_t in, const float *w, int64_t out,
+#if HAVE_AVX2_ONLY
+/* Outputs [first, last) of y = x @ w.T + bias from the panels, summed and biased in float32 and rounded once: the
+ * modules' float32 path (oneDNN on its packed copy), up to the sums' order. */
+static inline void panel_task(const float *xf, int64_t rows, int64_t in, const uint32_t *panel, int64_t out,
                               const uint16_t *bias, uint16_t *y, int64_t first, int64_t last, float *yf) {
-    const int m = (int)(last - first), n = (int)rows, k = (int)in, ldc = CHUNK;
-    const float one = 1.0f, zero = 0.0f;
-    a->sgemm("T", "N", &m, &n, &k, &one, w + first * in, &k, xf, &k, &zero, yf, &ldc);
+    panel_outputs(xf, rows, in, panel, first, last, yf, CHUNK);
     for (int64_t r = 0; r < rows; r++) {
         const float *s = yf + r * CHUNK;
         uint16_t *d = y + r * out + first;
         if (bias)
-            for (int j = 0; j < m; j++) d[j] = f32_to_bf16(s[j] + bf16_to_f32(bias[first + j]));
+            for (int64_t j = 0; j < last - first; j++) d[j] = f32_to_bf16(s[j] + bf16_to_f32(bias[first + j]));
         else
-            for (int j = 0; j < m; j++) d[j] = f32_to_bf16(s[j]);
+            for (int64_t j = 0; j < last - first; j++) d[j] = f32_to_bf16(s[j]);
     }
 }
+#endif
 
-/* One linear task: outputs [k * CHUNK, ...) of y = x @ w.T + bias; on AMX from the packed weight, by sgemm
- * from the float32 one, else the few-row kernel, x widened first where bf16 is emulated (once per phase and
- * thread: *widened remembers which). */
+/* One linear task: outputs [k * CHUNK, ...) of y = x @ w.T + bias; on AMX from the packed weight, else from
+ * the panels, else the few-row kernel, x widened first where bf16 is emulated (once per phase and thread:
+ * *widened remembers which). */
 static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w,
-                               const uint16_t *w_amx, const float *w_f32, int64_t out, const uint16_t *bias,
+                               const uint16_t *w_amx, const uint32_t *w_panel, int64_t out, const uint16_t *bias,
                                uint16_t *y, int64_t k, Own *o, int64_t phase_id) {
     const int64_t first = k * CHUNK, last = first + CHUNK < out ? first + CHUNK : out;
     if (a->wide == WIDE_AMX) {
@@ -198,11 +194,15 @@ static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, i
             amx_chunk(x, rows, a->padded, in, w_amx, out, c, bias, y, 0, NULL, NULL);
         return;
     }
-    if (a->wide == WIDE_SGEMM) {
+#if HAVE_AVX2_ONLY
+    if (a->wide == WIDE_PANEL) {
         widen_once(x, rows * in, o->xf, &o->widened, phase_id);
-        sgemm_task(a, o->xf, rows, in, w_f32, out, bias, y, first, last, o->yf);
+        panel_task(o->xf, rows, in, w_panel, out, bias, y, first, last, o->yf);
         return;
     }
+#else
+    (void)w_panel;
+#endif
 #ifdef __AVX512BF16__
     (void)o, (void)phase_id;
     gemv_rows(x, rows, in, w, out, first, last, bias, y, 0);
@@ -264,7 +264,7 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
         }
         break;
     case QKV:
-        linear_task(a, a->y, R, H, L->qkv, L->qkv_amx, L->qkv_f32, qkv_out, L->qkv_bias, o->out, k, o, phase_id);
+        linear_task(a, a->y, R, H, L->qkv, L->qkv_amx, L->qkv_panel, qkv_out, L->qkv_bias, o->out, k, o, phase_id);
         break;
     case ROPE: /* rotated in a copy of the rows; the cache rows go to a scratch slot */
         memcpy(o->out + first_row * qkv_out, a->qkv + first_row * qkv_out,
@@ -283,14 +283,14 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
         break;
     }
     case O_PROJ:
-        linear_task(a, a->attn, R, m->heads * D, L->o, L->o_amx, L->o_f32, H, L->o_bias, o->out, k, o, phase_id);
+        linear_task(a, a->attn, R, m->heads * D, L->o, L->o_amx, L->o_panel, H, L->o_bias, o->out, k, o, phase_id);
         break;
     case NORM_POST:
         for (int64_t r = first_row; r < end_row; r++)
             norm_row(a->h + r * H, a->resid + r * H, o->sum + r * H, o->out + r * H, L->post_norm, (int)H, m->eps, 1);
         break;
     case GATE_UP:
-        linear_task(a, a->y, R, H, L->gate_up, L->gate_up_amx, L->gate_up_f32, 2 * I, L->gate_up_bias, o->out, k, o,
+        linear_task(a, a->y, R, H, L->gate_up, L->gate_up_amx, L->gate_up_panel, 2 * I, L->gate_up_bias, o->out, k, o,
                     phase_id);
         break;
     case ACT: { /* act(gate) * up, each rounded to bf16 as PyTorch's two ops; elements [first, last) */
@@ -299,7 +299,7 @@ static void run_task(const Model *m, const Step *s, const Acts *a, int64_t l, in
         break;
     }
     default:
-        linear_task(a, a->act, R, I, L->down, L->down_amx, L->down_f32, H, L->down_bias, o->out, k, o, phase_id);
+        linear_task(a, a->act, R, I, L->down, L->down_amx, L->down_panel, H, L->down_bias, o->out, k, o, phase_id);
         break;
     }
 }
@@ -462,8 +462,8 @@ int decode_step(const Model *m, Step *given) {
     Step step = *given, *s = &step; /* its x, cos and sin may be gathered here */
     const int64_t R = s->rows, H = m->hidden, D = m->dim, I = m->intermediate;
     const int64_t qkv_out = (m->heads + 2 * m->kv_heads) * D, group = m->heads / m->kv_heads;
-    const int wide = R <= m->few_rows ? FEW_ROWS : m->sgemm ? WIDE_SGEMM : WIDE_AMX, amx = wide == WIDE_AMX;
-    if (R < 1 || R > m->max_rows || (!wide && R > MAX_ROWS)
+    const int wide = R <= m->few_rows ? FEW_ROWS : m->panels ? WIDE_PANEL : WIDE_AMX, amx = wide == WIDE_AMX;
+    if (R < 1 || R > m->max_rows || (!wide && R > MAX_ROWS) || (wide == WIDE_PANEL && !HAVE_AVX2_ONLY)
         || attention_shape_ok((int)m->heads, (int)m->kv_heads, (int)D) || D % 2 || D > MAX_DIM || (amx && !amx_ready()))
         return -1;
     const int head = s->argmax != NULL; /* the LM head: few rows only (past them amx_linear or the model's) */
@@ -471,7 +471,7 @@ int decode_step(const Model *m, Step *given) {
     for (int64_t l = 0; wide && l < m->layers; l++) {
         const Layer *L = &m->layer[l];
         if (amx ? !L->qkv_amx || !L->o_amx || !L->gate_up_amx || !L->down_amx
-                : !L->qkv_f32 || !L->o_f32 || !L->gate_up_f32 || !L->down_f32)
+                : !L->qkv_panel || !L->o_panel || !L->gate_up_panel || !L->down_panel)
             return -1;
     }
     if ((!s->x && (!s->ids || !m->embed)) || (!s->cos && (!m->cos_table || !m->sin_table)) || !s->cos != !s->sin)
@@ -485,9 +485,9 @@ int decode_step(const Model *m, Step *given) {
     const int64_t P = amx ? (R + 15) / 16 * 16 : R; /* rows of the linears' inputs: whole tiles on AMX */
     /* activations (bf16): residual, normed x, qkv, attention, o / down output, gate|up, act */
     const size_t acts = (size_t)R * (size_t)(2 * H + qkv_out + 2 * I) + (size_t)P * (size_t)(H + m->heads * D + I);
-    /* scores, x widened, sgemm's outputs */
+    /* scores, x widened, a panel task's sums */
     const size_t per_thread = (size_t)group * (size_t)max_len + (amx ? 0 : (size_t)R * (size_t)widest)
-                              + (wide == WIDE_SGEMM ? (size_t)R * CHUNK : 0);
+                              + (wide == WIDE_PANEL ? (size_t)R * CHUNK : 0);
     int64_t widest_out = qkv_out > 2 * I ? qkv_out : 2 * I; /* heads * dim is at most qkv_out */
     if (H > widest_out) widest_out = H;
     /* per thread: out, sum, slot (Own) */
@@ -512,7 +512,7 @@ int decode_step(const Model *m, Step *given) {
         return -2;
     }
     Acts a;
-    a.padded = P, a.wide = wide, a.sgemm = (sgemm_fn)m->sgemm;
+    a.padded = P, a.wide = wide;
     a.resid = (uint16_t *)scratch;
     a.y = a.resid + R * H, a.qkv = a.y + P * H, a.attn = a.qkv + R * qkv_out, a.h = a.attn + P * m->heads * D;
     a.gu = a.h + R * H, a.act = a.gu + R * 2 * I;

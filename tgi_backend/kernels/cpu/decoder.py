@@ -4,21 +4,19 @@ A model hands over its tensors as `DecoderWeights` (models/llama.py: `decoder_we
 decode-only steps of up to `max_rows` rows here and everything else through the model. The C structs are
 built once; a step costs one call (for Llama's plain lookups it gathers its embeddings and rotary rows
 itself). Up to the few-row kernel's rows the linears run it on the plain weights; past them, where the CPU has
-AMX, on a copy packed for the tiles (amx.h), up to AMX_MAX_ROWS rows; where it has no native bf16, by MKL's
-sgemm (PyTorch's own) on float32 copies, up to SGEMM_MAX_ROWS.
+AMX, on a copy packed for the tiles (amx.h), up to AMX_MAX_ROWS rows; where it has AVX2 and no native bf16, on
+a copy packed in panels (panel.h), up to PANEL_MAX_ROWS.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from tgi_backend.engine.forward_context import DecodeBatch
-from tgi_backend.kernels.cpu import library
+from tgi_backend.kernels.cpu import library, panel
 from tgi_backend.kernels.cpu.act import EXACT, act_table
 from tgi_backend.kernels.cpu.weight_arena import move_to_huge_pages
 from tgi_backend.layers.linear import COPY_MEMORY_FRACTION, bf16_support, physical_memory
@@ -31,7 +29,7 @@ MAX_DIM = 512  # rope.h
 # ops hand the GIL to the serving threads and a preempted OpenMP thread stalls them, 128 streams against a limit
 # of 96 (switched every 40 steps in one server, decode tok/s): small 1.048x / 1.060x, medium 1.105x / 1.009x
 AMX_MAX_ROWS = 128
-SGEMM_MAX_ROWS = 128
+PANEL_MAX_ROWS = 128
 # a thread that waits on a phase this long (~15 ns a spin here: ~20 us, past a task's few us) redoes the tasks
 # still out: their thread is most likely preempted by the serving threads sharing the cores
 STEAL_SPINS = 1024
@@ -41,15 +39,15 @@ ROW_TASKS = 8  # decoder.c's: a norm, rope or attention phase has at most this m
 class _Layer(ctypes.Structure):
     _fields_ = [(name, _P) for name in ("input_norm", "post_norm", "qkv", "qkv_bias", "o", "o_bias", "gate_up",
                                         "gate_up_bias", "down", "down_bias", "qkv_amx", "o_amx", "gate_up_amx",
-                                        "down_amx", "qkv_f32", "o_f32", "gate_up_f32", "down_f32", "k_cache",
-                                        "v_cache")] + [("window", _I64)]
+                                        "down_amx", "qkv_panel", "o_panel", "gate_up_panel", "down_panel",
+                                        "k_cache", "v_cache")] + [("window", _I64)]
 
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, _I64) for name in ("layers", "hidden", "heads", "kv_heads", "dim", "intermediate",
                                           "block_size", "num_slots", "few_rows", "max_rows")] + [
         ("eps", _F32), ("scale", _F32), ("final_norm", _P), ("act_table", _P), ("layer", ctypes.POINTER(_Layer)),
-        ("lm_head", _P), ("vocab", _I64), ("sgemm", _P), ("embed", _P), ("vocab_rows", _I64), ("cos_table", _P),
+        ("lm_head", _P), ("vocab", _I64), ("panels", _I64), ("embed", _P), ("vocab_rows", _I64), ("cos_table", _P),
         ("sin_table", _P), ("max_positions", _I64)]
 
 
@@ -143,16 +141,6 @@ def amx_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: t
     return out
 
 
-@functools.cache
-def mkl_sgemm() -> int | None:
-    """The address of MKL's Fortran sgemm_ (LP64) in PyTorch's CPU library, or None (a build without MKL)."""
-    try:
-        fn = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")).sgemm_
-    except (OSError, AttributeError):
-        return None
-    return ctypes.cast(fn, ctypes.c_void_p).value
-
-
 def _linears(w: DecoderWeights) -> list[torch.Tensor]:
     """Every layer's qkv, o, gate_up and down weights (bf16, as loaded)."""
     return [t for lw in w.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down)]
@@ -163,10 +151,10 @@ def _copies_fit(tensors: list[torch.Tensor]) -> bool:
     return 2 * sum(t.numel() * t.element_size() for t in tensors) <= COPY_MEMORY_FRACTION * physical_memory()
 
 
-def _sgemm_wanted(w: DecoderWeights) -> bool:
-    """Past the few-row kernel's rows, sgemm on float32 copies where bf16 has no native matmul here (no AMX:
-    see build) and the copies fit."""
-    return bf16_support() != "native" and mkl_sgemm() is not None and _copies_fit(_linears(w))
+def _panels_wanted(w: DecoderWeights) -> bool:
+    """Past the few-row kernel's rows, the panels where bf16 has no native matmul here (no AMX: see build), the
+    build has their kernel (AVX2 without AVX-512) and the copies fit."""
+    return bf16_support() != "native" and panel.available() and _copies_fit(_linears(w))
 
 
 def _amx_packable(w: DecoderWeights) -> bool:
@@ -202,25 +190,25 @@ def supported(w: DecoderWeights) -> bool:
 class FusedDecoder:
     """Runs decode-only steps of up to `max_rows` rows through decoder.c; keeps the tensors it points to."""
 
-    def __init__(self, weights: DecoderWeights, lib: ctypes.CDLL, amx: bool = False, sgemm: bool = False) -> None:
+    def __init__(self, weights: DecoderWeights, lib: ctypes.CDLL, amx: bool = False, panels: bool = False) -> None:
         self.weights, self.lib = weights, lib
-        if amx and sgemm:
-            raise ValueError("the fused decoder's many-row linears run on AMX or sgemm, not both")
-        sgemm_at = mkl_sgemm() if sgemm else None
-        if sgemm and sgemm_at is None:
-            raise RuntimeError("no MKL sgemm_ in this PyTorch")
-        # per layer: qkv, o, gate_up, down packed for AMX, float32 for sgemm, or Nones
+        if amx and panels:
+            raise ValueError("the fused decoder's many-row linears run on AMX or the panels, not both")
+        if panels and not panel.available():
+            raise RuntimeError("no panel kernel in this build (AVX2 without AVX-512)")
+        # per layer: qkv, o, gate_up, down packed for AMX, in panels, or Nones
         self.amx = [tuple(vnni_pack(t) for t in (lw.qkv, lw.o, lw.gate_up, lw.down)) if amx else (None,) * 4
                     for lw in weights.layers]
-        self.f32 = [tuple(t.float().contiguous() for t in (lw.qkv, lw.o, lw.gate_up, lw.down)) if sgemm
-                    else (None,) * 4 for lw in weights.layers]
+        self.panels = [tuple(panel.pack(t) for t in (lw.qkv, lw.o, lw.gate_up, lw.down)) if panels
+                       else (None,) * 4 for lw in weights.layers]
         self.lm_head_amx = vnni_pack(weights.lm_head) if amx and _head_packable(weights) else None
-        self.max_rows = AMX_MAX_ROWS if amx else SGEMM_MAX_ROWS if sgemm else weights.max_rows
+        self.max_rows = AMX_MAX_ROWS if amx else PANEL_MAX_ROWS if panels else weights.max_rows
         first = weights.layers[0]
         self.hidden = first.o.shape[0]
         head = weights.lm_head
         # up to the few-row kernel's rows the step itself ends with the LM head where every row is plain greedy
         self.head_in_step = head is not None and head.is_contiguous() and head.shape[1] == self.hidden
+        self.lm_head_panel = panel.pack(head) if panels and self.head_in_step else None
         self.num_blocks = first.k_cache.shape[0]
         embed, rope = weights.embed_table, weights.rope_tables
         self.gather_x = embed is not None and embed.dtype is torch.bfloat16 and embed.is_contiguous()
@@ -235,15 +223,15 @@ class FusedDecoder:
         self._layers = (_Layer * len(weights.layers))(*[
             _Layer(_ptr(lw.input_norm), _ptr(lw.post_norm), _ptr(lw.qkv), _ptr(lw.qkv_bias), _ptr(lw.o),
                    _ptr(lw.o_bias), _ptr(lw.gate_up), _ptr(lw.gate_up_bias), _ptr(lw.down), _ptr(lw.down_bias),
-                   *(_ptr(t) for t in packed), *(_ptr(t) for t in f32), _ptr(lw.k_cache), _ptr(lw.v_cache),
+                   *(_ptr(t) for t in packed), *(_ptr(t) for t in panelled), _ptr(lw.k_cache), _ptr(lw.v_cache),
                    lw.window or 0)
-            for lw, packed, f32 in zip(weights.layers, self.amx, self.f32)])
+            for lw, packed, panelled in zip(weights.layers, self.amx, self.panels)])
         self._model = _Model(
             len(weights.layers), self.hidden, weights.heads, weights.kv_heads, weights.head_dim,
             first.down.shape[1], first.k_cache.shape[1], first.k_cache.shape[0] * first.k_cache.shape[1],
             weights.max_rows, self.max_rows, weights.eps, weights.scale, _ptr(weights.final_norm),
             _ptr(self.act_table), self._layers, _ptr(head) if self.head_in_step else None,
-            head.shape[0] if self.head_in_step else 0, sgemm_at, _ptr(embed) if self.gather_x else None,
+            head.shape[0] if self.head_in_step else 0, int(panels), _ptr(embed) if self.gather_x else None,
             embed.shape[0] if self.gather_x else 0, *((_ptr(rope[0]), _ptr(rope[1]), rope[0].shape[0])
                                                      if self.gather_rope else (None, None, 0)))
 
@@ -258,16 +246,22 @@ class FusedDecoder:
         amx = amx_available() and _amx_packable(weights)
         # what a step of few rows streams: the layers' plain weights and the LM head
         move_to_huge_pages(_linears(weights) + ([weights.lm_head] if weights.lm_head is not None else []))
-        return cls(weights, lib, amx=amx, sgemm=not amx and _sgemm_wanted(weights))
+        return cls(weights, lib, amx=amx, panels=not amx and _panels_wanted(weights))
 
     def logits(self, hidden: torch.Tensor,
                greedy_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
-        """hidden [rows, hidden] -> (float32 logits on AMX, as the LM head computes them (bf16 values), None), or
-        where every row is plain greedy (None, each row's first maximum) for the rows past the few-row kernel's;
-        None: the model's LM head (fewer rows, or no packed head). The greedy tokens come from the registers
-        and no logits are written: the head's 4 bytes per row and vocab entry (16 MB at 128 rows) went to memory
-        and back. LM head per call, small model: 32 rows 1.56 -> 1.37 ms, 128 rows 6.15 -> 2.84 ms."""
-        if self.lm_head_amx is None or hidden.shape[0] <= self.weights.max_rows:
+        """hidden [rows, hidden] -> (float32 logits, as the LM head computes them rounded to bf16, None) from the
+        AMX or panel copy of the head, or on AMX where every row is plain greedy (None, each row's first maximum),
+        for the rows past the few-row kernel's; None: the model's LM head (fewer rows, or no copy). On AMX the
+        greedy tokens come from the registers and no logits are written: the head's 4 bytes per row and vocab
+        entry (16 MB at 128 rows) went to memory and back. LM head per call, small model: 32 rows 1.56 -> 1.37 ms,
+        128 rows 6.15 -> 2.84 ms. The panels against oneDNN's float32 copy (EPYC Milan): 32 / 128 rows
+        8.9 -> 7.3 / 30.7 -> 27.8 ms."""
+        if hidden.shape[0] <= self.weights.max_rows:
+            return None
+        if self.lm_head_panel is not None:
+            return panel.linear(hidden, self.lm_head_panel, self.weights.lm_head.shape[0], None, torch.float32), None
+        if self.lm_head_amx is None:
             return None
         out = self.lm_head_amx.shape[0] * 16
         if not greedy_only:

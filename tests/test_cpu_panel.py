@@ -1,0 +1,42 @@
+"""panel.pack: the layout panel.h's linear reads (decode steps past the few-row kernel's rows)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tgi_backend.kernels.cpu import library, panel
+
+pytestmark = pytest.mark.skipif(library("panel") is None, reason="no C compiler: no panel library")
+
+
+@pytest.mark.parametrize("out", [16, 48, 37])
+def test_pack_holds_output_j_high_and_j_plus_8_low(out):
+    inn = 24
+    w = torch.randn(out, inn).bfloat16()
+    got = panel.pack(w)
+    padded = torch.zeros(-(-out // 16) * 16, inn, dtype=torch.bfloat16)
+    padded[:out] = w
+    bits = padded.view(torch.int16).to(torch.int64) & 0xFFFF  # [outputs, in] as unsigned 16-bit
+    per_panel = bits.view(-1, 16, inn).permute(0, 2, 1)  # [panel, in, 16]
+    want = (per_panel[..., :8] << 16) | per_panel[..., 8:]
+    assert got.shape == (-(-out // 16), inn, 8)
+    assert torch.equal(got.to(torch.int64) & 0xFFFFFFFF, want)
+
+
+def test_pack_refuses_what_it_does_not_take():
+    with pytest.raises(ValueError):
+        panel.pack(torch.randn(16, 8))  # float32
+
+
+@pytest.mark.skipif(not panel.available(), reason="no panel kernel in this build (AVX2 without AVX-512)")
+@pytest.mark.parametrize("rows,out,inn,bias", [(1, 37, 24, True), (7, 48, 64, False), (13, 130, 96, True),
+                                               (300, 64, 1000, False)])  # 300 x 1000: rows in blocks
+def test_linear_is_the_float32_sum_rounded_once(rows, out, inn, bias):
+    w, x = torch.randn(out, inn).bfloat16(), torch.randn(rows, inn).bfloat16()
+    b = torch.randn(out).bfloat16() if bias else None
+    want = x.float() @ w.float().T + (0 if b is None else b.float())
+    got_bf16 = panel.linear(x, panel.pack(w), out, b)
+    got_f32 = panel.linear(x, panel.pack(w), out, b, torch.float32)
+    assert got_bf16.dtype is torch.bfloat16 and got_f32.dtype is torch.float32
+    assert torch.equal(got_f32, got_bf16.float())  # logits: the same bf16 values
+    torch.testing.assert_close(got_bf16.float(), want, rtol=1 / 128, atol=1e-3 * want.abs().max().item())

@@ -1,0 +1,52 @@
+/* panel.h's linear as an op (the linear plan's, where bf16 is emulated on AVX2), and its packing. */
+#include <omp.h>
+#include <stdlib.h>
+
+#include "bf16.h"
+#include "panel.h"
+
+#define PANEL_CHUNK 128 /* outputs per task: 8 panels */
+
+/* 1 where this build has panel.h's kernel (AVX2 and FMA, no AVX-512). */
+int panel_ready(void) { return HAVE_AVX2_ONLY; }
+
+/* w [out, in] bf16 -> panel [ceil(out / 16) * in * 8] uint32. Returns 0. */
+int panel_pack_bf16(const uint16_t *w, int64_t out, int64_t in, uint32_t *panel) {
+    panel_pack(w, out, in, panel);
+    return 0;
+}
+
+/* y [rows, out] = x @ w.T + bias: x bf16 [rows, in], w in panels, bias bf16 or NULL. The float32 sums, biased in
+ * float32, are rounded to bf16 once: y bf16, or (y_f32) float32 holding those bf16 values (logits).
+ * Returns 0; -1 without the kernel; -2 out of memory. */
+int panel_linear(const uint16_t *x, int64_t rows, int64_t in, const uint32_t *panel, int64_t out,
+                 const uint16_t *bias, void *y, int y_f32, int threads) {
+#if HAVE_AVX2_ONLY
+    const int64_t teams = threads > 0 ? threads : 1, chunks = (out + PANEL_CHUNK - 1) / PANEL_CHUNK;
+    float *xf = malloc(sizeof(float) * (size_t)(rows * in + teams * rows * PANEL_CHUNK));
+    if (!xf) return -2;
+    float *sums = xf + rows * in;
+#pragma omp parallel num_threads(teams)
+    {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows * in; i++) xf[i] = bf16_to_f32(x[i]);
+        float *own = sums + (int64_t)omp_get_thread_num() * rows * PANEL_CHUNK;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t first = c * PANEL_CHUNK, last = first + PANEL_CHUNK < out ? first + PANEL_CHUNK : out;
+            panel_outputs(xf, rows, in, panel, first, last, own, PANEL_CHUNK);
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t o = first; o < last; o++) {
+                    const uint16_t h = f32_to_bf16(own[r * PANEL_CHUNK + o - first] + (bias ? bf16_to_f32(bias[o]) : 0.0f));
+                    if (y_f32) ((float *)y)[r * out + o] = bf16_to_f32(h);
+                    else ((uint16_t *)y)[r * out + o] = h;
+                }
+        }
+    }
+    free(xf);
+    return 0;
+#else
+    (void)x, (void)rows, (void)in, (void)panel, (void)out, (void)bias, (void)y, (void)y_f32, (void)threads;
+    return -1;
+#endif
+}

@@ -1,0 +1,48 @@
+"""Weights packed for panel.h's linear (decode steps past the few-row kernel's rows where bf16 is emulated)."""
+from __future__ import annotations
+
+import torch
+
+from tgi_backend.kernels.cpu import library
+
+PANEL = 16  # outputs per panel (panel.h)
+
+
+def available() -> bool:
+    """The build has panel.h's kernel: an AVX2 CPU without AVX-512."""
+    lib = library("panel")
+    return lib is not None and bool(lib.panel_ready())
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] bf16 -> panels [ceil(out / 16), in, 8] int32: per input, 16 outputs' bf16 in one 32-byte line
+    (lane j: output j in the high half, j + 8 in the low half); outputs past `out` are zeros."""
+    lib = library("panel")
+    if lib is None or w.dtype is not torch.bfloat16 or w.dim() != 2:
+        raise ValueError("panel.pack takes a 2-D bf16 weight (and a built panel library)")
+    w = w.contiguous()
+    out, inn = w.shape
+    panels = torch.empty(-(-out // PANEL), inn, PANEL // 2, dtype=torch.int32)
+    lib.panel_pack_bf16(w.data_ptr(), out, inn, panels.data_ptr())
+    return panels
+
+
+def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None,
+           out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [rows, in] bf16 @ w.T + bias with w in `panels` (pack): float32 sums rounded to bf16 once, returned as bf16
+    or as float32 holding the bf16 values (logits)."""
+    lib = library("panel")
+    if (lib is None or x.dtype is not torch.bfloat16 or x.dim() != 2 or x.shape[1] != panels.shape[1]
+            or out_dtype not in (torch.bfloat16, torch.float32)
+            or (bias is not None and (bias.dtype is not torch.bfloat16 or bias.shape != (out_features,)))):
+        raise ValueError("panel.linear: inputs the kernel does not take")
+    x, b = x.contiguous(), None if bias is None else bias.contiguous()  # held through the call
+    y = torch.empty(x.shape[0], out_features, dtype=out_dtype)
+    status = lib.panel_linear(x.data_ptr(), x.shape[0], x.shape[1], panels.data_ptr(), out_features,
+                              None if b is None else b.data_ptr(), y.data_ptr(),
+                              int(out_dtype is torch.float32), torch.get_num_threads())
+    if status == -2:
+        raise MemoryError(f"panel.linear: no memory for {x.shape[0]} rows")
+    if status != 0:
+        raise RuntimeError("panel.linear: no panel kernel in this build")
+    return y
