@@ -66,9 +66,12 @@ def _decode_steps(runner: ModelRunner, sizes: list[int]) -> list[tuple[int, torc
     return out
 
 
-def test_few_row_steps_equal_the_modules(runner):
+def test_few_row_steps_equal_the_modules(runner, monkeypatch):
     few = runner.model.model.layers[0].mlp.down_proj.packed.native_rows
-    assert runner.fused is not None and runner.fused._model.few_rows == few
+    assert runner.fused is not None
+    if runner.fused.lm_head_panel is not None or runner.fused.panels[0][0] is not None:  # every row on the panels
+        monkeypatch.setattr(runner, "fused", decoder.FusedDecoder(runner.fused.weights, library("decoder")))
+    assert runner.fused._model.few_rows == few
     for rows, got, want, kv_fused, kv_modules in _decode_steps(runner, [1 + s % few for s in range(12)]):
         assert torch.equal(got, want), f"{rows} rows"  # the same kernels' code: bit for bit
         assert torch.equal(kv_fused, kv_modules)  # the same K/V written to the same slots
@@ -98,11 +101,14 @@ def panel_runner(runner, monkeypatch) -> ModelRunner:
 
 def test_panel_steps_match_the_modules(panel_runner):
     assert panel_runner.fused.max_rows == decoder.PANEL_MAX_ROWS
-    for rows, got, want, kv_fused, kv_modules in _decode_steps(panel_runner, [5, 8, 9, 13, 16, 17, 33, 7, 128]):
+    assert panel_runner.fused._model.few_rows == 0  # every row on the panels, the LM head too
+    for rows, got, want, kv_fused, kv_modules in _decode_steps(panel_runner, [1, 2, 5, 8, 9, 13, 16, 17, 33, 7, 128]):
         # float32 sums as the modules' float32 copies (or bf16 ones), in another order: a last bf16 bit may differ
         scale = want.abs().max().item()
         assert (got - want).abs().max().item() <= 0.02 * scale, f"{rows} rows"
-        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+        top = want.argmax(-1, keepdim=True)  # the same token, or one within the tolerance of it (a near tie)
+        near = got.max(-1).values - got.gather(-1, top).squeeze(-1) <= 0.02 * scale
+        assert ((got.argmax(-1) == top.squeeze(-1)) | near).all(), f"{rows} rows"
         torch.testing.assert_close(kv_fused.float(), kv_modules.float(), rtol=0.02, atol=0.02)
 
 
@@ -330,6 +336,8 @@ def _check_step_greedy_tokens(runner: ModelRunner, ties: list[int], nans: list[i
                 head[ties] = head[3] * 8
             if round_ == 2:  # NaN logits at every index of `nans` in every row: the first one
                 head[nans] = float("nan")
+            if runner.fused.lm_head_panel is not None:  # the step's copy of the head
+                runner.fused.lm_head_panel.copy_(panel.pack(head))
             for n in (1, rows):
                 chunks = [_chunk(f"h{i}", [i + 1], 3, blocks[i]) for i in range(n)]
                 logits, _, none = runner._logits(runner._prepare(chunks), greedy_only=False)
@@ -342,3 +350,5 @@ def _check_step_greedy_tokens(runner: ModelRunner, ties: list[int], nans: list[i
                 assert (greedy == min(nans)).all()
     finally:
         head.copy_(saved)
+        if runner.fused.lm_head_panel is not None:
+            runner.fused.lm_head_panel.copy_(panel.pack(head))

@@ -45,8 +45,10 @@ typedef struct {
     const uint16_t *act_table; /* act(x) for every bf16 bit pattern x, and one spare entry */
     const Layer *layer;
     const uint16_t *lm_head; /* [vocab, hidden] bf16 as loaded; NULL: the step never takes the LM head */
+    const uint32_t *lm_head_panel; /* the same in panels (panel.h): the step's LM head from them; NULL: none */
     int64_t vocab;
-    int64_t panels; /* past few_rows the linears on Layer's panels (panel.h, AVX2 builds); 0: AMX */
+    int64_t panels; /* past few_rows (0 where there are panels) the linears on Layer's panels (panel.h, AVX2
+                     * builds); 0: AMX */
     const uint16_t *embed;                /* [vocab_rows, hidden] bf16: Step.ids' rows; NULL: Step.x given */
     int64_t vocab_rows;
     const float *cos_table, *sin_table; /* [max_positions, dim] float32 (sin's first half negated); NULL: given */
@@ -215,22 +217,32 @@ static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, i
 /* Whether v, later in vocab order, replaces b as the first maximum: argmax's rule, a NaN counts as the maximum. */
 static inline int later_wins(float v, float b) { return v > b || (v != v && b == b); }
 
-/* LM-head task k: logits [k * HEAD_CHUNK, ...) of every row as the few-row kernel rounds them (gemv.linear's
- * float32 logits: bf16 values), and each row's first maximum among them (a NaN counts as the maximum, as in
- * argmax). The step's greedy tokens without a [rows, vocab] tensor or a second native call. */
+/* LM-head task k: logits [k * HEAD_CHUNK, ...) of every row rounded to bf16 values (as gemv.linear's and
+ * panel.linear's float32 logits), from the panels where the step has them, and each row's first maximum among
+ * them (a NaN counts as the maximum, as in argmax). The step's greedy tokens without a [rows, vocab] tensor or a
+ * second native call. */
 static void head_task(const Model *m, const Step *s, int64_t k, Own *o) {
     const int64_t R = s->rows, H = m->hidden, first = k * HEAD_CHUNK;
     const int64_t width = first + HEAD_CHUNK < m->vocab ? HEAD_CHUNK : m->vocab - first;
     float y[MAX_ROWS * HEAD_CHUNK];
+    int64_t stride = width; /* of y's rows */
 #ifdef __AVX512BF16__
     const xelem *x = s->out;
 #else
     widen_once(s->out, R * H, o->xf, &o->widened, -2); /* the final norm's rows, once per thread */
     const xelem *x = o->xf;
 #endif
-    gemv_rows(x, R, H, m->lm_head + first * H, width, 0, width, NULL, y, 1);
+#if HAVE_AVX2_ONLY
+    if (m->lm_head_panel) {
+        panel_outputs(x, R, H, m->lm_head_panel, first, first + width, y, HEAD_CHUNK);
+        stride = HEAD_CHUNK;
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t i = 0; i < width; i++) y[r * HEAD_CHUNK + i] = bf16_to_f32(f32_to_bf16(y[r * HEAD_CHUNK + i]));
+    } else
+#endif
+        gemv_rows(x, R, H, m->lm_head + first * H, width, 0, width, NULL, y, 1);
     for (int64_t r = 0; r < R; r++) {
-        const float *row = y + r * width;
+        const float *row = y + r * stride;
         int64_t at = 0;
         for (int64_t i = 1; i < width; i++)
             if (later_wins(row[i], row[at])) at = i;
@@ -467,7 +479,8 @@ int decode_step(const Model *m, Step *given) {
         || attention_shape_ok((int)m->heads, (int)m->kv_heads, (int)D) || D % 2 || D > MAX_DIM || (amx && !amx_ready()))
         return -1;
     const int head = s->argmax != NULL; /* the LM head: few rows only (past them amx_linear or the model's) */
-    if (head && (wide || !m->lm_head || m->vocab < 1)) return -1;
+    if (head && ((wide && !(wide == WIDE_PANEL && m->lm_head_panel)) || R > MAX_ROWS || !m->lm_head || m->vocab < 1))
+        return -1;
     for (int64_t l = 0; wide && l < m->layers; l++) {
         const Layer *L = &m->layer[l];
         if (amx ? !L->qkv_amx || !L->o_amx || !L->gate_up_amx || !L->down_amx

@@ -4,8 +4,8 @@ A model hands over its tensors as `DecoderWeights` (models/llama.py: `decoder_we
 decode-only steps of up to `max_rows` rows here and everything else through the model. The C structs are
 built once; a step costs one call (for Llama's plain lookups it gathers its embeddings and rotary rows
 itself). Up to the few-row kernel's rows the linears run it on the plain weights; past them, where the CPU has
-AMX, on a copy packed for the tiles (amx.h), up to AMX_MAX_ROWS rows; where it has AVX2 and no native bf16, on
-a copy packed in panels (panel.h), up to PANEL_MAX_ROWS.
+AMX, on a copy packed for the tiles (amx.h), up to AMX_MAX_ROWS rows. Where it has AVX2 and no native bf16,
+every row runs on a copy packed in panels (panel.h), the LM head too, up to PANEL_MAX_ROWS.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ class _Model(ctypes.Structure):
     _fields_ = [(name, _I64) for name in ("layers", "hidden", "heads", "kv_heads", "dim", "intermediate",
                                           "block_size", "num_slots", "few_rows", "max_rows")] + [
         ("eps", _F32), ("scale", _F32), ("final_norm", _P), ("act_table", _P), ("layer", ctypes.POINTER(_Layer)),
-        ("lm_head", _P), ("vocab", _I64), ("panels", _I64), ("embed", _P), ("vocab_rows", _I64), ("cos_table", _P),
+        ("lm_head", _P), ("lm_head_panel", _P), ("vocab", _I64), ("panels", _I64), ("embed", _P), ("vocab_rows", _I64),
+        ("cos_table", _P),
         ("sin_table", _P), ("max_positions", _I64)]
 
 
@@ -202,6 +203,9 @@ class FusedDecoder:
         self.panels = [tuple(panel.pack(t) for t in (lw.qkv, lw.o, lw.gate_up, lw.down)) if panels
                        else (None,) * 4 for lw in weights.layers]
         self.lm_head_amx = vnni_pack(weights.lm_head) if amx and _head_packable(weights) else None
+        # with panels every row runs on them, the step's LM head too: small model, steps of 1 / 2 / 4 / 8 rows
+        # 1.21-1.24x / 1.23x / 1.21-1.22x / 1.15x the few-row kernel on the plain weights (medium 1.01x at one
+        # row, DRAM-bound; 1.13x / 1.20x at 4 / 8), alternated in one process
         self.max_rows = AMX_MAX_ROWS if amx else PANEL_MAX_ROWS if panels else weights.max_rows
         first = weights.layers[0]
         self.hidden = first.o.shape[0]
@@ -209,6 +213,7 @@ class FusedDecoder:
         # up to the few-row kernel's rows the step itself ends with the LM head where every row is plain greedy
         self.head_in_step = head is not None and head.is_contiguous() and head.shape[1] == self.hidden
         self.lm_head_panel = panel.pack(head) if panels and self.head_in_step else None
+        move_to_huge_pages(self.streamed())  # before the C structs take their addresses
         self.num_blocks = first.k_cache.shape[0]
         embed, rope = weights.embed_table, weights.rope_tables
         self.gather_x = embed is not None and embed.dtype is torch.bfloat16 and embed.is_contiguous()
@@ -229,8 +234,8 @@ class FusedDecoder:
         self._model = _Model(
             len(weights.layers), self.hidden, weights.heads, weights.kv_heads, weights.head_dim,
             first.down.shape[1], first.k_cache.shape[1], first.k_cache.shape[0] * first.k_cache.shape[1],
-            weights.max_rows, self.max_rows, weights.eps, weights.scale, _ptr(weights.final_norm),
-            _ptr(self.act_table), self._layers, _ptr(head) if self.head_in_step else None,
+            0 if panels else weights.max_rows, self.max_rows, weights.eps, weights.scale, _ptr(weights.final_norm),
+            _ptr(self.act_table), self._layers, _ptr(head) if self.head_in_step else None, _ptr(self.lm_head_panel),
             head.shape[0] if self.head_in_step else 0, int(panels), _ptr(embed) if self.gather_x else None,
             embed.shape[0] if self.gather_x else 0, *((_ptr(rope[0]), _ptr(rope[1]), rope[0].shape[0])
                                                      if self.gather_rope else (None, None, 0)))
@@ -244,9 +249,15 @@ class FusedDecoder:
         if lib is None:
             return None
         amx = amx_available() and _amx_packable(weights)
-        # what a step of few rows streams: the layers' plain weights and the LM head
-        move_to_huge_pages(_linears(weights) + ([weights.lm_head] if weights.lm_head is not None else []))
         return cls(weights, lib, amx=amx, panels=not amx and _panels_wanted(weights))
+
+    def streamed(self) -> list[torch.Tensor]:
+        """What a step of few rows reads from memory: the panels where it has them, else the layers' plain weights,
+        and the LM head."""
+        if self.lm_head_panel is not None or self.panels[0][0] is not None:
+            return [t for layer in self.panels for t in layer] + [t for t in (self.lm_head_panel,) if t is not None]
+        head = self.weights.lm_head
+        return _linears(self.weights) + ([head] if head is not None else [])
 
     def logits(self, hidden: torch.Tensor,
                greedy_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
@@ -257,11 +268,9 @@ class FusedDecoder:
         entry (16 MB at 128 rows) went to memory and back. LM head per call, small model: 32 rows 1.56 -> 1.37 ms,
         128 rows 6.15 -> 2.84 ms. The panels against oneDNN's float32 copy (EPYC Milan): 32 / 128 rows
         8.9 -> 7.3 / 30.7 -> 27.8 ms."""
-        if hidden.shape[0] <= self.weights.max_rows:
-            return None
-        if self.lm_head_panel is not None:
+        if self.lm_head_panel is not None:  # any rows: the step's own head (greedy_rows) computes as this
             return panel.linear(hidden, self.lm_head_panel, self.weights.lm_head.shape[0], None, torch.float32), None
-        if self.lm_head_amx is None:
+        if self.lm_head_amx is None or hidden.shape[0] <= self.weights.max_rows:
             return None
         out = self.lm_head_amx.shape[0] * 16
         if not greedy_only:
