@@ -109,7 +109,7 @@ typedef struct { /* a thread's own outputs: a task computes here, in its destina
     uint16_t *out;  /* [rows, widest output] */
     uint16_t *sum;  /* [rows, hidden]: a norm's residual sum */
     uint16_t *slot; /* [kv_heads * dim]: rope's cache rows, dropped (the commit stores them) */
-    float *scores, *xf, *yf; /* yf: [rows, CHUNK], a panel task's float32 sums */
+    float *scores, *xf;
     int64_t widened;
     float head_best[MAX_ROWS]; /* the LM-head task's first maximum per row, and where */
     int64_t head_at[MAX_ROWS];
@@ -167,23 +167,6 @@ static inline void widen_once(const uint16_t *x, int64_t n, float *xf, int64_t *
     *widened = phase_id;
 }
 
-#if HAVE_AVX2_ONLY
-/* Outputs [first, last) of y = x @ w.T + bias from the panels, summed and biased in float32 and rounded once: the
- * modules' float32 path (oneDNN on its packed copy), up to the sums' order. */
-static inline void panel_task(const float *xf, int64_t rows, int64_t in, const uint32_t *panel, int64_t out,
-                              const uint16_t *bias, uint16_t *y, int64_t first, int64_t last, float *yf) {
-    panel_outputs(xf, rows, in, panel, first, last, yf, CHUNK);
-    for (int64_t r = 0; r < rows; r++) {
-        const float *s = yf + r * CHUNK;
-        uint16_t *d = y + r * out + first;
-        if (bias)
-            for (int64_t j = 0; j < last - first; j++) d[j] = f32_to_bf16(s[j] + bf16_to_f32(bias[first + j]));
-        else
-            for (int64_t j = 0; j < last - first; j++) d[j] = f32_to_bf16(s[j]);
-    }
-}
-#endif
-
 /* One linear task: outputs [k * CHUNK, ...) of y = x @ w.T + bias; on AMX from the packed weight, else from
  * the panels, else the few-row kernel, x widened first where bf16 is emulated (once per phase and thread:
  * *widened remembers which). */
@@ -199,7 +182,8 @@ static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, i
 #if HAVE_AVX2_ONLY
     if (a->wide == WIDE_PANEL) {
         widen_once(x, rows * in, o->xf, &o->widened, phase_id);
-        panel_task(o->xf, rows, in, w_panel, out, bias, y, first, last, o->yf);
+        /* summed and biased in float32, rounded once: the modules' float32 path, up to the sums' order */
+        panel_outputs(o->xf, rows, in, w_panel, first, last, NULL, y + first, bias, out);
         return;
     }
 #else
@@ -234,7 +218,7 @@ static void head_task(const Model *m, const Step *s, int64_t k, Own *o) {
 #endif
 #if HAVE_AVX2_ONLY
     if (m->lm_head_panel) {
-        panel_outputs(x, R, H, m->lm_head_panel, first, first + width, y, HEAD_CHUNK);
+        panel_outputs(x, R, H, m->lm_head_panel, first, first + width, y, NULL, NULL, HEAD_CHUNK);
         stride = HEAD_CHUNK;
         for (int64_t r = 0; r < R; r++)
             for (int64_t i = 0; i < width; i++) y[r * HEAD_CHUNK + i] = bf16_to_f32(f32_to_bf16(y[r * HEAD_CHUNK + i]));
@@ -498,9 +482,8 @@ int decode_step(const Model *m, Step *given) {
     const int64_t P = amx ? (R + 15) / 16 * 16 : R; /* rows of the linears' inputs: whole tiles on AMX */
     /* activations (bf16): residual, normed x, qkv, attention, o / down output, gate|up, act */
     const size_t acts = (size_t)R * (size_t)(2 * H + qkv_out + 2 * I) + (size_t)P * (size_t)(H + m->heads * D + I);
-    /* scores, x widened, a panel task's sums */
-    const size_t per_thread = (size_t)group * (size_t)max_len + (amx ? 0 : (size_t)R * (size_t)widest)
-                              + (wide == WIDE_PANEL ? (size_t)R * CHUNK : 0);
+    /* scores, x widened */
+    const size_t per_thread = (size_t)group * (size_t)max_len + (amx ? 0 : (size_t)R * (size_t)widest);
     int64_t widest_out = qkv_out > 2 * I ? qkv_out : 2 * I; /* heads * dim is at most qkv_out */
     if (H > widest_out) widest_out = H;
     /* per thread: out, sum, slot (Own) */
@@ -555,7 +538,6 @@ int decode_step(const Model *m, Step *given) {
         const int id = omp_get_thread_num();
         Own o;
         o.scores = floats + (size_t)id * per_thread, o.xf = o.scores + (size_t)group * (size_t)max_len, o.widened = -1;
-        o.yf = o.xf + (amx ? 0 : (size_t)R * (size_t)widest);
         o.out = owns + (size_t)id * own, o.sum = o.out + R * widest_out, o.slot = o.sum + R * H;
         int64_t p = 0;
         if (amx) amx_configure();

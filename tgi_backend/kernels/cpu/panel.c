@@ -22,25 +22,32 @@ int panel_pack_bf16(const uint16_t *w, int64_t out, int64_t in, uint32_t *panel)
 int panel_linear(const uint16_t *x, int64_t rows, int64_t in, const uint32_t *panel, int64_t out,
                  const uint16_t *bias, void *y, int y_f32, int threads) {
 #if HAVE_AVX2_ONLY
+    /* a task: a block of rows (~256 KB of x past 128 rows, as panel_outputs) through a chunk of outputs */
+    int64_t block = rows <= 128 ? rows : (256 << 10) / (in * (int64_t)sizeof(float)) / PANEL_MR * PANEL_MR;
+    if (block < PANEL_MR) block = PANEL_MR;
     const int64_t teams = threads > 0 ? threads : 1, chunks = (out + PANEL_CHUNK - 1) / PANEL_CHUNK;
-    float *xf = malloc(sizeof(float) * (size_t)(rows * in + teams * rows * PANEL_CHUNK));
+    const int64_t tasks = (rows + block - 1) / block * chunks;
+    float *xf = malloc(sizeof(float) * (size_t)(rows * in + teams * block * PANEL_CHUNK));
     if (!xf) return -2;
     float *sums = xf + rows * in;
 #pragma omp parallel num_threads(teams)
     {
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows * in; i++) xf[i] = bf16_to_f32(x[i]);
-        float *own = sums + (int64_t)omp_get_thread_num() * rows * PANEL_CHUNK;
+        float *own = sums + (int64_t)omp_get_thread_num() * block * PANEL_CHUNK;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < chunks; c++) {
-            const int64_t first = c * PANEL_CHUNK, last = first + PANEL_CHUNK < out ? first + PANEL_CHUNK : out;
-            panel_outputs(xf, rows, in, panel, first, last, own, PANEL_CHUNK);
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t o = first; o < last; o++) {
-                    const uint16_t h = f32_to_bf16(own[r * PANEL_CHUNK + o - first] + (bias ? bf16_to_f32(bias[o]) : 0.0f));
-                    if (y_f32) ((float *)y)[r * out + o] = bf16_to_f32(h);
-                    else ((uint16_t *)y)[r * out + o] = h;
-                }
+        for (int64_t t = 0; t < tasks; t++) {
+            const int64_t b = t / chunks * block, n = b + block < rows ? block : rows - b;
+            const int64_t first = t % chunks * PANEL_CHUNK, last = first + PANEL_CHUNK < out ? first + PANEL_CHUNK : out;
+            if (!y_f32) {
+                panel_outputs(xf + b * in, n, in, panel, first, last, NULL, (uint16_t *)y + b * out + first, bias, out);
+                continue;
+            }
+            panel_outputs(xf + b * in, n, in, panel, first, last, own, NULL, NULL, PANEL_CHUNK);
+            for (int64_t r = 0; r < n; r++) /* logits: the bf16 values as float32 */
+                for (int64_t o = first; o < last; o++)
+                    ((float *)y)[(b + r) * out + o] =
+                        bf16_to_f32(f32_to_bf16(own[r * PANEL_CHUNK + o - first] + (bias ? bf16_to_f32(bias[o]) : 0.0f)));
         }
     }
     free(xf);

@@ -14,6 +14,7 @@
 #include <stdint.h>
 
 #include "avx2.h"
+#include "bf16.h"
 
 #define PANEL 16   /* outputs per panel */
 #define PANEL_MR 6 /* rows per micro-kernel call */
@@ -30,9 +31,31 @@ static inline void panel_pack(const uint16_t *w, int64_t out, int64_t in, uint32
 }
 
 #if HAVE_AVX2_ONLY
-/* y[r][0..16) = x[r] . the panel's 16 outputs, for MR rows (x [MR, in] float32, row stride in). */
+/* 8 float32 as bf16, rounded to nearest even (NaN stays NaN): bf16.h's f32_to_bf16 on a vector. */
+static inline __m128i panel_round8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i top = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan), 16);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0xD8));
+}
+
+/* The matrix's last `valid` (< 16) outputs of a row, biased and rounded one by one. */
+static __attribute__((noinline)) void panel_store_part(__m256 low, __m256 high, const uint16_t *bias, uint16_t *yb,
+                                                        int64_t valid) {
+    float f[PANEL];
+    _mm256_storeu_ps(f, low);
+    _mm256_storeu_ps(f + 8, high);
+    for (int64_t j = 0; j < valid; j++) yb[j] = f32_to_bf16(f[j] + (bias ? bf16_to_f32(bias[j]) : 0.0f));
+}
+
+/* The panel's 16 outputs for MR rows (x [MR, in] float32, row stride in): with yb, x . w + bias rounded to bf16
+ * into yb[r * ldy + 0 .. valid) (bias bf16 or NULL); else the float32 sums into y[r * ldy + 0 .. 16). */
 static inline __attribute__((always_inline)) void panel_micro(const float *x, int64_t in, const uint32_t *panel,
-                                                               const int MR, float *y, int64_t ldy) {
+                                                               const int MR, float *y, uint16_t *yb,
+                                                               const uint16_t *bias, int64_t ldy, int64_t valid) {
     __m256 acc[PANEL_MR][2];
     for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
@@ -45,35 +68,53 @@ static inline __attribute__((always_inline)) void panel_micro(const float *x, in
             acc[r][1] = _mm256_fmadd_ps(w1, b, acc[r][1]);
         }
     }
+    if (!yb) {
+        for (int r = 0; r < MR; r++) {
+            _mm256_storeu_ps(y + r * ldy, acc[r][0]);
+            _mm256_storeu_ps(y + r * ldy + 8, acc[r][1]);
+        }
+        return;
+    }
+    const __m256 b0 = bias && valid == PANEL ? bf16x8(bias) : _mm256_setzero_ps();
+    const __m256 b1 = bias && valid == PANEL ? bf16x8(bias + 8) : _mm256_setzero_ps();
+#pragma GCC unroll 8 /* whole: an acc[r] indexed at run time put every sum in memory at every input (2x slower) */
     for (int r = 0; r < MR; r++) {
-        _mm256_storeu_ps(y + r * ldy, acc[r][0]);
-        _mm256_storeu_ps(y + r * ldy + 8, acc[r][1]);
+        if (valid == PANEL) {
+            _mm_storeu_si128((__m128i *)(yb + r * ldy), panel_round8(_mm256_add_ps(acc[r][0], b0)));
+            _mm_storeu_si128((__m128i *)(yb + r * ldy + 8), panel_round8(_mm256_add_ps(acc[r][1], b1)));
+        } else {
+            panel_store_part(acc[r][0], acc[r][1], bias, yb + r * ldy, valid);
+        }
     }
 }
 
-/* Outputs [first, last) of x [rows, in] float32 @ w.T, w in panels (first a multiple of 16), as float32 sums
- * into y[r * ldy + o - first]; the last panel writes all its 16 columns (y has room up to a multiple of 16).
+/* Outputs [first, last) of x [rows, in] float32 @ w.T, w in panels (first a multiple of 16): with yb, biased
+ * and rounded to bf16 into yb[r * ldy + o - first]; else the float32 sums into y[r * ldy + o - first], the last
+ * panel writing all its 16 columns (y has room up to a multiple of 16).
  * Past 128 rows they go in blocks of ~256 KB of x, each block through every panel: a prefill's x stays in L2
  * (a decode step's 128 rows in blocks: 0.976x). */
 static inline void panel_outputs(const float *x, int64_t rows, int64_t in, const uint32_t *panel, int64_t first,
-                                 int64_t last, float *y, int64_t ldy) {
+                                 int64_t last, float *y, uint16_t *yb, const uint16_t *bias, int64_t ldy) {
     int64_t block = rows <= 128 ? rows : (256 << 10) / (in * (int64_t)sizeof(float)) / PANEL_MR * PANEL_MR;
     if (block < PANEL_MR) block = PANEL_MR;
     for (int64_t b = 0; b < rows; b += block) {
         const int64_t end = b + block < rows ? b + block : rows;
         for (int64_t o = first; o < last; o += PANEL) {
             const uint32_t *p = panel + (o / PANEL) * in * (PANEL / 2);
-            float *dst = y + (o - first);
+            const int64_t valid = last - o < PANEL ? last - o : PANEL, at = o - first;
+            const uint16_t *bo = bias ? bias + o : NULL;
+#define PANEL_CALL(MR) panel_micro(x + r * in, in, p, MR, y ? y + r * ldy + at : NULL, yb ? yb + r * ldy + at : NULL, bo, ldy, valid)
             int64_t r = b;
-            for (; r + PANEL_MR <= end; r += PANEL_MR) panel_micro(x + r * in, in, p, PANEL_MR, dst + r * ldy, ldy);
+            for (; r + PANEL_MR <= end; r += PANEL_MR) PANEL_CALL(PANEL_MR);
             switch (end - r) { /* constant row counts: the sums stay in registers */
-            case 5: panel_micro(x + r * in, in, p, 5, dst + r * ldy, ldy); break;
-            case 4: panel_micro(x + r * in, in, p, 4, dst + r * ldy, ldy); break;
-            case 3: panel_micro(x + r * in, in, p, 3, dst + r * ldy, ldy); break;
-            case 2: panel_micro(x + r * in, in, p, 2, dst + r * ldy, ldy); break;
-            case 1: panel_micro(x + r * in, in, p, 1, dst + r * ldy, ldy); break;
+            case 5: PANEL_CALL(5); break;
+            case 4: PANEL_CALL(4); break;
+            case 3: PANEL_CALL(3); break;
+            case 2: PANEL_CALL(2); break;
+            case 1: PANEL_CALL(1); break;
             default: break;
             }
+#undef PANEL_CALL
         }
     }
 }
