@@ -66,12 +66,14 @@ def _decode_steps(runner: ModelRunner, sizes: list[int]) -> list[tuple[int, torc
     return out
 
 
-def test_few_row_steps_equal_the_modules(runner, monkeypatch):
-    few = runner.model.model.layers[0].mlp.down_proj.packed.native_rows
-    assert runner.fused is not None
-    if runner.fused.lm_head_panel is not None or runner.fused.panels[0][0] is not None:  # every row on the panels
-        monkeypatch.setattr(runner, "fused", decoder.FusedDecoder(runner.fused.weights, library("decoder")))
-    assert runner.fused._model.few_rows == few
+def test_few_row_steps_equal_the_modules(runner):
+    packed = runner.model.model.layers[0].mlp.down_proj.packed
+    few, on_panels = packed.native_rows, packed.panel is not None
+    # the same kernels' code on both sides: the few-row kernel, or (AVX2 without AVX-512) the panels at every row
+    assert runner.fused is not None and (runner.fused.panels[0][0] is not None) == on_panels
+    assert runner.fused._model.few_rows == (0 if on_panels else few)
+    if on_panels:  # one copy of the panels, the modules' and the step's
+        assert runner.fused.panels[0][3] is packed.panel
     for rows, got, want, kv_fused, kv_modules in _decode_steps(runner, [1 + s % few for s in range(12)]):
         assert torch.equal(got, want), f"{rows} rows"  # the same kernels' code: bit for bit
         assert torch.equal(kv_fused, kv_modules)  # the same K/V written to the same slots

@@ -132,6 +132,7 @@ def test_plan_takes_the_kernel_where_it_builds(monkeypatch):
     assert linear_module.matmul_plan(8 * gib) is linear_module.EMULATED_BF16_NO_COPY  # ~2B parameters: no copies
     monkeypatch.setattr(linear_module, "bf16_support", lambda: "none")  # AVX2 only: the kernel's AVX2 tiles
     monkeypatch.setattr(gemv, "avx2_tiles", lambda: True)
+    monkeypatch.setattr(linear_module.panel, "available", lambda: False)  # with them: tests/test_cpu_panel.py
     assert linear_module.matmul_plan(2 * gib) is EMULATED_BF16_NATIVE
     assert linear_module.matmul_plan(8 * gib) is linear_module.EMULATED_BF16_NO_COPY
     monkeypatch.setattr(gemv, "avx2_tiles", lambda: False)  # older x86 (SSE only): F.linear's bf16

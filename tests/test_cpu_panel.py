@@ -5,6 +5,9 @@ import pytest
 import torch
 
 from tgi_backend.kernels.cpu import library, panel
+from tgi_backend.layers import linear as linear_module
+from tgi_backend.layers.embedding import LMHead
+from tgi_backend.layers.linear import Linear, prepack_linears
 
 pytestmark = pytest.mark.skipif(library("panel") is None, reason="no C compiler: no panel library")
 
@@ -40,3 +43,33 @@ def test_linear_is_the_float32_sum_rounded_once(rows, out, inn, bias):
     assert got_bf16.dtype is torch.bfloat16 and got_f32.dtype is torch.float32
     assert torch.equal(got_f32, got_bf16.float())  # logits: the same bf16 values
     torch.testing.assert_close(got_bf16.float(), want, rtol=1 / 128, atol=1e-3 * want.abs().max().item())
+
+
+def test_avx2_plan_takes_the_panels_while_they_fit(monkeypatch):
+    gib = 1 << 30
+    monkeypatch.setattr(linear_module, "physical_memory", lambda: 24 * gib)
+    monkeypatch.setattr(linear_module, "bf16_support", lambda: "none")
+    monkeypatch.setattr(linear_module.gemv, "avx2_tiles", lambda: True)
+    monkeypatch.setattr(linear_module.gemv, "available", lambda: True)
+    monkeypatch.setattr(linear_module.panel, "available", lambda: True)
+    assert linear_module.matmul_plan(8 * gib) is linear_module.AVX2_PANELS  # panels: half the float32 bytes
+    assert linear_module.matmul_plan(16 * gib) is linear_module.EMULATED_BF16_NO_COPY  # past a quarter of memory
+    monkeypatch.setattr(linear_module.panel, "available", lambda: False)
+    assert linear_module.matmul_plan(4 * gib) is linear_module.EMULATED_BF16_NATIVE
+
+
+@pytest.mark.skipif(not panel.available(), reason="no panel kernel in this build (AVX2 without AVX-512)")
+def test_avx2_plan_runs_every_row_on_one_copy_of_the_panels():
+    layer = Linear(96, 40, bias=True).to(torch.bfloat16)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    head = LMHead(48, 96).to(torch.bfloat16)  # vocab 48, hidden 96
+    head.weight.data.normal_()
+    w, b, hw = layer.weight.detach().clone(), layer.bias.detach().clone(), head.weight.detach().clone()
+    assert prepack_linears(torch.nn.ModuleList([layer, head]), linear_module.AVX2_PANELS) == 2
+    assert layer.packed.large is None and layer.packed.panel is not None
+    assert panel.pack(layer.packed.plain) is layer.packed.panel  # the fused step packs the same weight: shared
+    for rows in (1, 5, 300):
+        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+        assert torch.equal(layer(x), panel.linear(x, panel.pack(w), 40, b))
+        assert torch.equal(head(x), panel.linear(x, panel.pack(hw), 48, None, torch.float32))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgi_backend.kernels.cpu import gemv
+from tgi_backend.kernels.cpu import gemv, panel
 
 
 def _param(*shape: int) -> nn.Parameter:
@@ -72,12 +72,15 @@ class MatmulPlan:
     plain weight (0: never); emulated bf16 keeps it in place of oneDNN's bf16 layout (1.0-2.2x oneDNN's bf16
     GEMV at one row, 1.3-2.9x its float32 path at 2-8 on Ice Lake), native bf16 beside oneDNN's (`plain_copy`).
     plain_copy: the plain weight is kept in addition to oneDNN's bf16 layout, which serves more rows.
+    panel_rows: bf16 weights: from this many rows `kernels/cpu/panel.h` computes on a copy packed in panels (AVX2
+    without AVX-512), ahead of the native kernel (None: never).
     """
 
     fp32_rows: int | None
     packed_fp32_rows: int | None = None
     native_rows: int = 0
     plain_copy: bool = False
+    panel_rows: int | None = None
 
 
 NATIVE_BF16 = MatmulPlan(fp32_rows=None)  # float32 packed measured slower than F.linear with AMX
@@ -86,6 +89,11 @@ NATIVE_BF16 = MatmulPlan(fp32_rows=None)  # float32 packed measured slower than 
 NATIVE_BF16_KERNEL = MatmulPlan(fp32_rows=None, native_rows=4, plain_copy=True)
 EMULATED_BF16 = MatmulPlan(fp32_rows=2, packed_fp32_rows=4)
 EMULATED_BF16_NATIVE = dataclasses.replace(EMULATED_BF16, native_rows=gemv.MAX_ROWS)  # where gemv.c builds; AVX2 only too
+# AVX2 without AVX-512: every row on the panels, which cost the bf16 bytes again (the float32 copy twice them);
+# the fused step runs on them too, so both give the same bits. Per linear against the few-row kernel / oneDNN's
+# float32 copy (EPYC Milan): 1 row 2.4x oneDNN's, 4096 x 512 -> 2816 1.39x, 512-row shapes 0.99-1.16x. native_rows
+# stays: it is the rows the fused step's own LM head takes
+AVX2_PANELS = dataclasses.replace(EMULATED_BF16, fp32_rows=None, native_rows=gemv.MAX_ROWS, panel_rows=1)
 # no room for float32 copies: the native kernel for few rows, the plain weight upcast per call past them
 EMULATED_BF16_NO_COPY = MatmulPlan(fp32_rows=None, native_rows=gemv.MAX_ROWS)
 # oneDNN's blocking follows a batch-size hint: with 1, a [32000, 512] LM head's bf16 GEMV ran 1.8x slower
@@ -105,6 +113,8 @@ def matmul_plan(extra_bytes: int) -> MatmulPlan | None:
         return NATIVE_BF16_KERNEL if room and gemv.available() else NATIVE_BF16
     if support == "none" and not gemv.avx2_tiles():
         return None
+    if support == "none" and panel.available() and extra_bytes // 2 <= COPY_MEMORY_FRACTION * physical_memory():
+        return AVX2_PANELS
     # AVX2 only (no oneDNN bf16) runs as emulated bf16 does, the kernel's AVX2 tiles for few rows: small model,
     # EPYC Milan, 1 / 8 / 32 / 128 streams in-process 88 / 154 / 378 / 593 -> 125-175 / 510 / 495 / 675 tok/s
     if extra_bytes <= COPY_MEMORY_FRACTION * physical_memory():
@@ -147,9 +157,13 @@ class PackedWeight:
     native_rows: int = 0
     upcast_rows: int = 1 << 62
     plain: torch.Tensor | None = None
+    panel: torch.Tensor | None = None  # the bf16 weight packed in panels (panel.pack), from panel_rows rows
+    panel_rows: int = 1 << 62
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         # x: [tokens, in] in self.dtype -> [tokens, out] in out_dtype
+        if x.shape[0] >= self.panel_rows:
+            return panel.linear(x, self.panel, self.small.shape[0], bias, out_dtype)
         if x.shape[0] <= self.native_rows:
             return gemv.linear(x.contiguous(), self.plain, bias, out_dtype)
         if x.shape[0] >= self.large_rows:
@@ -163,7 +177,7 @@ class PackedWeight:
         return y if y.dtype is out_dtype else y.to(out_dtype)  # hot path: no no-op dispatch per layer
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.small, self.large, self.large_bias, self.plain) if t is not None]
+        return [t for t in (self.small, self.large, self.large_bias, self.plain, self.panel) if t is not None]
 
 
 def prepack(weight: torch.Tensor, plan: MatmulPlan | None, bias: torch.Tensor | None = None) -> PackedWeight | None:
@@ -176,7 +190,9 @@ def prepack(weight: torch.Tensor, plan: MatmulPlan | None, bias: torch.Tensor | 
         if kernel and not plan.plain_copy:
             packed = PackedWeight(w.dtype, w, small_packed=False, native_rows=plan.native_rows, plain=w)
             rows = plan.fp32_rows
-            if rows is None:
+            if plan.panel_rows is not None:
+                packed.panel, packed.panel_rows = panel.pack(w), plan.panel_rows
+            elif rows is None:
                 packed.upcast_rows = bf16_upcast_min_rows()
         elif w.dtype is torch.bfloat16:
             packed = PackedWeight(w.dtype, torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH_HINT))

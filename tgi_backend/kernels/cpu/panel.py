@@ -1,11 +1,16 @@
 """Weights packed for panel.h's linear (decode steps past the few-row kernel's rows where bf16 is emulated)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from tgi_backend.kernels.cpu import library
 
 PANEL = 16  # outputs per panel (panel.h)
+# weight (address, shape, stride) -> (the weight packed, its version then, the panels): the linear plan and the
+# fused decoder pack the same loaded weights, and share one copy (weak references: nothing is kept alive here)
+_PACKED: dict[tuple, tuple[weakref.ref, int, weakref.ref]] = {}
 
 
 def available() -> bool:
@@ -16,14 +21,23 @@ def available() -> bool:
 
 def pack(w: torch.Tensor) -> torch.Tensor:
     """w [out, in] bf16 -> panels [ceil(out / 16), in, 8] int32: per input, 16 outputs' bf16 in one 32-byte line
-    (lane j: output j in the high half, j + 8 in the low half); outputs past `out` are zeros."""
+    (lane j: output j in the high half, j + 8 in the low half); outputs past `out` are zeros. The same weight,
+    alive and unchanged since, gets the same panels back."""
     lib = library("panel")
     if lib is None or w.dtype is not torch.bfloat16 or w.dim() != 2:
         raise ValueError("panel.pack takes a 2-D bf16 weight (and a built panel library)")
     w = w.contiguous()
+    key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()))
+    source, version, packed = _PACKED.get(key, (lambda: None, -1, lambda: None))
+    alive, panels = source(), packed()
+    if alive is not None and panels is not None and alive._version == version:  # the same memory, unchanged
+        return panels
     out, inn = w.shape
     panels = torch.empty(-(-out // PANEL), inn, PANEL // 2, dtype=torch.int32)
     lib.panel_pack_bf16(w.data_ptr(), out, inn, panels.data_ptr())
+    for stale in [k for k, (src, _, pan) in _PACKED.items() if src() is None or pan() is None]:
+        del _PACKED[stale]
+    _PACKED[key] = (weakref.ref(w), w._version, weakref.ref(panels))
     return panels
 
 
