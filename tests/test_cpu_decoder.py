@@ -119,12 +119,13 @@ def test_panel_steps_steal_and_give_the_same_bits(panel_runner, monkeypatch):
 
 
 def test_no_panels_past_the_memory_share(runner, monkeypatch):
+    """4 bytes a parameter, as the linear plan counts its copies (the plain weights and the panels)."""
     weights = runner.model.decoder_weights()
-    both_bytes = sum(t.numel() * 4 for lw in weights.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
+    panel_bytes = sum(t.numel() * 4 for lw in weights.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down))
     monkeypatch.setattr(decoder, "bf16_support", lambda: "none")
-    monkeypatch.setattr(decoder, "physical_memory", lambda: int(both_bytes / decoder.COPY_MEMORY_FRACTION) + 1)
+    monkeypatch.setattr(decoder, "physical_memory", lambda: int(panel_bytes / decoder.COPY_MEMORY_FRACTION) + 1)
     assert decoder._panels_wanted(weights) == panel.available()
-    monkeypatch.setattr(decoder, "physical_memory", lambda: int(both_bytes / decoder.COPY_MEMORY_FRACTION) - 1)
+    monkeypatch.setattr(decoder, "physical_memory", lambda: int(panel_bytes / decoder.COPY_MEMORY_FRACTION) - 1)
     assert not decoder._panels_wanted(weights)
     monkeypatch.setattr(decoder, "physical_memory", lambda: 1 << 50)
     monkeypatch.setattr(decoder, "bf16_support", lambda: "native")  # bf16 matmuls of their own past the few rows

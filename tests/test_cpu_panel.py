@@ -52,8 +52,8 @@ def test_avx2_plan_takes_the_panels_while_they_fit(monkeypatch):
     monkeypatch.setattr(linear_module.gemv, "avx2_tiles", lambda: True)
     monkeypatch.setattr(linear_module.gemv, "available", lambda: True)
     monkeypatch.setattr(linear_module.panel, "available", lambda: True)
-    assert linear_module.matmul_plan(8 * gib) is linear_module.AVX2_PANELS  # panels: half the float32 bytes
-    assert linear_module.matmul_plan(16 * gib) is linear_module.EMULATED_BF16_NO_COPY  # past a quarter of memory
+    assert linear_module.matmul_plan(6 * gib) is linear_module.AVX2_PANELS  # a quarter of memory
+    assert linear_module.matmul_plan(8 * gib) is linear_module.EMULATED_BF16_NO_COPY
     monkeypatch.setattr(linear_module.panel, "available", lambda: False)
     assert linear_module.matmul_plan(4 * gib) is linear_module.EMULATED_BF16_NATIVE
 

@@ -90,9 +90,9 @@ NATIVE_BF16_KERNEL = MatmulPlan(fp32_rows=None, native_rows=4, plain_copy=True)
 EMULATED_BF16 = MatmulPlan(fp32_rows=2, packed_fp32_rows=4)
 EMULATED_BF16_NATIVE = dataclasses.replace(EMULATED_BF16, native_rows=gemv.MAX_ROWS)  # where gemv.c builds; AVX2 only too
 # AVX2 without AVX-512: every row on the panels, which cost the bf16 bytes again (the float32 copy twice them);
-# the fused step runs on them too, so both give the same bits. Per linear against the few-row kernel / oneDNN's
-# float32 copy (EPYC Milan): 1 row 2.4x oneDNN's, 4096 x 512 -> 2816 1.39x, 512-row shapes 0.99-1.16x. native_rows
-# stays: it is the rows the fused step's own LM head takes
+# the fused step runs on them too, so both give the same bits. Per linear against oneDNN's float32 copy (EPYC
+# Milan): 1 row 2.4x, 4096 x 512 -> 2816 1.39x, 512-row shapes 0.99-1.16x; prefill through the runner 1.09-1.11x.
+# native_rows stays: it is the rows the fused step's own LM head takes
 AVX2_PANELS = dataclasses.replace(EMULATED_BF16, fp32_rows=None, native_rows=gemv.MAX_ROWS, panel_rows=1)
 # no room for float32 copies: the native kernel for few rows, the plain weight upcast per call past them
 EMULATED_BF16_NO_COPY = MatmulPlan(fp32_rows=None, native_rows=gemv.MAX_ROWS)
@@ -113,8 +113,8 @@ def matmul_plan(extra_bytes: int) -> MatmulPlan | None:
         return NATIVE_BF16_KERNEL if room and gemv.available() else NATIVE_BF16
     if support == "none" and not gemv.avx2_tiles():
         return None
-    if support == "none" and panel.available() and extra_bytes // 2 <= COPY_MEMORY_FRACTION * physical_memory():
-        return AVX2_PANELS
+    if support == "none" and panel.available() and extra_bytes <= COPY_MEMORY_FRACTION * physical_memory():
+        return AVX2_PANELS  # counted as the float32 copies were: the fused step's rule (decoder._panels_wanted)
     # AVX2 only (no oneDNN bf16) runs as emulated bf16 does, the kernel's AVX2 tiles for few rows: small model,
     # EPYC Milan, 1 / 8 / 32 / 128 streams in-process 88 / 154 / 378 / 593 -> 125-175 / 510 / 495 / 675 tok/s
     if extra_bytes <= COPY_MEMORY_FRACTION * physical_memory():

@@ -153,8 +153,8 @@ def _copies_fit(tensors: list[torch.Tensor]) -> bool:
 
 
 def _panels_wanted(w: DecoderWeights) -> bool:
-    """Past the few-row kernel's rows, the panels where bf16 has no native matmul here (no AMX: see build), the
-    build has their kernel (AVX2 without AVX-512) and the copies fit."""
+    """The panels where bf16 has no native matmul here (no AMX: see build), the build has their kernel (AVX2
+    without AVX-512) and they fit as the linear plan counts them (AVX2_PANELS), whose copy the step shares."""
     return bf16_support() != "native" and panel.available() and _copies_fit(_linears(w))
 
 

@@ -38,16 +38,18 @@ int panel_linear(const uint16_t *x, int64_t rows, int64_t in, const uint32_t *pa
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < tasks; t++) {
             const int64_t b = t / chunks * block, n = b + block < rows ? block : rows - b;
-            const int64_t first = t % chunks * PANEL_CHUNK, last = first + PANEL_CHUNK < out ? first + PANEL_CHUNK : out;
+            const int64_t first = t % chunks * PANEL_CHUNK;
+            const int64_t last = first + PANEL_CHUNK < out ? first + PANEL_CHUNK : out;
             if (!y_f32) {
                 panel_outputs(xf + b * in, n, in, panel, first, last, NULL, (uint16_t *)y + b * out + first, bias, out);
                 continue;
             }
             panel_outputs(xf + b * in, n, in, panel, first, last, own, NULL, NULL, PANEL_CHUNK);
             for (int64_t r = 0; r < n; r++) /* logits: the bf16 values as float32 */
-                for (int64_t o = first; o < last; o++)
-                    ((float *)y)[(b + r) * out + o] =
-                        bf16_to_f32(f32_to_bf16(own[r * PANEL_CHUNK + o - first] + (bias ? bf16_to_f32(bias[o]) : 0.0f)));
+                for (int64_t o = first; o < last; o++) {
+                    const float v = own[r * PANEL_CHUNK + o - first] + (bias ? bf16_to_f32(bias[o]) : 0.0f);
+                    ((float *)y)[(b + r) * out + o] = bf16_to_f32(f32_to_bf16(v));
+                }
         }
     }
     free(xf);

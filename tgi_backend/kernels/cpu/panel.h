@@ -31,14 +31,16 @@ static inline void panel_pack(const uint16_t *w, int64_t out, int64_t in, uint32
 }
 
 #if HAVE_AVX2_ONLY
-/* 8 float32 as bf16, rounded to nearest even (NaN stays NaN): bf16.h's f32_to_bf16 on a vector. */
+/* 8 float32 as bf16, rounded to nearest even (NaN stays NaN): bf16.h's f32_to_bf16 on a vector (amx.h's
+ * amx_round, with AVX2's compare and blend for AVX-512's mask). */
 static inline __m128i panel_round8(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
     const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
                                            _mm256_set1_epi32(0x7f800000));
-    const __m256i top = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan), 16);
+    const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+    const __m256i top = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
     return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0xD8));
 }
 
@@ -61,7 +63,8 @@ static inline __attribute__((always_inline)) void panel_micro(const float *x, in
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     for (int64_t k = 0; k < in; k++) {
         const __m256i v = _mm256_loadu_si256((const __m256i *)(panel + k * (PANEL / 2)));
-        const __m256 w0 = _mm256_castsi256_ps(_mm256_and_si256(v, high)), w1 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        const __m256 w0 = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+        const __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
         for (int r = 0; r < MR; r++) {
             const __m256 b = _mm256_broadcast_ss(x + r * in + k);
             acc[r][0] = _mm256_fmadd_ps(w0, b, acc[r][0]);
@@ -103,7 +106,8 @@ static inline void panel_outputs(const float *x, int64_t rows, int64_t in, const
             const uint32_t *p = panel + (o / PANEL) * in * (PANEL / 2);
             const int64_t valid = last - o < PANEL ? last - o : PANEL, at = o - first;
             const uint16_t *bo = bias ? bias + o : NULL;
-#define PANEL_CALL(MR) panel_micro(x + r * in, in, p, MR, y ? y + r * ldy + at : NULL, yb ? yb + r * ldy + at : NULL, bo, ldy, valid)
+#define PANEL_CALL(MR)                                                                                          \
+    panel_micro(x + r * in, in, p, MR, y ? y + r * ldy + at : NULL, yb ? yb + r * ldy + at : NULL, bo, ldy, valid)
             int64_t r = b;
             for (; r + PANEL_MR <= end; r += PANEL_MR) PANEL_CALL(PANEL_MR);
             switch (end - r) { /* constant row counts: the sums stay in registers */
