@@ -42,6 +42,7 @@ def test_linear_is_the_float32_sum_rounded_once(rows, out, inn, bias):
     got_f32 = panel.linear(x, panel.pack(w), out, b, torch.float32)
     assert got_bf16.dtype is torch.bfloat16 and got_f32.dtype is torch.float32
     assert torch.equal(got_f32, got_bf16.float())  # logits: the same bf16 values
+    assert panel.linear(x[:0], panel.pack(w), out, b).shape == (0, out)
     torch.testing.assert_close(got_bf16.float(), want, rtol=1 / 128, atol=1e-3 * want.abs().max().item())
 
 

@@ -1,4 +1,5 @@
-"""Weights packed for panel.h's linear (decode steps past the few-row kernel's rows where bf16 is emulated)."""
+"""panel.h's bf16 linear for CPUs with AVX2 and no AVX-512: the weights packed once (`pack`), and the op
+(`linear`) the linear plan runs at every row count (AVX2_PANELS); the fused decode step reads the same panels."""
 from __future__ import annotations
 
 import weakref
@@ -52,6 +53,8 @@ def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch
         raise ValueError("panel.linear: inputs the kernel does not take")
     x, b = x.contiguous(), None if bias is None else bias.contiguous()  # held through the call
     y = torch.empty(x.shape[0], out_features, dtype=out_dtype)
+    if x.shape[0] == 0:  # nothing to compute (the C side's malloc(0) may be NULL: "no memory")
+        return y
     status = lib.panel_linear(x.data_ptr(), x.shape[0], x.shape[1], panels.data_ptr(), out_features,
                               None if b is None else b.data_ptr(), y.data_ptr(),
                               int(out_dtype is torch.float32), torch.get_num_threads())
