@@ -22,9 +22,7 @@ int panel_pack_bf16(const uint16_t *w, int64_t out, int64_t in, uint32_t *panel)
 int panel_linear(const uint16_t *x, int64_t rows, int64_t in, const uint32_t *panel, int64_t out,
                  const uint16_t *bias, void *y, int y_f32, int threads) {
 #if HAVE_AVX2_ONLY
-    /* a task: a block of rows (~256 KB of x past 128 rows, as panel_outputs) through a chunk of outputs */
-    int64_t block = rows <= 128 ? rows : (256 << 10) / (in * (int64_t)sizeof(float)) / PANEL_MR * PANEL_MR;
-    if (block < PANEL_MR) block = PANEL_MR;
+    const int64_t block = panel_row_block(rows, in); /* a task: a block of rows through a chunk of outputs */
     const int64_t teams = threads > 0 ? threads : 1, chunks = (out + PANEL_CHUNK - 1) / PANEL_CHUNK;
     const int64_t tasks = (rows + block - 1) / block * chunks;
     float *xf = malloc(sizeof(float) * (size_t)(rows * in + teams * block * PANEL_CHUNK));

@@ -109,19 +109,23 @@ static __attribute__((noinline)) void panel_outputs_ahead(const float *x, int64_
     }
 }
 
+/* Rows computed together through every panel: all of a decode step's (in blocks, 128 rows ran 0.976x), past 128
+ * blocks of ~256 KB of x, so that a prefill's x stays in L2. */
+static inline int64_t panel_row_block(int64_t rows, int64_t in) {
+    const int64_t block = rows <= 128 ? rows : (256 << 10) / (in * (int64_t)sizeof(float)) / PANEL_MR * PANEL_MR;
+    return block < PANEL_MR ? PANEL_MR : block;
+}
+
 /* Outputs [first, last) of x [rows, in] float32 @ w.T, w in panels (first a multiple of 16): with yb, biased
  * and rounded to bf16 into yb[r * ldy + o - first]; else the float32 sums into y[r * ldy + o - first], the last
- * panel writing all its 16 columns (y has room up to a multiple of 16).
- * Past 128 rows they go in blocks of ~256 KB of x, each block through every panel: a prefill's x stays in L2
- * (a decode step's 128 rows in blocks: 0.976x). */
+ * panel writing all its 16 columns (y has room up to a multiple of 16). Rows in blocks of panel_row_block. */
 static inline void panel_outputs(const float *x, int64_t rows, int64_t in, const uint32_t *panel, int64_t first,
                                  int64_t last, float *y, uint16_t *yb, const uint16_t *bias, int64_t ldy) {
     if (rows <= 2) {
         panel_outputs_ahead(x, rows, in, panel, first, last, y, yb, bias, ldy);
         return;
     }
-    int64_t block = rows <= 128 ? rows : (256 << 10) / (in * (int64_t)sizeof(float)) / PANEL_MR * PANEL_MR;
-    if (block < PANEL_MR) block = PANEL_MR;
+    const int64_t block = panel_row_block(rows, in);
     for (int64_t b = 0; b < rows; b += block) {
         const int64_t end = b + block < rows ? b + block : rows;
         for (int64_t o = first; o < last; o += PANEL) {
