@@ -272,7 +272,7 @@ def test_amx_linear_argmax_is_the_samplers_greedy_token(out):
 
 
 def test_fused_steps_hand_the_sampler_their_greedy_tokens(runner):
-    if runner.fused.lm_head_amx is None:
+    if runner.fused.lm_head_amx is None and runner.fused.lm_head_panel is None:
         pytest.skip("no packed LM head: the sampler takes its own pass")
     gen = torch.Generator().manual_seed(9)
     rows = runner.fused.weights.max_rows + 3
@@ -332,8 +332,10 @@ def _check_step_greedy_tokens(runner: ModelRunner, ties: list[int], nans: list[i
         pytest.skip("no plain bf16 LM head: the model's head and the sampler")
     gen = torch.Generator().manual_seed(11)
     rows = runner.fused.weights.max_rows
-    prompts = [torch.randint(0, 256, (3,), generator=gen).tolist() for _ in range(rows)]
-    blocks = [[90 + 2 * i, 91 + 2 * i] for i in range(rows)]
+    # past the step's own head, a packed copy of it gives the argmax (FusedDecoder.logits), no logits written
+    wide = rows + 3 if runner.fused.lm_head_panel is not None or runner.fused.lm_head_amx is not None else rows
+    prompts = [torch.randint(0, 256, (3,), generator=gen).tolist() for _ in range(wide)]
+    blocks = [[90 + 2 * i, 91 + 2 * i] for i in range(wide)]
     runner.compute_logits(SchedulerOutput([_chunk(f"h{i}", p, 0, blocks[i]) for i, p in enumerate(prompts)]))
     saved = head.clone()
     try:
@@ -344,7 +346,7 @@ def _check_step_greedy_tokens(runner: ModelRunner, ties: list[int], nans: list[i
                 head[nans] = float("nan")
             if runner.fused.lm_head_panel is not None:  # the step's copy of the head
                 runner.fused.lm_head_panel.copy_(panel.pack(head))
-            for n in (1, rows):
+            for n in sorted({1, rows, wide}):
                 chunks = [_chunk(f"h{i}", [i + 1], 3, blocks[i]) for i in range(n)]
                 logits, _, none = runner._logits(runner._prepare(chunks), greedy_only=False)
                 missing, _, greedy = runner._logits(runner._prepare(chunks), greedy_only=True)

@@ -46,6 +46,31 @@ def test_linear_is_the_float32_sum_rounded_once(rows, out, inn, bias):
     torch.testing.assert_close(got_bf16.float(), want, rtol=1 / 128, atol=1e-3 * want.abs().max().item())
 
 
+@pytest.mark.skipif(not panel.available(), reason="no panel kernel in this build (AVX2 without AVX-512)")
+@pytest.mark.parametrize("rows,out", [(1, 1000), (2, 1000), (9, 1000), (300, 517)])  # 517: a partial last panel
+def test_linear_argmax_is_the_first_maximum_of_its_logits(rows, out):
+    """The greedy tokens from the registers, no logits written: the first maximum of the bf16 logits (ties inside
+    a panel, across panels and across tasks), a NaN counting as the maximum, and a row of -inf at 0."""
+    g = torch.Generator().manual_seed(5)
+    inn = 64
+    w = (torch.randn(out, inn, generator=g) * 0.1).bfloat16()
+    x = torch.randn(rows, inn, generator=g).bfloat16()
+    w[[9, 2, 130, 400, out - 1]] = w[3] * 4  # the same largest logit five times: in one panel and in others
+    b = torch.zeros(out, dtype=torch.bfloat16)
+    for round_, bias in enumerate((None, b, b, b)):
+        if round_ == 2:  # NaN logits at 470 and 140 in every row: the first one
+            b[[470, 140]] = float("nan")
+        if round_ == 3:  # every logit -inf (torch.argmax: 0)
+            b.fill_(float("-inf"))
+        logits = panel.linear(x, panel.pack(w), out, bias, torch.float32)
+        greedy = torch.full((rows,), -1, dtype=torch.int64)
+        assert panel.linear(x, panel.pack(w), out, bias, None, argmax=greedy) is None
+        assert torch.equal(greedy, logits.argmax(-1)), round_
+    assert (greedy == 0).all()
+    with pytest.raises(ValueError):
+        panel.linear(x, panel.pack(w), out, None, torch.float32, argmax=greedy)  # logits or the argmax, not both
+
+
 def test_avx2_plan_takes_the_panels_while_they_fit(monkeypatch):
     gib = 1 << 30
     monkeypatch.setattr(linear_module, "physical_memory", lambda: 24 * gib)

@@ -19,6 +19,7 @@
 #endif
 
 #include "act.h"
+#include "argmax.h"
 #include "amx.h"
 #include "gemv.h"
 #include "panel.h"
@@ -183,7 +184,7 @@ static inline void linear_task(const Acts *a, const uint16_t *x, int64_t rows, i
     if (a->wide == WIDE_PANEL) {
         widen_once(x, rows * in, o->xf, &o->widened, phase_id);
         /* summed and biased in float32, rounded once: the modules' float32 path, up to the sums' order */
-        panel_outputs(o->xf, rows, in, w_panel, first, last, NULL, y + first, bias, out);
+        panel_outputs(o->xf, rows, in, w_panel, first, last, NULL, y + first, bias, out, NULL);
         return;
     }
 #else
@@ -218,7 +219,7 @@ static void head_task(const Model *m, const Step *s, int64_t k, Own *o) {
 #endif
 #if HAVE_AVX2_ONLY
     if (m->lm_head_panel) {
-        panel_outputs(x, R, H, m->lm_head_panel, first, first + width, y, NULL, NULL, HEAD_CHUNK);
+        panel_outputs(x, R, H, m->lm_head_panel, first, first + width, y, NULL, NULL, HEAD_CHUNK, NULL);
         stride = HEAD_CHUNK;
         for (int64_t r = 0; r < R; r++)
             for (int64_t i = 0; i < width; i++) y[r * HEAD_CHUNK + i] = bf16_to_f32(f32_to_bf16(y[r * HEAD_CHUNK + i]));
@@ -612,18 +613,7 @@ int amx_linear(const uint16_t *x, int64_t rows, int64_t padded, int64_t in, cons
         for (int64_t c = 0; c < chunks; c++) amx_chunk(x, rows, padded, in, w, out, c * AMX_OUTPUTS, bias, y, (int)y_f32, b, a);
         amx_release();
     }
-    for (int64_t r = 0; argmax && r < rows; r++) { /* every thread's lanes: the same rule as amx_argmax_update */
-        float v = -INFINITY;
-        int32_t i = INT32_MAX;
-        for (int64_t t = 0; t < teams; t++)
-            for (int64_t l = 0; l < 16; l++) {
-                const float u = best[t * lanes + r * 16 + l];
-                const int32_t j = at[t * lanes + r * 16 + l];
-                if (j == INT32_MAX) continue;
-                if (u > v || (u == v && j < i) || (u != u && (v == v || j < i))) v = u, i = j;
-            }
-        argmax[r] = i;
-    }
+    if (argmax) lanes_argmax(best, at, teams, rows, argmax); /* every thread's lanes, as amx_argmax_update */
     free(best), free(at);
     return 0;
 }

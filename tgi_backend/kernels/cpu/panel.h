@@ -19,6 +19,12 @@
 #define PANEL 16   /* outputs per panel */
 #define PANEL_MR 6 /* rows per micro-kernel call */
 
+/* Rows' running first maxima, [rows][16] lanes: panel_linear's argmax (the LM head's greedy tokens). */
+typedef struct {
+    float *best;
+    int32_t *at; /* output index of best; INT32_MAX while the lane is empty */
+} PanelBest;
+
 /* w [out, in] bf16 row-major into panels [ceil(out / 16)][in][8] (uint32 lanes); outputs past `out` are zeros. */
 static inline void panel_pack(const uint16_t *w, int64_t out, int64_t in, uint32_t *panel) {
     for (int64_t p = 0; p < (out + PANEL - 1) / PANEL; p++)
@@ -44,6 +50,37 @@ static inline __m128i panel_round8(__m256 v) {
     return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0xD8));
 }
 
+/* 8 more outputs (v: their bf16 values as float32, at indices idx; ok: the lanes that are outputs) into a row's
+ * running first maximum per lane (best/at; at INT32_MAX while empty): amx_argmax_update's rule on AVX2. */
+static inline void panel_argmax8(__m256 v, __m256i idx, __m256i ok, float *best, int32_t *at) {
+    const __m256 b = _mm256_loadu_ps(best);
+    const __m256i i = _mm256_loadu_si256((const __m256i *)at);
+    const __m256 earlier = _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, idx));
+    const __m256 vnan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q), bnum = _mm256_cmp_ps(b, b, _CMP_ORD_Q);
+    __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, b, _CMP_GT_OQ), _mm256_and_ps(_mm256_cmp_ps(v, b, _CMP_EQ_OQ), earlier));
+    take = _mm256_and_ps(_mm256_or_ps(take, _mm256_and_ps(vnan, _mm256_or_ps(bnum, earlier))), _mm256_castsi256_ps(ok));
+    _mm256_storeu_ps(best, _mm256_blendv_ps(b, v, take));
+    _mm256_storeu_si256((__m256i *)at, _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i),
+                                                                            _mm256_castsi256_ps(idx), take)));
+}
+
+/* A row's 16 sums of the panel from output o (`valid` of them outputs), biased and rounded to bf16 as the logits
+ * are, into its running first maxima (best/at [16]): the greedy token without the logits. */
+static inline void panel_argmax16(__m256 low, __m256 high, const uint16_t *bias, int64_t o, int64_t valid,
+                                  float *best, int32_t *at) {
+    uint16_t part[PANEL] = {0};
+    if (bias && valid < PANEL)
+        for (int64_t j = 0; j < valid; j++) part[j] = bias[j];
+    const uint16_t *b = valid < PANEL ? part : bias;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), end = _mm256_set1_epi32((int32_t)(o + valid));
+    for (int h = 0; h < 2; h++) {
+        const __m256 s = _mm256_add_ps(h ? high : low, bias ? bf16x8(b + 8 * h) : _mm256_setzero_ps());
+        const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(panel_round8(s)), 16));
+        const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(o + 8 * h)), lane);
+        panel_argmax8(v, idx, _mm256_cmpgt_epi32(end, idx), best + 8 * h, at + 8 * h);
+    }
+}
+
 /* The matrix's last `valid` (< 16) outputs of a row, biased and rounded one by one. */
 static __attribute__((noinline)) void panel_store_part(__m256 low, __m256 high, const uint16_t *bias, uint16_t *yb,
                                                         int64_t valid) {
@@ -53,11 +90,13 @@ static __attribute__((noinline)) void panel_store_part(__m256 low, __m256 high, 
     for (int64_t j = 0; j < valid; j++) yb[j] = f32_to_bf16(f[j] + (bias ? bf16_to_f32(bias[j]) : 0.0f));
 }
 
-/* The panel's 16 outputs for MR rows (x [MR, in] float32, row stride in): with yb, x . w + bias rounded to bf16
- * into yb[r * ldy + 0 .. valid) (bias bf16 or NULL); else the float32 sums into y[r * ldy + 0 .. 16). */
+/* The panel's 16 outputs (o .. o + 16, `valid` of them) for MR rows (x [MR, in] float32, row stride in): with pb,
+ * x . w + bias rounded to bf16 into the rows' running first maxima (pb's rows from the first); with yb, into
+ * yb[r * ldy + 0 .. valid) (bias bf16 or NULL); else the float32 sums into y[r * ldy + 0 .. 16). */
 static inline __attribute__((always_inline)) void panel_micro(const float *x, int64_t in, const uint32_t *panel,
                                                                const int MR, const int ahead, float *y, uint16_t *yb,
-                                                               const uint16_t *bias, int64_t ldy, int64_t valid) {
+                                                               const uint16_t *bias, int64_t ldy, int64_t valid,
+                                                               const PanelBest *pb, int64_t o) {
     __m256 acc[PANEL_MR][2];
     for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
@@ -71,6 +110,11 @@ static inline __attribute__((always_inline)) void panel_micro(const float *x, in
             acc[r][0] = _mm256_fmadd_ps(w0, b, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(w1, b, acc[r][1]);
         }
+    }
+    if (pb) {
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) panel_argmax16(acc[r][0], acc[r][1], bias, o, valid, pb->best + r * 16, pb->at + r * 16);
+        return;
     }
     if (!yb) {
         for (int r = 0; r < MR; r++) {
@@ -98,14 +142,15 @@ static inline __attribute__((always_inline)) void panel_micro(const float *x, in
  * at every row count, 8 and 32 rows lost 5-8%. */
 static __attribute__((noinline)) void panel_outputs_ahead(const float *x, int64_t rows, int64_t in,
                                                           const uint32_t *panel, int64_t first, int64_t last, float *y,
-                                                          uint16_t *yb, const uint16_t *bias, int64_t ldy) {
+                                                          uint16_t *yb, const uint16_t *bias, int64_t ldy,
+                                                          const PanelBest *pb) {
     for (int64_t o = first; o < last; o += PANEL) {
         const uint32_t *p = panel + (o / PANEL) * in * (PANEL / 2);
         const int64_t valid = last - o < PANEL ? last - o : PANEL, at = o - first;
         float *yo = y ? y + at : NULL;
         uint16_t *ybo = yb ? yb + at : NULL;
-        if (rows == 1) panel_micro(x, in, p, 1, 1, yo, ybo, bias ? bias + o : NULL, ldy, valid);
-        else panel_micro(x, in, p, 2, 1, yo, ybo, bias ? bias + o : NULL, ldy, valid);
+        if (rows == 1) panel_micro(x, in, p, 1, 1, yo, ybo, bias ? bias + o : NULL, ldy, valid, pb, o);
+        else panel_micro(x, in, p, 2, 1, yo, ybo, bias ? bias + o : NULL, ldy, valid, pb, o);
     }
 }
 
@@ -116,13 +161,15 @@ static inline int64_t panel_row_block(int64_t rows, int64_t in) {
     return block < PANEL_MR ? PANEL_MR : block;
 }
 
-/* Outputs [first, last) of x [rows, in] float32 @ w.T, w in panels (first a multiple of 16): with yb, biased
- * and rounded to bf16 into yb[r * ldy + o - first]; else the float32 sums into y[r * ldy + o - first], the last
- * panel writing all its 16 columns (y has room up to a multiple of 16). Rows in blocks of panel_row_block. */
+/* Outputs [first, last) of x [rows, in] float32 @ w.T, w in panels (first a multiple of 16): with pb (y and yb
+ * NULL), biased and rounded to bf16 into the rows' running first maxima (pb [rows][16]); with yb, into
+ * yb[r * ldy + o - first]; else the float32 sums into y[r * ldy + o - first], the last panel writing all its 16
+ * columns (y has room up to a multiple of 16). Rows in blocks of panel_row_block. */
 static inline void panel_outputs(const float *x, int64_t rows, int64_t in, const uint32_t *panel, int64_t first,
-                                 int64_t last, float *y, uint16_t *yb, const uint16_t *bias, int64_t ldy) {
+                                 int64_t last, float *y, uint16_t *yb, const uint16_t *bias, int64_t ldy,
+                                 const PanelBest *pb) {
     if (rows <= 2) {
-        panel_outputs_ahead(x, rows, in, panel, first, last, y, yb, bias, ldy);
+        panel_outputs_ahead(x, rows, in, panel, first, last, y, yb, bias, ldy, pb);
         return;
     }
     const int64_t block = panel_row_block(rows, in);
@@ -133,7 +180,8 @@ static inline void panel_outputs(const float *x, int64_t rows, int64_t in, const
             const int64_t valid = last - o < PANEL ? last - o : PANEL, at = o - first;
             const uint16_t *bo = bias ? bias + o : NULL;
 #define PANEL_CALL(MR)                                                                                          \
-    panel_micro(x + r * in, in, p, MR, 0, y ? y + r * ldy + at : NULL, yb ? yb + r * ldy + at : NULL, bo, ldy, valid)
+    panel_micro(x + r * in, in, p, MR, 0, y ? y + r * ldy + at : NULL, yb ? yb + r * ldy + at : NULL, bo, ldy, valid, \
+                pb ? &(PanelBest){pb->best + r * 16, pb->at + r * 16} : NULL, o)
             int64_t r = b;
             for (; r + PANEL_MR <= end; r += PANEL_MR) PANEL_CALL(PANEL_MR);
             switch (end - r) { /* constant row counts: the sums stay in registers */

@@ -43,21 +43,26 @@ def pack(w: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, panels: torch.Tensor, out_features: int, bias: torch.Tensor | None,
-           out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+           out_dtype: torch.dtype | None = torch.bfloat16, argmax: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [rows, in] bf16 @ w.T + bias with w in `panels` (pack): float32 sums rounded to bf16 once, returned as bf16
-    or as float32 holding the bf16 values (logits)."""
+    or as float32 holding the bf16 values (logits); or, out_dtype None, only `argmax` (int64 [rows]) gets each
+    row's first maximum of those values, as torch.argmax, and no logits are written (returns None)."""
     lib = library("panel")
     if (lib is None or x.dtype is not torch.bfloat16 or x.dim() != 2 or x.shape[1] != panels.shape[1]
-            or out_dtype not in (torch.bfloat16, torch.float32)
+            or out_dtype not in (torch.bfloat16, torch.float32, None)
             or (bias is not None and (bias.dtype is not torch.bfloat16 or bias.shape != (out_features,)))):
         raise ValueError("panel.linear: inputs the kernel does not take")
+    if (out_dtype is None) != (argmax is not None) or argmax is not None and not (
+            argmax.dtype is torch.int64 and argmax.is_contiguous() and argmax.numel() == x.shape[0]):
+        raise ValueError("panel.linear: the argmax (int64 [rows]) comes instead of the logits (out_dtype None)")
     x, b = x.contiguous(), None if bias is None else bias.contiguous()  # held through the call
-    y = torch.empty(x.shape[0], out_features, dtype=out_dtype)
+    y = None if out_dtype is None else torch.empty(x.shape[0], out_features, dtype=out_dtype)
     if x.shape[0] == 0:  # nothing to compute (the C side's malloc(0) may be NULL: "no memory")
         return y
     status = lib.panel_linear(x.data_ptr(), x.shape[0], x.shape[1], panels.data_ptr(), out_features,
-                              None if b is None else b.data_ptr(), y.data_ptr(),
-                              int(out_dtype is torch.float32), torch.get_num_threads())
+                              None if b is None else b.data_ptr(), None if y is None else y.data_ptr(),
+                              int(out_dtype is torch.float32), torch.get_num_threads(),
+                              None if argmax is None else argmax.data_ptr())
     if status == -2:
         raise MemoryError(f"panel.linear: no memory for {x.shape[0]} rows")
     if status != 0:
