@@ -1,4 +1,4 @@
-/* AVX2 helpers shared by gemv.h and paged_decode.h (CPUs with AVX2 and FMA but no AVX-512). */
+/* AVX2 helpers shared by gemv.h, panel.h and paged_decode.h (CPUs with AVX2 and FMA but no AVX-512). */
 #ifndef TGI_AVX2_H
 #define TGI_AVX2_H
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
@@ -9,6 +9,19 @@
 
 static inline __m256 bf16x8(const uint16_t *p) { /* 8 bf16 as float32: zero-extended, shifted to the top half */
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* 8 float32 as bf16, rounded to nearest even (NaN stays NaN): bf16.h's f32_to_bf16 on a vector (amx.h's
+ * amx_round, with AVX2's compare and blend for AVX-512's mask). */
+static inline __m128i round_bf16x8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+    const __m256i top = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0xD8));
 }
 
 static inline float hsum8(__m256 v) {

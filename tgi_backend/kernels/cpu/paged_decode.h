@@ -91,7 +91,8 @@ static inline void prefetch_block(const void *cache, int64_t block, const Proble
 /* Blocks blk + 1 .. blk + 3 (those before end), from the block where they are first asked for: each block is
  * asked for again at every block until it computes, which kept more of them in flight than asking once two ahead
  * (EPYC Milan, 8 layers' caches from DRAM, the AVX2 items at 32 / 128 rows: 1.13-1.18x against one block ahead,
- * 1.02-1.05x against once two ahead). Written out: as a loop over the three, GCC's code lost the gain. */
+ * 1.02-1.05x against once two ahead; their scores now ask key by key). Written out: as a loop over the three,
+ * GCC's code lost the gain. */
 static inline __attribute__((always_inline)) void prefetch_ahead(const void *cache, const int64_t *table, int64_t blk,
                                                                  int64_t end, const Problem *p, int h) {
     const int64_t bs = p->block_size;
@@ -209,6 +210,63 @@ static inline __attribute__((always_inline)) void item(const Problem *p, int r, 
         }
     }
 }
+
+#if HAVE_AVX2_ONLY && !defined(__AVX512F__)
+/* exp_nonpositive16 on 8 lanes with AVX2's own vectors: GCC lowers the 16-float generic vectors to scalar
+ * compares and stack round trips here. Same series, as fused multiply-adds. */
+static inline __m256 exp_nonpositive8(__m256 x) {
+    const __m256 t = _mm256_max_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)), _mm256_set1_ps(-126.0f));
+    const __m256i i = _mm256_sub_epi32(_mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_set1_ps(128.0f))),
+                                       _mm256_set1_epi32(128));
+    const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, _mm256_cvtepi32_ps(i)), _mm256_set1_ps(0.6931471805599453f));
+    __m256 q = _mm256_set1_ps(1.0f / 5040);
+    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f / 720));
+    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f / 120));
+    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f / 24));
+    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f / 6));
+    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(0.5f));
+    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f));
+    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(i, _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(q, _mm256_castsi256_ps(bits));
+}
+
+/* softmax_tiled on 8 lanes (G dividing 8: lane l is head l % G): s[i] = exp(s[i] - its head's max), mx[g] and
+ * inv[g] the max and the sum. Small model's attention op, 128 rows of 192 keys: ~15% of its time was the
+ * generic vectors' scalarized max and exp. */
+static inline void softmax_avx2(float *s, int len, int G, float *mx, float *inv) {
+    const int whole = len - len % 8;
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (int i = 0; i < whole; i += 8) m = _mm256_max_ps(_mm256_loadu_ps(s + i), m);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m);
+    for (int g = 0; g < G; g++) mx[g] = -INFINITY, inv[g] = 0.0f;
+    for (int l = 0; l < 8; l++) mx[l % G] = lanes[l] > mx[l % G] ? lanes[l] : mx[l % G];
+    for (int i = whole; i < len; i++) mx[i % G] = s[i] > mx[i % G] ? s[i] : mx[i % G];
+    for (int l = 0; l < 8; l++) lanes[l] = mx[l % G];
+    m = _mm256_loadu_ps(lanes);
+    __m256 sum = _mm256_setzero_ps();
+    for (int i = 0; i < whole; i += 8) {
+        const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m));
+        _mm256_storeu_ps(s + i, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    _mm256_storeu_ps(lanes, sum);
+    for (int l = 0; l < 8; l++) inv[l % G] += lanes[l];
+    for (int i = whole; i < len; i++) {
+        float e[8];
+        _mm256_storeu_ps(e, exp_nonpositive8(_mm256_set1_ps(s[i] - mx[i % G])));
+        s[i] = e[0];
+        inv[i % G] += e[0];
+    }
+}
+
+/* The sums of the lanes of a, b, c and d, in that order (four heads' scores of one key). */
+static inline __m128 hsum8x4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+#endif
 
 /* bf16 caches: a copy of an item header per common shape (G, NV), ITEM_COPY(G, NV): with AVX-512
  * paged_decode_bf16.h's (item_bf16_<G>_<NV>), with AVX2 only paged_decode_avx2.h's (item_avx2_<G>_<NV>) */

@@ -37,19 +37,6 @@ static inline void panel_pack(const uint16_t *w, int64_t out, int64_t in, uint32
 }
 
 #if HAVE_AVX2_ONLY
-/* 8 float32 as bf16, rounded to nearest even (NaN stays NaN): bf16.h's f32_to_bf16 on a vector (amx.h's
- * amx_round, with AVX2's compare and blend for AVX-512's mask). */
-static inline __m128i panel_round8(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
-    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                           _mm256_set1_epi32(0x7f800000));
-    const __m256i quiet = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-    const __m256i top = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, nan), 16);
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0xD8));
-}
-
 /* 8 more outputs (v: their bf16 values as float32, at indices idx; ok: the lanes that are outputs) into a row's
  * running first maximum per lane (best/at; at INT32_MAX while empty): amx_argmax_update's rule on AVX2. */
 static inline void panel_argmax8(__m256 v, __m256i idx, __m256i ok, float *best, int32_t *at) {
@@ -75,7 +62,7 @@ static inline void panel_argmax16(__m256 low, __m256 high, const uint16_t *bias,
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), end = _mm256_set1_epi32((int32_t)(o + valid));
     for (int h = 0; h < 2; h++) {
         const __m256 s = _mm256_add_ps(h ? high : low, bias ? bf16x8(b + 8 * h) : _mm256_setzero_ps());
-        const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(panel_round8(s)), 16));
+        const __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(round_bf16x8(s)), 16));
         const __m256i idx = _mm256_add_epi32(_mm256_set1_epi32((int32_t)(o + 8 * h)), lane);
         panel_argmax8(v, idx, _mm256_cmpgt_epi32(end, idx), best + 8 * h, at + 8 * h);
     }
@@ -128,8 +115,8 @@ static inline __attribute__((always_inline)) void panel_micro(const float *x, in
 #pragma GCC unroll 8 /* whole: an acc[r] indexed at run time put every sum in memory at every input (2x slower) */
     for (int r = 0; r < MR; r++) {
         if (valid == PANEL) {
-            _mm_storeu_si128((__m128i *)(yb + r * ldy), panel_round8(_mm256_add_ps(acc[r][0], b0)));
-            _mm_storeu_si128((__m128i *)(yb + r * ldy + 8), panel_round8(_mm256_add_ps(acc[r][1], b1)));
+            _mm_storeu_si128((__m128i *)(yb + r * ldy), round_bf16x8(_mm256_add_ps(acc[r][0], b0)));
+            _mm_storeu_si128((__m128i *)(yb + r * ldy + 8), round_bf16x8(_mm256_add_ps(acc[r][1], b1)));
         } else {
             panel_store_part(acc[r][0], acc[r][1], bias, yb + r * ldy, valid);
         }
