@@ -212,25 +212,6 @@ static inline __attribute__((always_inline)) void item(const Problem *p, int r, 
 }
 
 #if HAVE_AVX2_ONLY && !defined(__AVX512F__)
-/* exp_nonpositive16 on 8 lanes with AVX2's own vectors: GCC lowers the 16-float generic vectors to scalar
- * compares and stack round trips here. Same series, as fused multiply-adds. */
-static inline __m256 exp_nonpositive8(__m256 x) {
-    const __m256 t = _mm256_max_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.4426950408889634f)), _mm256_set1_ps(-126.0f));
-    const __m256i i = _mm256_sub_epi32(_mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_set1_ps(128.0f))),
-                                       _mm256_set1_epi32(128));
-    const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, _mm256_cvtepi32_ps(i)), _mm256_set1_ps(0.6931471805599453f));
-    __m256 q = _mm256_set1_ps(1.0f / 5040);
-    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f / 720));
-    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f / 120));
-    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f / 24));
-    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f / 6));
-    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(0.5f));
-    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f));
-    q = _mm256_fmadd_ps(f, q, _mm256_set1_ps(1.0f));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(i, _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(q, _mm256_castsi256_ps(bits));
-}
-
 /* softmax_tiled on 8 lanes (G dividing 8: lane l is head l % G): s[i] = exp(s[i] - its head's max), mx[g] and
  * inv[g] the max and the sum. Small model's attention op, 128 rows of 192 keys: ~15% of its time was the
  * generic vectors' scalarized max and exp. */

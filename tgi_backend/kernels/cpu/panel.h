@@ -104,6 +104,7 @@ static inline __attribute__((always_inline)) void panel_micro(const float *x, in
         return;
     }
     if (!yb) {
+#pragma GCC unroll 8 /* as below: rolled, GCC kept the sums in memory at every input (4 of 6 row counts) */
         for (int r = 0; r < MR; r++) {
             _mm256_storeu_ps(y + r * ldy, acc[r][0]);
             _mm256_storeu_ps(y + r * ldy + 8, acc[r][1]);

@@ -1,11 +1,14 @@
-/* Prefill attention on AMX (bf16): every chunk of a step's flat batch, causal, with its history read back from
- * the paged cache, GQA and a sliding window. PyTorch's CPU flash kernel ran ~0.15 TFLOP/s here at 512 tokens
- * and head dim 64 (a third of a small model's prefill); this one takes both products on the tiles.
+/* Prefill attention on AMX (bf16) or, with AVX2 and no AVX-512, on panel.h's micro-kernel: every chunk of a
+ * step's flat batch, causal, with its history read back from the paged cache, GQA and a sliding window.
+ * PyTorch's CPU flash kernel ran ~0.15 TFLOP/s here at 512 tokens and head dim 64 (a third of a small model's
+ * prefill); this one takes both products on the tiles.
  *
  * Per (chunk, KV head) the keys are packed once for the tiles: K as [16-key tile][32 dims][16 pairs x 16 keys],
  * V as [32-key block][16 dims][16 key pairs x 16 dims] (zeros past the context). Per (chunk, head, 16 query rows)
  * the scores of every visible key block go to float32, the softmax is exact (max, exp, sum over the band: no
  * rescaling), P is rounded to bf16 once as PyTorch's flash kernel does, and P @ V sums on the tiles.
+ * On AVX2 the same plan with panels (panel.h) for the tiles: K as panels of 16 keys over the dims, V as panels
+ * of 16 dims over the keys; the queries (scaled) and P stay float32.
  */
 #include <math.h>
 #include <stdint.h>
@@ -14,10 +17,16 @@
 #include <omp.h>
 
 #include "amx.h"
+#include "panel.h"
 
 #if HAVE_AMX && defined(__AVX512BF16__)
+#define PREFILL_AMX 1
 #include <immintrin.h>
+#elif HAVE_AVX2_ONLY
+#define PREFILL_AVX2 1
+#endif
 
+#if defined(PREFILL_AMX) || defined(PREFILL_AVX2)
 typedef struct { /* one chunk: rows [q_start, q_start + len) of the batch at positions start_pos.. */
     int64_t q_start, len, start_pos, table; /* table: offset of its block ids in `tables`, -1: no history */
 } Chunk;
@@ -44,6 +53,15 @@ static inline const uint16_t *kv_row(const Problem *pb, const Chunk *c, int64_t 
     return (value ? pb->v_cache : pb->k_cache) + (slot * pb->kv_heads + h) * pb->dim;
 }
 
+/* The first and last positions of rows [r0, r0 + 16) of chunk c, and the first key the first row sees. */
+static inline int64_t item_rows(const Problem *pb, const Chunk *c, int64_t r0, int64_t *first, int64_t *last) {
+    const int64_t rows = c->len - r0 < 16 ? c->len - r0 : 16;
+    *first = c->start_pos + r0, *last = *first + rows - 1;
+    return pb->window > 0 && *first - pb->window + 1 > 0 ? *first - pb->window + 1 : 0;
+}
+#endif
+
+#ifdef PREFILL_AMX
 /* K and V of chunk c, KV head h, packed for the tiles (layouts above); ctx keys, zeros up to whole blocks. */
 static void pack(const Problem *pb, const Chunk *c, int64_t h, uint32_t *kp, uint32_t *vp) {
     const int64_t D = pb->dim, ctx = c->start_pos + c->len, blocks = ceil_div(ctx, 32), ds_n = D / 32, ct_n = D / 16;
@@ -113,8 +131,8 @@ static float softmax_row(const float *s, uint16_t *p, int64_t width, int64_t lo,
 static void attend_rows(const Problem *pb, const Chunk *c, int64_t h, int64_t r0, const uint32_t *kp,
                         const uint32_t *vp, float *s, uint16_t *p, uint16_t *qb, float *o) {
     const int64_t D = pb->dim, ds_n = D / 32, ct_n = D / 16, rows = c->len - r0 < 16 ? c->len - r0 : 16;
-    const int64_t first = c->start_pos + r0, last = first + rows - 1; /* positions of the rows */
-    const int64_t start = pb->window > 0 && first - pb->window + 1 > 0 ? first - pb->window + 1 : 0;
+    int64_t first, last; /* positions of the rows */
+    const int64_t start = item_rows(pb, c, r0, &first, &last);
     const int64_t kb0 = start / 32, kb1 = ceil_div(last + 1, 32), width = (kb1 - kb0) * 32;
     memset(qb, 0, sizeof(uint16_t) * (size_t)(16 * D));
     for (int64_t i = 0; i < rows; i++)
@@ -197,17 +215,147 @@ static void attend_rows(const Problem *pb, const Chunk *c, int64_t h, int64_t r0
     }
 }
 
+/* Per thread: scores and P of 16 rows, their outputs and queries. */
+#define PER_THREAD(widest, dim) ((size_t)(16 * (widest)) * (sizeof(float) + sizeof(uint16_t)) + (size_t)(16 * (dim)) * 6)
+
+static int kernel_permitted(void) {
+    static int permitted = -1; /* asked once */
+    if (permitted < 0) permitted = amx_permitted();
+    return permitted;
+}
+
+static void thread_begin(void) { amx_configure(); }
+static void thread_end(void) { amx_release(); }
+
+static void attend(const Problem *pb, const Chunk *c, int64_t h, int64_t r0, const uint32_t *kp, const uint32_t *vp,
+                   char *mine, int64_t widest) {
+    float *s = (float *)mine, *o = s + 16 * widest;
+    uint16_t *p = (uint16_t *)(o + 16 * pb->dim), *qb = p + 16 * widest;
+    attend_rows(pb, c, h, r0, kp, vp, s, p, qb, o);
+}
+#endif
+
+#ifdef PREFILL_AVX2
+/* K and V of chunk c, KV head h, in panels: K [16-key panel][dim][8 lanes], V [16-dim panel][key][8 lanes] over
+ * blocks * 32 keys (panel.h's lanes: lane j holds the panel's entry j in its high half, j + 8 in its low half;
+ * zeros past the context). The same words as the tiles' packs: blocks * 16 * dim each. */
+static void pack(const Problem *pb, const Chunk *c, int64_t h, uint32_t *kp, uint32_t *vp) {
+    const int64_t D = pb->dim, ctx = c->start_pos + c->len, keys = ceil_div(ctx, 32) * 32;
+    for (int64_t kt = 0; kt < keys / 16; kt++)
+        for (int j = 0; j < 8; j++) {
+            const int64_t hi_key = kt * 16 + j, lo_key = hi_key + 8;
+            const uint16_t *a = hi_key < ctx ? kv_row(pb, c, hi_key, h, 0) : NULL;
+            const uint16_t *b = lo_key < ctx ? kv_row(pb, c, lo_key, h, 0) : NULL;
+            for (int64_t d = 0; d < D; d++)
+                kp[(kt * D + d) * 8 + j] = (uint32_t)(a ? a[d] : 0) << 16 | (uint32_t)(b ? b[d] : 0);
+        }
+    for (int64_t key = 0; key < keys; key++) {
+        const uint16_t *row = key < ctx ? kv_row(pb, c, key, h, 1) : NULL;
+        for (int64_t dp = 0; dp < D / 16; dp++)
+            for (int j = 0; j < 8; j++)
+                vp[(dp * keys + key) * 8 + j] = row ? (uint32_t)row[dp * 16 + j] << 16 | row[dp * 16 + j + 8] : 0;
+    }
+}
+
+/* y[r * ldy + 0 .. 16) = x[r] . panel for `rows` rows of x (row stride `in`), MR rows a call. */
+static void panel_float_rows(const float *x, int64_t rows, int64_t in, const uint32_t *panel, float *y, int64_t ldy) {
+    int64_t r = 0;
+#define ROWS_CALL(MR) panel_micro(x + r * in, in, panel, MR, 0, y + r * ldy, NULL, NULL, ldy, PANEL, NULL, 0)
+    for (; r + PANEL_MR <= rows; r += PANEL_MR) ROWS_CALL(PANEL_MR);
+    switch (rows - r) { /* constant row counts: the sums stay in registers */
+    case 5: ROWS_CALL(5); break;
+    case 4: ROWS_CALL(4); break;
+    case 3: ROWS_CALL(3); break;
+    case 2: ROWS_CALL(2); break;
+    case 1: ROWS_CALL(1); break;
+    default: break;
+    }
+#undef ROWS_CALL
+}
+
+/* Lanes of keys [j, j + 8) inside [lo, hi], as a mask of all-ones floats. */
+static inline __m256 visible8(int64_t j, int64_t lo, int64_t hi) {
+    const __m256i at = _mm256_add_epi32(_mm256_set1_epi32((int32_t)j), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)lo), at),
+                                                   _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)hi + 1), at)));
+}
+
+/* In place over a row's band: exp(s - max) on the visible keys [lo, hi] (band-relative), zeros elsewhere;
+ * returns the sum. */
+static float softmax_band(float *s, int64_t width, int64_t lo, int64_t hi) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (int64_t j = lo / 8 * 8; j <= hi; j += 8)
+        m = _mm256_blendv_ps(m, _mm256_max_ps(_mm256_loadu_ps(s + j), m), visible8(j, lo, hi));
+    const __m256 half = _mm256_max_ps(m, _mm256_permute2f128_ps(m, m, 1));
+    const __m256 quad = _mm256_max_ps(half, _mm256_permute_ps(half, 0x4e));
+    const __m256 mx = _mm256_max_ps(quad, _mm256_permute_ps(quad, 0xb1)); /* the max in every lane */
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t j = 0; j < width; j += 8) {
+        const __m256 live = visible8(j, lo, hi);
+        const __m256 e = _mm256_and_ps(live, exp_nonpositive8(_mm256_min_ps(_mm256_sub_ps(_mm256_loadu_ps(s + j), mx),
+                                                                             _mm256_setzero_ps())));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    return hsum8(sum);
+}
+
+/* Rows [r0, r0 + 16) of chunk c, head h: the scores of the band of key blocks they see, softmax, P @ V, out. */
+static void attend_rows(const Problem *pb, const Chunk *c, int64_t h, int64_t r0, const uint32_t *kp,
+                        const uint32_t *vp, float *s, float *xq, float *o) {
+    const int64_t D = pb->dim, rows = c->len - r0 < 16 ? c->len - r0 : 16;
+    const int64_t keys = ceil_div(c->start_pos + c->len, 32) * 32;
+    int64_t first, last; /* positions of the rows */
+    const int64_t start = item_rows(pb, c, r0, &first, &last);
+    const int64_t kb0 = start / 32, kb1 = ceil_div(last + 1, 32), width = (kb1 - kb0) * 32;
+    for (int64_t i = 0; i < rows; i++) /* the queries, scaled */
+        for (int64_t d = 0; d < D; d++)
+            xq[i * D + d] = bf16_to_f32(pb->q[(c->q_start + r0 + i) * pb->q_stride + h * D + d]) * pb->scale;
+    for (int64_t kt = kb0 * 2; kt < kb1 * 2; kt++) /* scores: 16 keys a panel */
+        panel_float_rows(xq, rows, D, kp + kt * D * 8, s + (kt - kb0 * 2) * 16, width);
+    float sums[16];
+    for (int64_t i = 0; i < rows; i++) {
+        const int64_t pos = first + i, lo = pb->window > 0 && pos - pb->window + 1 > 0 ? pos - pb->window + 1 : 0;
+        sums[i] = softmax_band(s + i * width, width, lo - kb0 * 32, pos - kb0 * 32);
+    }
+    for (int64_t dp = 0; dp < D / 16; dp++) /* P @ V: 16 dims a panel, over the band's keys */
+        panel_float_rows(s, rows, width, vp + (dp * keys + kb0 * 32) * 8, o + dp * 16, D);
+    for (int64_t i = 0; i < rows; i++) {
+        uint16_t *dst = pb->out + (c->q_start + r0 + i) * pb->out_stride + h * D;
+        const __m256 inv = _mm256_set1_ps(1.0f / sums[i]);
+        for (int64_t d = 0; d < D; d += 8)
+            _mm_storeu_si128((__m128i *)(dst + d), round_bf16x8(_mm256_mul_ps(_mm256_loadu_ps(o + i * D + d), inv)));
+    }
+}
+
+/* Per thread: scores (then P) of 16 rows, their queries and outputs, float32. */
+#define PER_THREAD(widest, dim) ((size_t)(16 * (widest)) * sizeof(float) + (size_t)(16 * (dim)) * 8)
+
+static int kernel_permitted(void) { return 1; }
+static void thread_begin(void) {}
+static void thread_end(void) {}
+
+static void attend(const Problem *pb, const Chunk *c, int64_t h, int64_t r0, const uint32_t *kp, const uint32_t *vp,
+                   char *mine, int64_t widest) {
+    float *s = (float *)mine, *xq = s + 16 * widest;
+    attend_rows(pb, c, h, r0, kp, vp, s, xq, xq + 16 * pb->dim);
+}
+#endif
+
+#if defined(PREFILL_AMX) || defined(PREFILL_AVX2)
+/* 1 where this build and CPU run the kernel (AMX granted, or AVX2 without AVX-512). */
+int prefill_ready(void) { return kernel_permitted(); }
+
 /* out [tokens, heads, dim] (row stride out_stride) for every chunk's rows; q [tokens, heads, dim], k and v
  * [tokens, kv_heads, dim] (row strides given), the caches [blocks, block_size, kv_heads, dim]; chunks: `n`
  * of (q_start, len, start_pos, offset of its block ids in tables or -1). Returns 0; -1 for what it does not
- * take (no AMX, dim not a multiple of 32 or past 256, heads not a multiple of kv_heads); -2 out of memory. */
+ * take (neither AMX nor AVX2 alone, dim not a multiple of 32 or past 256, heads not a multiple of kv_heads);
+ * -2 out of memory. */
 int prefill_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k, int64_t k_stride, const uint16_t *v,
                       int64_t v_stride, const uint16_t *k_cache, const uint16_t *v_cache, int64_t block_size,
                       const int64_t *chunks, int64_t n, const int64_t *tables, uint16_t *out, int64_t out_stride,
                       int64_t heads, int64_t kv_heads, int64_t dim, float scale, int64_t window, int64_t threads) {
-    static int permitted = -1; /* asked once */
-    if (permitted < 0) permitted = amx_permitted();
-    if (!permitted || dim % 32 || dim > 256 || kv_heads < 1 || heads % kv_heads || n < 1) return -1;
+    if (!kernel_permitted() || dim % 32 || dim > 256 || kv_heads < 1 || heads % kv_heads || n < 1) return -1;
     const Problem pb = {q, k, v, k_cache, v_cache, q_stride, k_stride, v_stride, out_stride, block_size,
                         (const Chunk *)chunks, tables, out, heads, kv_heads, dim, window, scale};
     int64_t *pack_at = malloc(sizeof(int64_t) * (size_t)(2 * n + 1)), *item_at = pack_at + n, widest = 0;
@@ -222,7 +370,7 @@ int prefill_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k, in
         if (blocks * 32 > widest) widest = blocks * 32;
     }
     item_at[n] = items;
-    const size_t per_thread = (size_t)(16 * widest) * (sizeof(float) + sizeof(uint16_t)) + (size_t)(16 * dim) * 6 + 128;
+    const size_t per_thread = PER_THREAD(widest, dim) + 128;
     uint32_t *packs = malloc(sizeof(uint32_t) * (size_t)words + 64);
     char *scratch = malloc(per_thread * (size_t)(threads > 0 ? threads : 1) + 64);
     if (!packs || !scratch) {
@@ -232,9 +380,7 @@ int prefill_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k, in
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         char *mine = (char *)(((uintptr_t)(scratch + per_thread * (size_t)omp_get_thread_num()) + 63) & ~(uintptr_t)63);
-        float *s = (float *)mine, *o = s + 16 * widest;
-        uint16_t *p = (uint16_t *)(o + 16 * dim), *qb = p + 16 * widest;
-        amx_configure();
+        thread_begin();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t t = 0; t < n * kv_heads; t++) {
             const int64_t i = t / kv_heads, h = t % kv_heads;
@@ -254,14 +400,16 @@ int prefill_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k, in
             const int64_t local = t - item_at[lo], per_head = ceil_div(c->len, 16), h = local / per_head;
             const int64_t blocks = ceil_div(c->start_pos + c->len, 32), kvh = h / (heads / kv_heads);
             const uint32_t *kp = packs + pack_at[lo] + kvh * blocks * 32 * dim;
-            attend_rows(&pb, c, h, (local % per_head) * 16, kp, kp + blocks * 16 * dim, s, p, qb, o);
+            attend(&pb, c, h, (local % per_head) * 16, kp, kp + blocks * 16 * dim, mine, widest);
         }
-        amx_release();
+        thread_end();
     }
     free(pack_at), free(packs), free(scratch);
     return 0;
 }
 #else
+int prefill_ready(void) { return 0; }
+
 int prefill_attention(const uint16_t *q, int64_t q_stride, const uint16_t *k, int64_t k_stride, const uint16_t *v,
                       int64_t v_stride, const uint16_t *k_cache, const uint16_t *v_cache, int64_t block_size,
                       const int64_t *chunks, int64_t n, const int64_t *tables, uint16_t *out, int64_t out_stride,

@@ -1,6 +1,7 @@
-"""Prefill attention on AMX (prefill_attn.c) for the cpu op set: every chunk of a step in one call, its history
-read back from the paged cache. Where the kernel does not take a step (no AMX, not bf16, a head dim that is not a
-multiple of 32, strides it does not read) the step runs PyTorch's SDPA per chunk, as the torch set does.
+"""Prefill attention on AMX, or on AVX2 without AVX-512 (prefill_attn.c), for the cpu op set: every chunk of a
+step in one call, its history read back from the paged cache. Where the kernel does not take a step (neither
+AMX nor AVX2 alone, not bf16, a head dim that is not a multiple of 32, strides it does not read) the step runs
+PyTorch's SDPA per chunk, as the torch set does.
 """
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def prepare(segments: Sequence[PrefillSegment], device: torch.device | None = No
     max_block = -1 if not ids else int(block_ids.max()) if int(block_ids.min()) >= 0 else 1 << 62
     return Chunks(list(segments), torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), block_ids.contiguous(),
                   max_block, histories, max((seg.q_end for seg in segments), default=0))
+
+
+def available() -> bool:
+    """The build has a prefill kernel for this CPU (AMX granted to the process, or AVX2 without AVX-512)."""
+    lib = library("prefill_attn")
+    return lib is not None and bool(lib.prefill_ready())
 
 
 def _rows_ok(t: torch.Tensor) -> bool:
