@@ -44,7 +44,8 @@ static inline void panel_argmax8(__m256 v, __m256i idx, __m256i ok, float *best,
     const __m256i i = _mm256_loadu_si256((const __m256i *)at);
     const __m256 earlier = _mm256_castsi256_ps(_mm256_cmpgt_epi32(i, idx));
     const __m256 vnan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q), bnum = _mm256_cmp_ps(b, b, _CMP_ORD_Q);
-    __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, b, _CMP_GT_OQ), _mm256_and_ps(_mm256_cmp_ps(v, b, _CMP_EQ_OQ), earlier));
+    __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, b, _CMP_GT_OQ),
+                               _mm256_and_ps(_mm256_cmp_ps(v, b, _CMP_EQ_OQ), earlier));
     take = _mm256_and_ps(_mm256_or_ps(take, _mm256_and_ps(vnan, _mm256_or_ps(bnum, earlier))), _mm256_castsi256_ps(ok));
     _mm256_storeu_ps(best, _mm256_blendv_ps(b, v, take));
     _mm256_storeu_si256((__m256i *)at, _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i),
@@ -100,7 +101,8 @@ static inline __attribute__((always_inline)) void panel_micro(const float *x, in
     }
     if (pb) {
 #pragma GCC unroll 8
-        for (int r = 0; r < MR; r++) panel_argmax16(acc[r][0], acc[r][1], bias, o, valid, pb->best + r * 16, pb->at + r * 16);
+        for (int r = 0; r < MR; r++)
+            panel_argmax16(acc[r][0], acc[r][1], bias, o, valid, pb->best + r * 16, pb->at + r * 16);
         return;
     }
     if (!yb) {
@@ -149,6 +151,27 @@ static inline int64_t panel_row_block(int64_t rows, int64_t in) {
     return block < PANEL_MR ? PANEL_MR : block;
 }
 
+/* Rows [0, rows) of x (row stride in) through one panel p, outputs o .. o + 16 (`valid` of them), PANEL_MR rows a
+ * call (then the rest at a constant count: the sums stay in registers): panel_micro's destinations, row 0's. */
+static inline __attribute__((always_inline)) void panel_rows(const float *x, int64_t rows, int64_t in, const uint32_t *p,
+                                                              float *y, uint16_t *yb, const uint16_t *bias, int64_t ldy,
+                                                              int64_t valid, const PanelBest *pb, int64_t o) {
+#define PANEL_CALL(MR)                                                                                          \
+    panel_micro(x + r * in, in, p, MR, 0, y ? y + r * ldy : NULL, yb ? yb + r * ldy : NULL, bias, ldy, valid,     \
+                pb ? &(PanelBest){pb->best + r * 16, pb->at + r * 16} : NULL, o)
+    int64_t r = 0;
+    for (; r + PANEL_MR <= rows; r += PANEL_MR) PANEL_CALL(PANEL_MR);
+    switch (rows - r) {
+    case 5: PANEL_CALL(5); break;
+    case 4: PANEL_CALL(4); break;
+    case 3: PANEL_CALL(3); break;
+    case 2: PANEL_CALL(2); break;
+    case 1: PANEL_CALL(1); break;
+    default: break;
+    }
+#undef PANEL_CALL
+}
+
 /* Outputs [first, last) of x [rows, in] float32 @ w.T, w in panels (first a multiple of 16): with pb (y and yb
  * NULL), biased and rounded to bf16 into the rows' running first maxima (pb [rows][16]); with yb, into
  * yb[r * ldy + o - first]; else the float32 sums into y[r * ldy + o - first], the last panel writing all its 16
@@ -162,25 +185,12 @@ static inline void panel_outputs(const float *x, int64_t rows, int64_t in, const
     }
     const int64_t block = panel_row_block(rows, in);
     for (int64_t b = 0; b < rows; b += block) {
-        const int64_t end = b + block < rows ? b + block : rows;
+        const int64_t n = b + block < rows ? block : rows - b;
         for (int64_t o = first; o < last; o += PANEL) {
-            const uint32_t *p = panel + (o / PANEL) * in * (PANEL / 2);
-            const int64_t valid = last - o < PANEL ? last - o : PANEL, at = o - first;
-            const uint16_t *bo = bias ? bias + o : NULL;
-#define PANEL_CALL(MR)                                                                                          \
-    panel_micro(x + r * in, in, p, MR, 0, y ? y + r * ldy + at : NULL, yb ? yb + r * ldy + at : NULL, bo, ldy, valid, \
-                pb ? &(PanelBest){pb->best + r * 16, pb->at + r * 16} : NULL, o)
-            int64_t r = b;
-            for (; r + PANEL_MR <= end; r += PANEL_MR) PANEL_CALL(PANEL_MR);
-            switch (end - r) { /* constant row counts: the sums stay in registers */
-            case 5: PANEL_CALL(5); break;
-            case 4: PANEL_CALL(4); break;
-            case 3: PANEL_CALL(3); break;
-            case 2: PANEL_CALL(2); break;
-            case 1: PANEL_CALL(1); break;
-            default: break;
-            }
-#undef PANEL_CALL
+            const int64_t valid = last - o < PANEL ? last - o : PANEL, at = b * ldy + o - first;
+            const PanelBest *rows_pb = pb ? &(PanelBest){pb->best + b * 16, pb->at + b * 16} : NULL;
+            panel_rows(x + b * in, n, in, panel + (o / PANEL) * in * (PANEL / 2), y ? y + at : NULL,
+                       yb ? yb + at : NULL, bias ? bias + o : NULL, ldy, valid, rows_pb, o);
         }
     }
 }

@@ -216,7 +216,8 @@ static void attend_rows(const Problem *pb, const Chunk *c, int64_t h, int64_t r0
 }
 
 /* Per thread: scores and P of 16 rows, their outputs and queries. */
-#define PER_THREAD(widest, dim) ((size_t)(16 * (widest)) * (sizeof(float) + sizeof(uint16_t)) + (size_t)(16 * (dim)) * 6)
+#define PER_THREAD(widest, dim)                                                                                 \
+    ((size_t)(16 * (widest)) * (sizeof(float) + sizeof(uint16_t)) + (size_t)(16 * (dim)) * 6)
 
 static int kernel_permitted(void) {
     static int permitted = -1; /* asked once */
@@ -255,22 +256,6 @@ static void pack(const Problem *pb, const Chunk *c, int64_t h, uint32_t *kp, uin
             for (int j = 0; j < 8; j++)
                 vp[(dp * keys + key) * 8 + j] = row ? (uint32_t)row[dp * 16 + j] << 16 | row[dp * 16 + j + 8] : 0;
     }
-}
-
-/* y[r * ldy + 0 .. 16) = x[r] . panel for `rows` rows of x (row stride `in`), MR rows a call. */
-static void panel_float_rows(const float *x, int64_t rows, int64_t in, const uint32_t *panel, float *y, int64_t ldy) {
-    int64_t r = 0;
-#define ROWS_CALL(MR) panel_micro(x + r * in, in, panel, MR, 0, y + r * ldy, NULL, NULL, ldy, PANEL, NULL, 0)
-    for (; r + PANEL_MR <= rows; r += PANEL_MR) ROWS_CALL(PANEL_MR);
-    switch (rows - r) { /* constant row counts: the sums stay in registers */
-    case 5: ROWS_CALL(5); break;
-    case 4: ROWS_CALL(4); break;
-    case 3: ROWS_CALL(3); break;
-    case 2: ROWS_CALL(2); break;
-    case 1: ROWS_CALL(1); break;
-    default: break;
-    }
-#undef ROWS_CALL
 }
 
 /* Lanes of keys [j, j + 8) inside [lo, hi], as a mask of all-ones floats. */
@@ -312,14 +297,14 @@ static void attend_rows(const Problem *pb, const Chunk *c, int64_t h, int64_t r0
         for (int64_t d = 0; d < D; d++)
             xq[i * D + d] = bf16_to_f32(pb->q[(c->q_start + r0 + i) * pb->q_stride + h * D + d]) * pb->scale;
     for (int64_t kt = kb0 * 2; kt < kb1 * 2; kt++) /* scores: 16 keys a panel */
-        panel_float_rows(xq, rows, D, kp + kt * D * 8, s + (kt - kb0 * 2) * 16, width);
+        panel_rows(xq, rows, D, kp + kt * D * 8, s + (kt - kb0 * 2) * 16, NULL, NULL, width, PANEL, NULL, 0);
     float sums[16];
     for (int64_t i = 0; i < rows; i++) {
         const int64_t pos = first + i, lo = pb->window > 0 && pos - pb->window + 1 > 0 ? pos - pb->window + 1 : 0;
         sums[i] = softmax_band(s + i * width, width, lo - kb0 * 32, pos - kb0 * 32);
     }
     for (int64_t dp = 0; dp < D / 16; dp++) /* P @ V: 16 dims a panel, over the band's keys */
-        panel_float_rows(s, rows, width, vp + (dp * keys + kb0 * 32) * 8, o + dp * 16, D);
+        panel_rows(s, rows, width, vp + (dp * keys + kb0 * 32) * 8, o + dp * 16, NULL, NULL, D, PANEL, NULL, 0);
     for (int64_t i = 0; i < rows; i++) {
         uint16_t *dst = pb->out + (c->q_start + r0 + i) * pb->out_stride + h * D;
         const __m256 inv = _mm256_set1_ps(1.0f / sums[i]);
