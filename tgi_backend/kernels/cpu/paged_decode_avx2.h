@@ -32,9 +32,9 @@ static void ITEM_COPY(ITEM_G, ITEM_NV)(const Problem *p, int r, int h, float *s)
         const int64_t blk = j / bs, stop = (blk + 1) * bs < end ? (blk + 1) * bs : end;
         const uint16_t *base = K + (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim;
         const uint16_t *vbase = V + (table[blk] * bs - blk * bs) * token_stride + (int64_t)h * p->dim;
-        const int ahead = (blk + 2) * bs < end; /* block blk + 2 */
+        const int ahead = (blk + 2) * bs < end; /* block blk + 2 (no pointer formed outside the cache without it) */
         const uint16_t *kahead =
-            K + ((ahead ? table[blk + 2] : 0) * bs - (blk + 2) * bs) * token_stride + (int64_t)h * p->dim;
+            ahead ? K + (table[blk + 2] * bs - (blk + 2) * bs) * token_stride + (int64_t)h * p->dim : base;
         for (; j < stop; j++) {
             for (int c = 0; c < NY / 4; c++) { /* this key's value, for the weighted sum, and a key two blocks on */
                 __builtin_prefetch(vbase + j * token_stride + c * 32, 0, 3);
