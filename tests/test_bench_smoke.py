@@ -138,6 +138,21 @@ def test_ab_switches_native_kernels_off_on_one_side(tiny_llama_dir: str) -> None
         AB.run(tiny_llama_dir, {}, {}, rows=1, prompt_tokens=4, steps=1, rounds=1, a_without=["nope"])
 
 
+def test_kernel_ab_runs_the_attention_op_of_each_side_in_turns(tmp_path) -> None:
+    import bench_kernel_ab as KAB
+    from tgi_backend.kernels.cpu import library
+
+    if library("paged_decode") is None:
+        pytest.skip("no C compiler")
+    # the tree on both sides: the cached build (a changed source compiles for a minute, too long for the suite)
+    result = KAB.run(None, None, rows=3, ctx=40, layers=1, rounds=2)
+    assert result["a_ms"] > 0 and result["b_ms"] > 0 and result["b_speed"]["min"] > 0
+    assert "B's speed against A over 2 rounds" in KAB.markdown(result)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no files"):
+        KAB.side_tree(str(tmp_path / "empty"), tmp_path / "tree")
+
+
 def test_quant_table_has_prefill_against_bf16() -> None:
     import bench_quant
 
