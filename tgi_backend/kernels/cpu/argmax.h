@@ -5,8 +5,10 @@
 #include <stdint.h>
 
 /* best/at [teams][rows][16]: a lane's first maximum and its output index (INT32_MAX: the lane saw nothing) ->
- * argmax[rows], torch.argmax's rule: a NaN counts as the maximum, and the lowest index wins among equals. */
-static inline void lanes_argmax(const float *best, const int32_t *at, int64_t teams, int64_t rows, int64_t *argmax) {
+ * argmax[rows], torch.argmax's rule: a NaN counts as the maximum, and the lowest index wins among equals; with
+ * value, also the maximum itself (0 where no lane saw anything). */
+static inline void lanes_argmax(const float *best, const int32_t *at, int64_t teams, int64_t rows, int64_t *argmax,
+                                float *value) {
     const int64_t lanes = rows * 16;
     for (int64_t r = 0; r < rows; r++) {
         float v = 0.0f;
@@ -19,6 +21,7 @@ static inline void lanes_argmax(const float *best, const int32_t *at, int64_t te
                 if (i == INT32_MAX || u > v || (u == v && j < i) || (u != u && (v == v || j < i))) v = u, i = j;
             }
         argmax[r] = i == INT32_MAX ? 0 : i;
+        if (value) value[r] = v;
     }
 }
 #endif

@@ -209,8 +209,6 @@ static inline int later_wins(float v, float b) { return v > b || (v != v && b ==
 static void head_task(const Model *m, const Step *s, int64_t k, Own *o) {
     const int64_t R = s->rows, H = m->hidden, first = k * HEAD_CHUNK;
     const int64_t width = first + HEAD_CHUNK < m->vocab ? HEAD_CHUNK : m->vocab - first;
-    float y[MAX_ROWS * HEAD_CHUNK];
-    int64_t stride = width; /* of y's rows */
 #ifdef __AVX512BF16__
     const xelem *x = s->out;
 #else
@@ -218,16 +216,20 @@ static void head_task(const Model *m, const Step *s, int64_t k, Own *o) {
     const xelem *x = o->xf;
 #endif
 #if HAVE_AVX2_ONLY
-    if (m->lm_head_panel) {
-        panel_outputs(x, R, H, m->lm_head_panel, first, first + width, y, NULL, NULL, HEAD_CHUNK, NULL);
-        stride = HEAD_CHUNK;
-        for (int64_t r = 0; r < R; r++)
-            for (int64_t i = 0; i < width; i++) y[r * HEAD_CHUNK + i] = bf16_to_f32(f32_to_bf16(y[r * HEAD_CHUNK + i]));
-    } else
+    if (m->lm_head_panel) { /* panel_linear's argmax: each row's lanes kept from the registers, then merged */
+        float best[MAX_ROWS * 16];
+        int32_t at[MAX_ROWS * 16];
+        for (int64_t j = 0; j < R * 16; j++) best[j] = -INFINITY, at[j] = INT32_MAX;
+        const PanelBest pb = {best, at};
+        panel_outputs(x, R, H, m->lm_head_panel, first, first + width, NULL, NULL, NULL, 0, &pb);
+        lanes_argmax(best, at, 1, R, o->head_at, o->head_best);
+        return;
+    }
 #endif
-        gemv_rows(x, R, H, m->lm_head + first * H, width, 0, width, NULL, y, 1);
+    float y[MAX_ROWS * HEAD_CHUNK];
+    gemv_rows(x, R, H, m->lm_head + first * H, width, 0, width, NULL, y, 1);
     for (int64_t r = 0; r < R; r++) {
-        const float *row = y + r * stride;
+        const float *row = y + r * width;
         int64_t at = 0;
         for (int64_t i = 1; i < width; i++)
             if (later_wins(row[i], row[at])) at = i;
@@ -613,7 +615,7 @@ int amx_linear(const uint16_t *x, int64_t rows, int64_t padded, int64_t in, cons
         for (int64_t c = 0; c < chunks; c++) amx_chunk(x, rows, padded, in, w, out, c * AMX_OUTPUTS, bias, y, (int)y_f32, b, a);
         amx_release();
     }
-    if (argmax) lanes_argmax(best, at, teams, rows, argmax); /* every thread's lanes, as amx_argmax_update */
+    if (argmax) lanes_argmax(best, at, teams, rows, argmax, NULL); /* every thread's lanes, as amx_argmax_update */
     free(best), free(at);
     return 0;
 }

@@ -64,7 +64,7 @@ int panel_linear(const uint16_t *x, int64_t rows, int64_t in, const uint32_t *pa
                 }
         }
     }
-    if (argmax) lanes_argmax(best, at, teams, rows, argmax);
+    if (argmax) lanes_argmax(best, at, teams, rows, argmax, NULL);
     free(xf);
     return 0;
 #else

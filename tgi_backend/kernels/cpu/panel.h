@@ -105,7 +105,7 @@ static inline __attribute__((always_inline)) void panel_micro(const float *x, in
             panel_argmax16(acc[r][0], acc[r][1], bias, o, valid, pb->best + r * 16, pb->at + r * 16);
         return;
     }
-    if (!yb) {
+    if (y) {
 #pragma GCC unroll 8 /* as below: rolled, GCC kept the sums in memory at every input (4 of 6 row counts) */
         for (int r = 0; r < MR; r++) {
             _mm256_storeu_ps(y + r * ldy, acc[r][0]);
@@ -113,6 +113,7 @@ static inline __attribute__((always_inline)) void panel_micro(const float *x, in
         }
         return;
     }
+    if (!yb) return; /* no destination (never asked): each branch tests its own, so no clone stores to NULL */
     const __m256 b0 = bias && valid == PANEL ? bf16x8(bias) : _mm256_setzero_ps();
     const __m256 b1 = bias && valid == PANEL ? bf16x8(bias + 8) : _mm256_setzero_ps();
 #pragma GCC unroll 8 /* whole: an acc[r] indexed at run time put every sum in memory at every input (2x slower) */
