@@ -12,7 +12,7 @@ drift cancels; the report gives the median ratio and its range.
 
 --a / --b take EngineConfig fields as key=value, the names of tgi_llm's model parameters (A defaults to the
 plain engine). --a-without / --b-without switch native CPU kernels off on that side once it is built
-(NATIVE_PARTS: decode_attention, prefill_attention, rms_norm, rope_store, gemv, decoder), which no config field does:
+(NATIVE_PARTS: decode_attention, prefill_attention, rms_norm, rope_store, gemv, decoder, screen), which no config field does:
 
     .venv/bin/python scripts/bench_ab.py --model small --rows 4 --a-without gemv
 
@@ -118,6 +118,12 @@ def _without_prefill_attention(engine: Any) -> None:
     _without_op(prefill_attention=attention.prefill_segments_attention, prepare_prefill=lambda s, d: list(s))(engine)
 
 
+def _without_screen(engine: Any) -> None:
+    """Greedy LM heads past the fused step's rows on the panels (panel.linear's argmax), not screen.c."""
+    if engine.runner.fused is not None:
+        engine.runner.fused.lm_head_screen = None
+
+
 # a native CPU kernel -> how an engine runs without it (its PyTorch path)
 NATIVE_PARTS = {
     "decode_attention": _without_decode_attention,
@@ -126,6 +132,7 @@ NATIVE_PARTS = {
     "rope_store": _without_op(rope_store=None),
     "gemv": _without_gemv,
     "decoder": lambda engine: setattr(engine.runner, "fused", None),  # the model's modules, op by op
+    "screen": _without_screen,
 }
 
 

@@ -344,8 +344,9 @@ def _check_step_greedy_tokens(runner: ModelRunner, ties: list[int], nans: list[i
                 head[ties] = head[3] * 8
             if round_ == 2:  # NaN logits at every index of `nans` in every row: the first one
                 head[nans] = float("nan")
-            if runner.fused.lm_head_panel is not None:  # the step's copy of the head
+            if runner.fused.lm_head_panel is not None:  # the step's copies of the head (none screened with NaN)
                 runner.fused.lm_head_panel.copy_(panel.pack(head))
+                runner.fused.lm_head_screen = decoder._screened(head, runner.fused.lm_head_panel)
             for n in sorted({1, rows, wide}):
                 chunks = [_chunk(f"h{i}", [i + 1], 3, blocks[i]) for i in range(n)]
                 logits, _, none = runner._logits(runner._prepare(chunks), greedy_only=False)
@@ -360,3 +361,4 @@ def _check_step_greedy_tokens(runner: ModelRunner, ties: list[int], nans: list[i
         head.copy_(saved)
         if runner.fused.lm_head_panel is not None:
             runner.fused.lm_head_panel.copy_(panel.pack(head))
+            runner.fused.lm_head_screen = decoder._screened(head, runner.fused.lm_head_panel)

@@ -1,0 +1,58 @@
+"""screen.c's greedy LM head for AVX2 CPUs: an 8-bit integer screen of every output with rigorous bounds, then the
+few outputs that may hold a row's maximum computed exactly from the panels: the token panel.linear's argmax
+gives, at ~2.3x the products a cycle on the screen's share of the work."""
+from __future__ import annotations
+
+import torch
+
+from tgi_backend.kernels.cpu import library, panel
+
+STATS = 4  # floats per output (screen.c)
+
+
+def available() -> bool:
+    """The build has screen.c's kernel (AVX2 without AVX-512, as panel.h's)."""
+    lib = library("screen")
+    return lib is not None and bool(lib.screen_ready()) and panel.available()
+
+
+class ScreenedHead:
+    """An LM head [vocab, hidden] bf16 packed for the screen, beside its panels (panel.pack)."""
+
+    def __init__(self, w: torch.Tensor, panels: torch.Tensor) -> None:
+        lib = library("screen")
+        if lib is None or w.dtype is not torch.bfloat16 or w.dim() != 2 or panels.shape[1] != w.shape[1]:
+            raise ValueError("ScreenedHead takes a 2-D bf16 weight and its panels (and a built screen library)")
+        w = w.contiguous()
+        self.vocab, self.hidden = w.shape
+        outs, kp = -(-self.vocab // 16) * 16, -(-self.hidden // 8) * 8
+        self.wq = torch.empty(outs * kp, dtype=torch.int8)
+        self.stats = torch.empty(outs * STATS, dtype=torch.float32)
+        self.sumq = torch.empty(outs, dtype=torch.int32)
+        if lib.screen_pack(w.data_ptr(), self.vocab, self.hidden, self.wq.data_ptr(), self.stats.data_ptr(),
+                           self.sumq.data_ptr()) != 0:
+            raise ValueError("ScreenedHead: weights not finite or past 1e15")
+        self.w, self.panels, self.lib = w, panels, lib  # the exact part reads w
+        self._hi = torch.empty(0, dtype=torch.float32)  # scratch [rows, outs], kept: 16 MB at 128 rows
+        self.whole_rows = 0  # rows the screen could not narrow, computed whole (all calls)
+
+    def argmax(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out (int64 [rows]) = each row's first maximum of x [rows, hidden] bf16 @ w.T rounded to bf16."""
+        if x.dtype is not torch.bfloat16 or x.dim() != 2 or x.shape[1] != self.hidden or not (
+                out.dtype is torch.int64 and out.is_contiguous() and out.numel() == x.shape[0]):
+            raise ValueError("ScreenedHead.argmax: x bf16 [rows, hidden], out int64 [rows]")
+        rows = x.shape[0]
+        if rows == 0:
+            return
+        x = x.contiguous()
+        need = rows * -(-self.vocab // 16) * 16
+        if self._hi.numel() < need:
+            self._hi = torch.empty(need, dtype=torch.float32)
+        status = self.lib.screen_argmax(x.data_ptr(), rows, self.hidden, self.w.data_ptr(), self.wq.data_ptr(), self.stats.data_ptr(),
+                                        self.sumq.data_ptr(), self.panels.data_ptr(), self.vocab,
+                                        self._hi.data_ptr(), torch.get_num_threads(), out.data_ptr())
+        if status == -2:
+            raise MemoryError(f"ScreenedHead.argmax: no memory for {rows} rows")
+        if status < 0:
+            raise RuntimeError("ScreenedHead.argmax: no screen kernel in this build")
+        self.whole_rows += status
