@@ -84,3 +84,15 @@ def test_argmax_checks_its_arguments():
     with pytest.raises(ValueError):
         head.argmax(torch.randn(2, 16).bfloat16(), torch.empty(3, dtype=torch.int64))
     head.argmax(torch.empty(0, 16, dtype=torch.bfloat16), torch.empty(0, dtype=torch.int64))  # no rows: nothing
+
+
+def test_a_screen_that_narrows_too_few_rows_stops_paying():
+    gen = torch.Generator().manual_seed(4)
+    w = (torch.randn(2000, 32, generator=gen) * 0.02).bfloat16()
+    head = screen.ScreenedHead(w, panel.pack(w))
+    out = torch.empty(64, dtype=torch.int64)
+    head.argmax(torch.randn(64, 32, generator=gen).bfloat16(), out)
+    assert head.pays and head.whole_rows == 0
+    for _ in range(4):  # all-zero rows: every output a candidate, each row computed whole
+        head.argmax(torch.zeros(64, 32, dtype=torch.bfloat16), out)
+    assert head.whole_rows == 256 and not head.pays

@@ -287,7 +287,7 @@ class FusedDecoder:
             if not greedy_only:
                 return panel.linear(hidden, self.lm_head_panel, vocab, None, torch.float32), None
             greedy = torch.empty(hidden.shape[0], dtype=torch.int64)
-            if self.lm_head_screen is not None:
+            if self.lm_head_screen is not None and self.lm_head_screen.pays:
                 self.lm_head_screen.argmax(hidden, greedy)
             else:
                 panel.linear(hidden, self.lm_head_panel, vocab, None, None, argmax=greedy)

@@ -8,6 +8,7 @@ import torch
 from tgi_backend.kernels.cpu import library, panel
 
 STATS = 4  # floats per output (screen.c)
+PROBE_ROWS = 256  # rows screened before `pays` judges
 
 
 def available() -> bool:
@@ -34,7 +35,7 @@ class ScreenedHead:
             raise ValueError("ScreenedHead: weights not finite or past 1e15")
         self.w, self.panels, self.lib = w, panels, lib  # the exact part reads w
         self._hi = torch.empty(0, dtype=torch.float32)  # scratch [rows, outs], kept: 16 MB at 128 rows
-        self.whole_rows = 0  # rows the screen could not narrow, computed whole (all calls)
+        self.rows = self.whole_rows = 0  # rows asked for, and those the screen could not narrow (computed whole)
 
     def argmax(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out (int64 [rows]) = each row's first maximum of x [rows, hidden] bf16 @ w.T rounded to bf16."""
@@ -55,4 +56,12 @@ class ScreenedHead:
             raise MemoryError(f"ScreenedHead.argmax: no memory for {rows} rows")
         if status < 0:
             raise RuntimeError("ScreenedHead.argmax: no screen kernel in this build")
+        self.rows += rows
         self.whole_rows += status
+
+    @property
+    def pays(self) -> bool:
+        """Whether screening still pays: past its first 256 rows, at most 1 in 8 computed whole. Where the bounds
+        are too loose for the head's width (medium, hidden 1024: ~70% of rows whole, no faster than the panels),
+        the caller goes back to the panels."""
+        return self.rows < PROBE_ROWS or 8 * self.whole_rows <= self.rows
