@@ -74,6 +74,9 @@ def test_weights_it_cannot_bound_are_refused():
     w[3, 4] = 1e20
     with pytest.raises(ValueError):
         screen.ScreenedHead(w, panel.pack(w))
+    narrow = torch.randn(32, 1).bfloat16()  # one input: the exact part's gathers would read past the weights
+    with pytest.raises(ValueError):
+        screen.ScreenedHead(narrow, panel.pack(narrow))
 
 
 def test_argmax_checks_its_arguments():

@@ -24,6 +24,8 @@ class ScreenedHead:
         lib = library("screen")
         if lib is None or w.dtype is not torch.bfloat16 or w.dim() != 2 or panels.shape[1] != w.shape[1]:
             raise ValueError("ScreenedHead takes a 2-D bf16 weight and its panels (and a built screen library)")
+        if not 2 <= w.shape[1] or w.numel() >= 2**31:  # the exact part gathers 4 bytes ending at each weight, by int32
+            raise ValueError("ScreenedHead takes 2 inputs or more, and fewer than 2**31 weights")
         w = w.contiguous()
         self.vocab, self.hidden = w.shape
         outs, kp = -(-self.vocab // 16) * 16, -(-self.hidden // 8) * 8
