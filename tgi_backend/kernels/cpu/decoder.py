@@ -194,7 +194,7 @@ def _screened(head: torch.Tensor | None, panels: torch.Tensor | None) -> screen.
         return None
     try:
         return screen.ScreenedHead(head, panels)
-    except ValueError:  # weights not finite or past 1e15: the panels alone
+    except ValueError:  # weights it cannot bound (not finite, past 1e15) or index (one input, 2**31): the panels
         return None
 
 
