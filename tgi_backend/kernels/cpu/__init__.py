@@ -34,7 +34,7 @@ FUNCTIONS = {
     "panel": {"panel_ready": [], "panel_pack_bf16": [_P, _I64, _I64, _P],
               "panel_linear": [_P, _I64, _I64, _P, _I64, _P, _P, _I32, _I32, _P]},
     "screen": {"screen_ready": [], "screen_pack": [_P, _I64, _I64, _P, _P, _P],
-               "screen_argmax": [_P, _I64, _I64, _P, _P, _P, _P, _P, _I64, _P, _I32, _P]},
+               "screen_argmax": [_P, _I64, _I64, _P, _P, _P, _P, _I64, _P, _I32, _P]},
     "decoder": {"decode_step": [_P, _P], "amx_ready": [],
                 "amx_linear": [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _I64, _I64, _P]},
 }

@@ -6,7 +6,7 @@
  * plus float32's summation error), so only outputs whose A + e reaches the row's best A - e can hold the
  * maximum. Those few are computed exactly as panel.h does (one FMA chain an output, input by input), rounded to
  * bf16 and compared with argmax's rule: the token is the one panel_linear's argmax gives, bit for bit. Rows the
- * screen cannot narrow (non-finite or huge values, too many candidates) go through panel.h whole, together.
+ * screen cannot narrow (non-finite or huge values, too many candidates) are left to panel_linear (screen.py).
  * Small model (hidden 512): no row needs that; medium (1024: the bounds grow with the square root of the width)
  * most do, and the caller stops screening (screen.py's `pays`).
  */
@@ -16,7 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "argmax.h"
 #include "bf16.h"
 #include "panel.h"
 
@@ -263,38 +262,11 @@ static int decide_row(const float *hi, int64_t out, const float *lomax, const fl
 }
 #endif
 
-#if HAVE_AVX2_ONLY
-/* The rows the screen could not narrow (xf [n, in], their indices in `which`), all together through the panels
- * as panel_linear's argmax: one compute-bound pass, not a pass over the weights per row. Returns 0 or -2. */
-static int whole_rows(const float *xf, int64_t n, int64_t in, const uint32_t *panel, int64_t out, int teams,
-                      const int32_t *which, int64_t *argmax) {
-    const int64_t lanes = n * 16, chunks = (out + 127) / 128;
-    float *best = malloc(sizeof(float) * (size_t)(teams * lanes));
-    int32_t *at = malloc(sizeof(int32_t) * (size_t)(teams * lanes));
-    int64_t *token = malloc(sizeof(int64_t) * (size_t)n);
-    if (!best || !at || !token) {
-        free(best), free(at), free(token);
-        return -2;
-    }
-    for (int64_t j = 0; j < teams * lanes; j++) best[j] = -INFINITY, at[j] = INT32_MAX;
-#pragma omp parallel for num_threads(teams) schedule(dynamic, 1)
-    for (int64_t c = 0; c < chunks; c++) {
-        const int64_t id = omp_get_thread_num(), last = (c + 1) * 128 < out ? (c + 1) * 128 : out;
-        const PanelBest pb = {best + id * lanes, at + id * lanes};
-        panel_outputs(xf, n, in, panel, c * 128, last, NULL, NULL, NULL, 0, &pb);
-    }
-    lanes_argmax(best, at, teams, n, token, NULL);
-    for (int64_t i = 0; i < n; i++) argmax[which[i]] = token[i];
-    free(best), free(at), free(token);
-    return 0;
-}
-#endif
-
 /* argmax [rows] = each row's first maximum of x @ w.T rounded to bf16 (panel_linear's argmax), x bf16 [rows, in],
- * w bf16 [out, in] plain, as screen_pack and as panel_pack_bf16 packed it; hi: float32 scratch [rows, ceil(out / 16)
- * * 16]. Returns how many rows went through the panels whole (>= 0); -1 without the kernel; -2 out of memory. */
+ * w bf16 [out, in] plain and as screen_pack packed it; hi: float32 scratch [rows, ceil(out / 16) * 16]; -1 for
+ * the rows the screen could not narrow. Returns how many those are (>= 0); -1 without the kernel; -2 out of memory. */
 int screen_argmax(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w, const int8_t *wq,
-                  const float *stats, const int32_t *sumq, const uint32_t *panel, int64_t out, float *hi, int threads,
+                  const float *stats, const int32_t *sumq, int64_t out, float *hi, int threads,
                   int64_t *argmax) {
 #if HAVE_AVX2_ONLY
     const int64_t kp = padded_in(in), ldh = (out + 15) / 16 * 16, teams = threads > 0 ? threads : 1;
@@ -303,7 +275,7 @@ int screen_argmax(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w
     float *xf = malloc(sizeof(float) * (size_t)(rows * in + 2 * teams * lanes));
     uint8_t *xu = malloc((size_t)(rows * kp) + 32);
     RowQ *rq = malloc(sizeof(RowQ) * (size_t)rows);
-    int32_t *cand = malloc(sizeof(int32_t) * (size_t)(teams * MAX_CANDIDATES > rows ? teams * MAX_CANDIDATES : rows));
+    int32_t *cand = malloc(sizeof(int32_t) * (size_t)(teams * MAX_CANDIDATES));
     if (!xf || !xu || !rq || !cand) {
         free(xf), free(xu), free(rq), free(cand);
         return -2;
@@ -311,7 +283,7 @@ int screen_argmax(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w
     float *lomax = xf + rows * in, *himax = lomax + teams * lanes;
     for (int64_t j = 0; j < 2 * teams * lanes; j++) lomax[j] = -INFINITY;
     int64_t whole = 0;
-#pragma omp parallel num_threads(teams)
+#pragma omp parallel num_threads(teams) reduction(+ : whole)
     {
         const int64_t id = omp_get_thread_num();
 #pragma omp for schedule(static)
@@ -327,18 +299,12 @@ int screen_argmax(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w
         for (int64_t r = 0; r < rows; r++)
             if (!rq[r].ok || decide_row(hi + r * ldh, out, lomax + r * 8, himax + r * 8, teams, lanes, xf + r * in, in,
                                         w, cand + id * MAX_CANDIDATES, argmax + r) != 0)
-                argmax[r] = -1; /* computed whole below */
+                argmax[r] = -1, whole++; /* the caller computes it whole */
     }
-    for (int64_t r = 0; r < rows; r++)
-        if (argmax[r] < 0) {
-            memmove(xf + whole * in, xf + r * in, sizeof(float) * (size_t)in); /* whole <= r: in place */
-            cand[whole++] = (int32_t)r;
-        }
-    int status = whole > 0 ? whole_rows(xf, whole, in, panel, out, (int)teams, cand, argmax) : 0;
     free(xf), free(xu), free(rq), free(cand);
-    return status < 0 ? status : (int)whole;
+    return (int)whole;
 #else
-    (void)x, (void)rows, (void)in, (void)w, (void)wq, (void)stats, (void)sumq, (void)panel, (void)out, (void)hi, (void)threads;
+    (void)x, (void)rows, (void)in, (void)w, (void)wq, (void)stats, (void)sumq, (void)out, (void)hi, (void)threads;
     (void)argmax;
     return -1;
 #endif

@@ -35,7 +35,7 @@ class ScreenedHead:
         if lib.screen_pack(w.data_ptr(), self.vocab, self.hidden, self.wq.data_ptr(), self.stats.data_ptr(),
                            self.sumq.data_ptr()) != 0:
             raise ValueError("ScreenedHead: weights not finite or past 1e15")
-        self.w, self.panels, self.lib = w, panels, lib  # the exact part reads w
+        self.w, self.panels, self.lib = w, panels, lib  # the exact part reads w; rows not narrowed, the panels
         self._hi = torch.empty(0, dtype=torch.float32)  # scratch [rows, outs], kept: 16 MB at 128 rows
         self.rows = self.whole_rows = 0  # rows asked for, and those the screen could not narrow (computed whole)
 
@@ -52,12 +52,17 @@ class ScreenedHead:
         if self._hi.numel() < need:
             self._hi = torch.empty(need, dtype=torch.float32)
         status = self.lib.screen_argmax(x.data_ptr(), rows, self.hidden, self.w.data_ptr(), self.wq.data_ptr(), self.stats.data_ptr(),
-                                        self.sumq.data_ptr(), self.panels.data_ptr(), self.vocab,
+                                        self.sumq.data_ptr(), self.vocab,
                                         self._hi.data_ptr(), torch.get_num_threads(), out.data_ptr())
         if status == -2:
             raise MemoryError(f"ScreenedHead.argmax: no memory for {rows} rows")
         if status < 0:
             raise RuntimeError("ScreenedHead.argmax: no screen kernel in this build")
+        if status > 0:  # the rows it could not narrow (-1), all together through the panels
+            whole = (out < 0).nonzero().squeeze(1)
+            tokens = torch.empty(whole.numel(), dtype=torch.int64)
+            panel.linear(x.index_select(0, whole), self.panels, self.vocab, None, None, argmax=tokens)
+            out[whole] = tokens
         self.rows += rows
         self.whole_rows += status
 
