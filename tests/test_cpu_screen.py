@@ -29,6 +29,19 @@ def test_tokens_are_the_panels_argmax(rows, out, inn):
     assert head.whole_rows == 0  # random logits: every row narrowed by the screen
 
 
+def test_wide_rows_are_narrowed_from_their_8_highest_bounds():
+    # hidden 1024, a few large features (as after a final norm): the loose bounds reach past 1,024 outputs of
+    # the row's best lower bound, but the exact best of the 8 highest bounds leaves a few dozen (medium model)
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(8192, 1024, generator=gen) * 0.02).bfloat16()
+    scale = torch.ones(1024)
+    scale[:8] = 3.0
+    x = (torch.randn(24, 1024, generator=gen) * scale).bfloat16()
+    want, got, head = _both(w, x)
+    assert torch.equal(got, want)
+    assert head.whole_rows == 0
+
+
 def test_equal_logits_go_to_the_lowest_index():
     gen = torch.Generator().manual_seed(1)
     w = (torch.randn(500, 64, generator=gen) * 0.02).bfloat16()

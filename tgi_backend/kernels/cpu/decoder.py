@@ -281,7 +281,8 @@ class FusedDecoder:
         128 rows 6.15 -> 2.84 ms. The panels against oneDNN's float32 copy (EPYC Milan): 32 / 128 rows
         8.9 -> 7.3 / 30.7 -> 27.8 ms; their greedy tokens from the registers against logits and torch.argmax
         (alternated): 9 / 32 / 128 rows 1.16x / 1.10x / 1.09x. Where every row is greedy, screen.c's integer
-        screen gives the same tokens: small model's head, 32 / 128 rows 6.7 -> 3.8 / 23.6 -> 12.4 ms (EPYC Milan)."""
+        screen gives the same tokens: small model's head, 32 / 128 rows 6.7 -> 3.8 / 23.6 -> 12.4 ms (EPYC Milan);
+        medium's 12.9 -> 7.4 / 47.3 -> 24.8 ms."""
         if self.lm_head_panel is not None:  # any rows: the step's own head (greedy_rows) computes as this
             vocab = self.weights.lm_head.shape[0]
             if not greedy_only:

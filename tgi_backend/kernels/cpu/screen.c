@@ -5,10 +5,10 @@
  * estimate A of x . w with a rigorous bound e on |x . w - A| (Cauchy-Schwarz over the two quantization errors,
  * plus float32's summation error), so only outputs whose A + e reaches the row's best A - e can hold the
  * maximum. Those few are computed exactly as panel.h does (one FMA chain an output, input by input), rounded to
- * bf16 and compared with argmax's rule: the token is the one panel_linear's argmax gives, bit for bit. Rows the
- * screen cannot narrow (non-finite or huge values, too many candidates) are left to panel_linear (screen.py).
- * Small model (hidden 512): no row needs that; medium (1024: the bounds grow with the square root of the width)
- * most do, and the caller stops screening (screen.py's `pays`).
+ * bf16 and compared with argmax's rule: the token is the one panel_linear's argmax gives, bit for bit. The 8 of
+ * highest bound go first: the bounds grow with the square root of the width, and at hidden 1024 (medium) ~750
+ * outputs reach the best lower bound, a few dozen the exact best of those 8. Rows the screen cannot narrow
+ * (non-finite or huge values, too many candidates) are left to panel_linear (screen.py).
  */
 #include <math.h>
 #include <omp.h>
@@ -22,7 +22,7 @@
 #define LEVELS 63           /* |w_q|, |x_q| <= 63, x_q + 64 <= 127: two vpmaddubsw pair sums add in int16 */
 #define SCREEN_CHUNK 128    /* outputs per task: 8 panels, 64 KB of int8 at 512 inputs */
 #define SCREEN_MR 3         /* rows per micro-kernel call: 6 int32 sums in registers */
-#define MAX_CANDIDATES 1024 /* per row; past it the row is computed whole */
+#define MAX_CANDIDATES 1024 /* per row past the first 8; beyond, the row is computed whole */
 #define STATS 4             /* per output: scale, ||dw||, s ||w_q|| + ||dw||, ||w||; [outputs / 8][STATS][8] */
 
 /* 1 where this build has the screen (and panel.h's kernel for the exact part). */
@@ -195,9 +195,41 @@ static void exact8(const float *xf, int64_t in, const uint16_t *w, const int32_t
     for (int i = 0; i < n; i++) v[i] = bf16_to_f32(f32_to_bf16(s[i]));
 }
 
-/* Row r's token from its screen: the candidates (hi at least the best lo, less a margin that keeps any output
- * below it under the best's bf16 value), computed exactly. Returns 0, or -1 when the row must go whole. */
-static int decide_row(const float *hi, int64_t out, const float *lomax, const float *himax, int64_t teams,
+/* The n <= 8 outputs of row hi [out] with the highest bounds (-inf ones never), into first; returns n. */
+static int highest8(const float *hi, int64_t out, int32_t *first) {
+    float v[8];
+    int n = 0, low = 0; /* low: the slot of the lowest of 8 kept */
+    __m256 floor_ = _mm256_set1_ps(-INFINITY);
+    for (int64_t o = 0; o < out; o += 8) {
+        const int lanes = out - o < 8 ? (int)(out - o) : 8;
+        int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(hi + o), floor_, _CMP_GT_OQ)) & ((1 << lanes) - 1);
+        while (m) { /* rare once 8 are kept: a vector compare a step */
+            const int64_t c = o + __builtin_ctz(m);
+            m &= m - 1;
+            if (n < 8) {
+                v[n] = hi[c], first[n++] = (int32_t)c;
+            } else if (hi[c] > v[low]) {
+                v[low] = hi[c], first[low] = (int32_t)c;
+            } else {
+                continue;
+            }
+            if (n == 8) {
+                for (int i = 0; i < 8; i++) low = v[i] < v[low] ? i : low;
+                floor_ = _mm256_set1_ps(v[low]);
+            }
+        }
+    }
+    return n;
+}
+
+/* Below best - 2^-5 |best|, an output's bf16 value is below the best's (bf16 rounds by at most 2^-8 of it). */
+static inline float below(float best) { return nextafterf(best - (0x1p-5f * fabsf(best) + 1e-37f), -INFINITY); }
+
+/* Row r's token from its screen. The 8 outputs of highest bound are computed exactly first: their best (an
+ * exact value, no 2e of doubt) sets the floor; the others whose bound reaches it (or the best lower bound) are
+ * computed in ascending order, so the first of equals is the lowest. hi is the row's scratch (changed).
+ * Returns 0, or -1 when the row must go whole. */
+static int decide_row(float *hi, int64_t out, const float *lomax, const float *himax, int64_t teams,
                       int64_t lanes, const float *xf, int64_t in, const uint16_t *w, int32_t *cand, int64_t *token) {
     float lo_best = -INFINITY, hi_best = -INFINITY;
     for (int64_t t = 0; t < teams; t++)
@@ -206,57 +238,33 @@ static int decide_row(const float *hi, int64_t out, const float *lomax, const fl
             hi_best = fmaxf(hi_best, himax[t * lanes + l]);
         }
     if (!isfinite(lo_best) || !isfinite(hi_best)) return -1;
-    /* below best - 2^-5 |best|, an output's bf16 value is below the best's (bf16 rounds by at most 2^-8 of it) */
-    const float margin = 0x1p-5f * fmaxf(fabsf(lo_best), fabsf(hi_best)) + 1e-37f;
-    const float floor_ = nextafterf(lo_best - margin, -INFINITY);
-    const __m256 f = _mm256_set1_ps(floor_);
+    int32_t first[8];
+    const int nf = highest8(hi, out, first);
+    float v[8], best = -INFINITY;
+    int32_t at = INT32_MAX;
+    exact8(xf, in, w, first, nf, v);
+    for (int j = 0; j < nf; j++) {
+        if (at == INT32_MAX || v[j] > best || (v[j] == best && first[j] < at)) best = v[j], at = first[j];
+        hi[first[j]] = -INFINITY; /* computed: not a candidate again */
+    }
+    if (at == INT32_MAX || !isfinite(best)) return -1;
+    const __m256 f = _mm256_set1_ps(fmaxf(below(best), below(lo_best)));
     int n = 0;
-    int64_t o = 0;
-    for (; o + 8 <= out; o += 8) {
-        int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(hi + o), f, _CMP_GE_OQ));
+    for (int64_t o = 0; o < out; o += 8) {
+        const int lanes8 = out - o < 8 ? (int)(out - o) : 8;
+        int m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(hi + o), f, _CMP_GE_OQ)) & ((1 << lanes8) - 1);
         while (m) {
             if (n == MAX_CANDIDATES) return -1;
             cand[n++] = (int32_t)(o + __builtin_ctz(m));
             m &= m - 1;
         }
     }
-    for (; o < out; o++)
-        if (hi[o] >= floor_) {
-            if (n == MAX_CANDIDATES) return -1;
-            cand[n++] = (int32_t)o;
-        }
-    /* the 8 candidates of highest bound first: their exact best raises the floor (an exact value, no 2e of
-     * doubt), so fewer of the rest are computed. Candidates then ascend, so the first of equals is the lowest. */
-    int32_t first[8];
-    int nf = n < 8 ? n : 8;
-    for (int i = 0; i < nf; i++) { /* selection: the nf highest bounds, moved to the front */
-        int m = i;
-        for (int j = i + 1; j < n; j++)
-            if (hi[cand[j]] > hi[cand[m]]) m = j;
-        const int32_t c = cand[m];
-        cand[m] = cand[i], cand[i] = c, first[i] = c;
-    }
-    float v[8], best = -INFINITY;
-    int32_t at = INT32_MAX;
-    exact8(xf, in, w, first, nf, v);
-    for (int j = 0; j < nf; j++)
-        if (at == INT32_MAX || v[j] > best || (v[j] == best && first[j] < at)) best = v[j], at = first[j];
-    const float raised = nextafterf(best - (0x1p-5f * fabsf(best) + 1e-37f), -INFINITY);
-    int m = 0;
-    for (int i = nf; i < n; i++) /* the rest that can still reach the best, ascending again */
-        if (hi[cand[i]] >= raised) cand[m++] = cand[i];
-    for (int i = 0; i < m; i++) /* insertion sort: a few dozen */
-        for (int j = i; j > 0 && cand[j - 1] > cand[j]; j--) {
-            const int32_t c = cand[j];
-            cand[j] = cand[j - 1], cand[j - 1] = c;
-        }
-    for (int i = 0; i < m; i += 8) {
-        const int k = m - i < 8 ? m - i : 8;
+    for (int i = 0; i < n; i += 8) {
+        const int k = n - i < 8 ? n - i : 8;
         exact8(xf, in, w, cand + i, k, v);
         for (int j = 0; j < k; j++)
             if (v[j] > best || (v[j] == best && cand[i + j] < at)) best = v[j], at = cand[i + j];
     }
-    if (at == INT32_MAX) return -1;
     *token = at;
     return 0;
 }

@@ -69,6 +69,5 @@ class ScreenedHead:
     @property
     def pays(self) -> bool:
         """Whether screening still pays: past its first 256 rows, at most 1 in 8 computed whole. Where the bounds
-        are too loose for the head's width (medium, hidden 1024: ~70% of rows whole, no faster than the panels),
-        the caller goes back to the panels."""
+        are too loose for the head's width or its rows' values, the caller goes back to the panels."""
         return self.rows < PROBE_ROWS or 8 * self.whole_rows <= self.rows
