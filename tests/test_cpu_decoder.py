@@ -347,12 +347,18 @@ def _check_step_greedy_tokens(runner: ModelRunner, ties: list[int], nans: list[i
             if runner.fused.lm_head_panel is not None:  # the step's copies of the head (none screened with NaN)
                 runner.fused.lm_head_panel.copy_(panel.pack(head))
                 runner.fused.lm_head_screen = decoder._screened(head, runner.fused.lm_head_panel)
-            for n in sorted({1, rows, wide}):
-                chunks = [_chunk(f"h{i}", [i + 1], 3, blocks[i]) for i in range(n)]
-                logits, _, none = runner._logits(runner._prepare(chunks), greedy_only=False)
-                missing, _, greedy = runner._logits(runner._prepare(chunks), greedy_only=True)
-                assert none is None and missing is None
-                assert torch.equal(greedy, greedy_tokens(logits)) and torch.equal(greedy, logits.argmax(-1))
+            screened = runner.fused.lm_head_screen
+            for screen_ in [screened, None] if screened is not None else [None]:  # few rows: screen.c, the step's head
+                runner.fused.lm_head_screen = screen_
+                for n in sorted({1, rows, wide}):
+                    chunks = [_chunk(f"h{i}", [i + 1], 3, blocks[i]) for i in range(n)]
+                    logits, _, none = runner._logits(runner._prepare(chunks), greedy_only=False)
+                    missing, _, greedy = runner._logits(runner._prepare(chunks), greedy_only=True)
+                    assert none is None and missing is None
+                    assert torch.equal(greedy, greedy_tokens(logits)) and torch.equal(greedy, logits.argmax(-1))
+                    if n <= rows:
+                        assert runner.fused.head_in_step_for(n) == (screen_ is None)
+            runner.fused.lm_head_screen = screened
             if round_ == 1:
                 assert (greedy == min(ties)).any()  # the tie's first index won where it was the maximum
             if round_ == 2:

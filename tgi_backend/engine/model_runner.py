@@ -217,7 +217,7 @@ class ModelRunner:
             return None
         greedy = None
         # every row sampled (decode rows keep chunk order): greedy[i] is the i-th sampled row's token
-        if greedy_only and len(batch.sampling) == dec.num_rows and self.fused.greedy_rows(dec.num_rows):
+        if greedy_only and len(batch.sampling) == dec.num_rows and self.fused.head_in_step_for(dec.num_rows):
             greedy = torch.empty(dec.num_rows, dtype=torch.int64)
         hidden = self.fused.forward(batch.input_ids, batch.positions, batch.context.slot_mapping, dec, greedy)
         return hidden, greedy

@@ -306,6 +306,14 @@ class FusedDecoder:
         """Whether a step of `rows` rows can end with the LM head's greedy tokens (forward's `argmax`)."""
         return self.head_in_step and 1 <= rows <= self.weights.max_rows
 
+    # At few rows the head streams from DRAM, and screen.c's int8 copy is half the panels' bytes. Small model,
+    # decode steps with the screen's tokens against the step's own head (scripts/bench_ab.py, alternated in
+    # one process): 1 / 4 / 8 rows 1.185x / 1.145x / 1.21x, medium at one row 1.043x.
+    def head_in_step_for(self, rows: int) -> bool:
+        """Whether a step of `rows` greedy rows should end with its own LM head: where it can (greedy_rows), unless
+        screen.c gives the tokens (logits)."""
+        return self.greedy_rows(rows) and not (self.lm_head_screen is not None and self.lm_head_screen.pays)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 dec: DecodeBatch, argmax: torch.Tensor | None = None) -> torch.Tensor:
         # input_ids, positions, slot_mapping: [rows], one token per row -> hidden [rows, hidden] (final norm applied);

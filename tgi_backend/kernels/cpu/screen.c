@@ -22,6 +22,7 @@
 #define LEVELS 63           /* |w_q|, |x_q| <= 63, x_q + 64 <= 127: two vpmaddubsw pair sums add in int16 */
 #define SCREEN_CHUNK 128    /* outputs per task: 8 panels, 64 KB of int8 at 512 inputs */
 #define SCREEN_MR 3         /* rows per micro-kernel call: 6 int32 sums in registers */
+#define SCREEN_AHEAD 4096   /* bytes of weights asked for ahead at one or two rows */
 #define MAX_CANDIDATES 1024 /* per row past the first 8; beyond, the row is computed whole */
 #define STATS 4             /* per output: scale, ||dw||, s ||w_q|| + ||dw||, ||w||; [outputs / 8][STATS][8] */
 
@@ -113,13 +114,17 @@ static RowQ quantize_row(const uint16_t *x, int64_t in, float *xf, uint8_t *xu) 
  * lo and hi folded into the rows' running maxima per lane (lomax/himax + r * 8); outputs past `out`: -inf. */
 static inline __attribute__((always_inline)) void screen_micro(const uint8_t *xu, int64_t kp, const int8_t *wq,
                                                                 const float *stats, const int32_t *sumq, const RowQ *rq,
-                                                                const int MR, int64_t o, int64_t out, float *hi,
-                                                                int64_t ldh, float *lomax, float *himax) {
+                                                                const int MR, const int ahead, int64_t o, int64_t out,
+                                                                float *hi, int64_t ldh, float *lomax, float *himax) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[SCREEN_MR][2];
     for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     for (int64_t k = 0; k < kp; k += 8) {
         const __m256i *w = (const __m256i *)(wq + k * 16); /* four lines: see screen_at */
+        if (ahead) { /* one or two rows: the weights come from DRAM, 4 KB ahead (as panel_outputs_ahead) */
+            __builtin_prefetch((const char *)w + SCREEN_AHEAD, 0, 3);
+            __builtin_prefetch((const char *)w + SCREEN_AHEAD + 64, 0, 3);
+        }
         for (int r = 0; r < MR; r++) {
             int32_t four[2];
             memcpy(four, xu + r * kp + k, sizeof four);
@@ -162,13 +167,19 @@ static void screen_rows(const uint8_t *xu, int64_t rows, int64_t kp, const int8_
                         int64_t ldh, float *lomax, float *himax) {
     for (int64_t o = first; o < last; o += PANEL) {
         const int8_t *w = wq + (o / 16) * 16 * kp;
-#define SCREEN_CALL(MR) \
-    screen_micro(xu + r * kp, kp, w, stats, sumq, rq + r, MR, o, out, hi + r * ldh, ldh, lomax + r * 8, himax + r * 8)
+#define SCREEN_CALL(MR, AHEAD)                                                                                  \
+    screen_micro(xu + r * kp, kp, w, stats, sumq, rq + r, MR, AHEAD, o, out, hi + r * ldh, ldh, lomax + r * 8,   \
+                 himax + r * 8)
         int64_t r = 0;
-        for (; r + SCREEN_MR <= rows; r += SCREEN_MR) SCREEN_CALL(SCREEN_MR);
+        if (rows <= 2) {
+            if (rows == 1) SCREEN_CALL(1, 1);
+            else SCREEN_CALL(2, 1);
+            continue;
+        }
+        for (; r + SCREEN_MR <= rows; r += SCREEN_MR) SCREEN_CALL(SCREEN_MR, 0);
         switch (rows - r) {
-        case 2: SCREEN_CALL(2); break;
-        case 1: SCREEN_CALL(1); break;
+        case 2: SCREEN_CALL(2, 0); break;
+        case 1: SCREEN_CALL(1, 0); break;
         default: break;
         }
 #undef SCREEN_CALL
