@@ -275,7 +275,8 @@ class FusedDecoder:
                greedy_only: bool) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
         """hidden [rows, hidden] -> (float32 logits, as the LM head computes them rounded to bf16, None) from the
         AMX or panel copy of the head, or where every row is plain greedy (None, each row's first maximum),
-        for the rows past the few-row kernel's; None: the model's LM head (fewer rows, or no copy). The greedy
+        for the rows past the few-row kernel's (with screen.c, any rows: head_in_step_for); None: the model's LM
+        head (fewer rows, or no copy). The greedy
         tokens come from the registers and no logits are written: the head's 4 bytes per row and vocab
         entry (16 MB at 128 rows) went to memory and back. LM head per call, small model: 32 rows 1.56 -> 1.37 ms,
         128 rows 6.15 -> 2.84 ms. The panels against oneDNN's float32 copy (EPYC Milan): 32 / 128 rows
@@ -308,7 +309,7 @@ class FusedDecoder:
 
     # At few rows the head streams from DRAM, and screen.c's int8 copy is half the panels' bytes. Small model,
     # decode steps with the screen's tokens against the step's own head (scripts/bench_ab.py, alternated in
-    # one process): 1 / 4 / 8 rows 1.185x / 1.145x / 1.21x, medium at one row 1.043x.
+    # one process): 1 / 2 / 4 / 8 rows 1.157x / 1.163x / 1.145x / 1.21x, medium at one row 1.043x.
     def head_in_step_for(self, rows: int) -> bool:
         """Whether a step of `rows` greedy rows should end with its own LM head: where it can (greedy_rows), unless
         screen.c gives the tokens (logits)."""
