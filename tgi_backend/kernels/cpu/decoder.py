@@ -289,7 +289,7 @@ class FusedDecoder:
             if not greedy_only:
                 return panel.linear(hidden, self.lm_head_panel, vocab, None, torch.float32), None
             greedy = torch.empty(hidden.shape[0], dtype=torch.int64)
-            if self.lm_head_screen is not None and self.lm_head_screen.pays:
+            if self._screening:
                 self.lm_head_screen.argmax(hidden, greedy)
             else:
                 panel.linear(hidden, self.lm_head_panel, vocab, None, None, argmax=greedy)
@@ -313,7 +313,12 @@ class FusedDecoder:
     def head_in_step_for(self, rows: int) -> bool:
         """Whether a step of `rows` greedy rows should end with its own LM head: where it can (greedy_rows), unless
         screen.c gives the tokens (logits)."""
-        return self.greedy_rows(rows) and not (self.lm_head_screen is not None and self.lm_head_screen.pays)
+        return self.greedy_rows(rows) and not self._screening
+
+    @property
+    def _screening(self) -> bool:
+        """Whether plain greedy rows take their tokens from screen.c (built, and still paying)."""
+        return self.lm_head_screen is not None and self.lm_head_screen.pays
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 dec: DecodeBatch, argmax: torch.Tensor | None = None) -> torch.Tensor:

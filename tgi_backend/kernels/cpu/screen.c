@@ -111,11 +111,11 @@ static RowQ quantize_row(const uint16_t *x, int64_t in, float *xf, uint8_t *xu) 
 }
 
 /* Outputs o .. o + 16 of MR rows: the integer sums, then each output's bounds lo/hi: hi stored (hi + r * ldh),
- * lo and hi folded into the rows' running maxima per lane (lomax/himax + r * 8); outputs past `out`: -inf. */
+ * lo folded into the rows' running maxima per lane (lomax + r * 8); outputs past `out`: -inf. */
 static inline __attribute__((always_inline)) void screen_micro(const uint8_t *xu, int64_t kp, const int8_t *wq,
                                                                 const float *stats, const int32_t *sumq, const RowQ *rq,
                                                                 const int MR, const int ahead, int64_t o, int64_t out,
-                                                                float *hi, int64_t ldh, float *lomax, float *himax) {
+                                                                float *hi, int64_t ldh, float *lomax) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc[SCREEN_MR][2];
     for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
@@ -156,7 +156,6 @@ static inline __attribute__((always_inline)) void screen_micro(const uint8_t *xu
             const __m256 hv = _mm256_blendv_ps(minus_inf, _mm256_add_ps(a, e), valid);
             _mm256_storeu_ps(hi + r * ldh + at, hv);
             _mm256_storeu_ps(lomax + r * 8, _mm256_max_ps(_mm256_loadu_ps(lomax + r * 8), lo));
-            _mm256_storeu_ps(himax + r * 8, _mm256_max_ps(_mm256_loadu_ps(himax + r * 8), hv));
         }
     }
 }
@@ -164,12 +163,11 @@ static inline __attribute__((always_inline)) void screen_micro(const uint8_t *xu
 /* Rows [0, rows) through outputs [first, last) (first a multiple of 16), SCREEN_MR rows a call. */
 static void screen_rows(const uint8_t *xu, int64_t rows, int64_t kp, const int8_t *wq, const float *stats,
                         const int32_t *sumq, const RowQ *rq, int64_t first, int64_t last, int64_t out, float *hi,
-                        int64_t ldh, float *lomax, float *himax) {
+                        int64_t ldh, float *lomax) {
     for (int64_t o = first; o < last; o += PANEL) {
         const int8_t *w = wq + (o / 16) * 16 * kp;
 #define SCREEN_CALL(MR, AHEAD)                                                                                  \
-    screen_micro(xu + r * kp, kp, w, stats, sumq, rq + r, MR, AHEAD, o, out, hi + r * ldh, ldh, lomax + r * 8,   \
-                 himax + r * 8)
+    screen_micro(xu + r * kp, kp, w, stats, sumq, rq + r, MR, AHEAD, o, out, hi + r * ldh, ldh, lomax + r * 8)
         int64_t r = 0;
         if (rows <= 2) {
             if (rows == 1) SCREEN_CALL(1, 1);
@@ -240,15 +238,12 @@ static inline float below(float best) { return nextafterf(best - (0x1p-5f * fabs
  * exact value, no 2e of doubt) sets the floor; the others whose bound reaches it (or the best lower bound) are
  * computed in ascending order, so the first of equals is the lowest. hi is the row's scratch (changed).
  * Returns 0, or -1 when the row must go whole. */
-static int decide_row(float *hi, int64_t out, const float *lomax, const float *himax, int64_t teams,
+static int decide_row(float *hi, int64_t out, const float *lomax, int64_t teams,
                       int64_t lanes, const float *xf, int64_t in, const uint16_t *w, int32_t *cand, int64_t *token) {
-    float lo_best = -INFINITY, hi_best = -INFINITY;
+    float lo_best = -INFINITY;
     for (int64_t t = 0; t < teams; t++)
-        for (int l = 0; l < 8; l++) {
-            lo_best = fmaxf(lo_best, lomax[t * lanes + l]);
-            hi_best = fmaxf(hi_best, himax[t * lanes + l]);
-        }
-    if (!isfinite(lo_best) || !isfinite(hi_best)) return -1;
+        for (int l = 0; l < 8; l++) lo_best = fmaxf(lo_best, lomax[t * lanes + l]);
+    if (!isfinite(lo_best)) return -1;
     int32_t first[8];
     const int nf = highest8(hi, out, first);
     float v[8], best = -INFINITY;
@@ -291,7 +286,7 @@ int screen_argmax(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w
     const int64_t kp = padded_in(in), ldh = (out + 15) / 16 * 16, teams = threads > 0 ? threads : 1;
     const int64_t block = rows < 128 ? rows : 128, chunks = (out + SCREEN_CHUNK - 1) / SCREEN_CHUNK;
     const int64_t tasks = (rows + block - 1) / block * chunks, lanes = rows * 8;
-    float *xf = malloc(sizeof(float) * (size_t)(rows * in + 2 * teams * lanes));
+    float *xf = malloc(sizeof(float) * (size_t)(rows * in + teams * lanes));
     uint8_t *xu = malloc((size_t)(rows * kp) + 32);
     RowQ *rq = malloc(sizeof(RowQ) * (size_t)rows);
     int32_t *cand = malloc(sizeof(int32_t) * (size_t)(teams * MAX_CANDIDATES));
@@ -299,8 +294,8 @@ int screen_argmax(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w
         free(xf), free(xu), free(rq), free(cand);
         return -2;
     }
-    float *lomax = xf + rows * in, *himax = lomax + teams * lanes;
-    for (int64_t j = 0; j < 2 * teams * lanes; j++) lomax[j] = -INFINITY;
+    float *lomax = xf + rows * in;
+    for (int64_t j = 0; j < teams * lanes; j++) lomax[j] = -INFINITY;
     int64_t whole = 0;
 #pragma omp parallel num_threads(teams) reduction(+ : whole)
     {
@@ -312,11 +307,11 @@ int screen_argmax(const uint16_t *x, int64_t rows, int64_t in, const uint16_t *w
             const int64_t b = t / chunks * block, n = b + block < rows ? block : rows - b;
             const int64_t first = t % chunks * SCREEN_CHUNK, last = first + SCREEN_CHUNK < out ? first + SCREEN_CHUNK : out;
             screen_rows(xu + b * kp, n, kp, wq, stats, sumq, rq + b, first, last, out, hi + b * ldh, ldh,
-                        lomax + id * lanes + b * 8, himax + id * lanes + b * 8);
+                        lomax + id * lanes + b * 8);
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t r = 0; r < rows; r++)
-            if (!rq[r].ok || decide_row(hi + r * ldh, out, lomax + r * 8, himax + r * 8, teams, lanes, xf + r * in, in,
+            if (!rq[r].ok || decide_row(hi + r * ldh, out, lomax + r * 8, teams, lanes, xf + r * in, in,
                                         w, cand + id * MAX_CANDIDATES, argmax + r) != 0)
                 argmax[r] = -1, whole++; /* the caller computes it whole */
     }
