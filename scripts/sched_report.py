@@ -35,12 +35,14 @@ class SchedSummary:
     preemptions: int = 0
     waits_beside_idle_ms: float = 0.0  # the engine's threads waiting for a core while another core idled
     others: dict[str, float] = field(default_factory=dict)  # "other" run time by thread name (the top ones)
+    preempted_by: dict[str, int] = field(default_factory=dict)  # who took an engine thread's core: group -> times
 
     def row(self) -> dict:
         return {"seconds": round(self.seconds, 3), "run_ms": {k: round(v, 1) for k, v in sorted(self.run_ms.items())},
                 "engine_preempted_ms": round(self.preempted_ms, 1), "engine_preemptions": self.preemptions,
                 "engine_waits_beside_idle_ms": round(self.waits_beside_idle_ms, 1),
-                "others_ms": {k: round(v, 1) for k, v in sorted(self.others.items(), key=lambda x: -x[1])[:5]}}
+                "others_ms": {k: round(v, 1) for k, v in sorted(self.others.items(), key=lambda x: -x[1])[:5]},
+                "preempted_by": dict(sorted(self.preempted_by.items(), key=lambda x: -x[1]))}
 
 
 def median_row(summaries: list[SchedSummary]) -> dict:
@@ -52,12 +54,15 @@ def median_row(summaries: list[SchedSummary]) -> dict:
     for s in summaries:
         for name, ms in s.others.items():
             others[name] = others.get(name, 0.0) + ms / len(summaries)
+    takers = {g for r in rows for g in r["preempted_by"]}
     return {"seconds": round(statistics.median(r["seconds"] for r in rows), 3),
             "run_ms": {g: med(r["run_ms"].get(g, 0.0) for r in rows) for g in sorted(groups)},
             "engine_preempted_ms": med(r["engine_preempted_ms"] for r in rows),
             "engine_preemptions": round(statistics.median(r["engine_preemptions"] for r in rows)),
             "engine_waits_beside_idle_ms": med(r["engine_waits_beside_idle_ms"] for r in rows),
-            "others_ms": {k: round(v, 1) for k, v in sorted(others.items(), key=lambda x: -x[1])[:4]}}
+            "others_ms": {k: round(v, 1) for k, v in sorted(others.items(), key=lambda x: -x[1])[:4]},
+            "preempted_by": dict(sorted(((g, round(statistics.median(r["preempted_by"].get(g, 0) for r in rows)))
+                                         for g in takers), key=lambda x: -x[1]))}
 
 
 def summarize(lines: Iterable[str], start: float, end: float, processes: dict[int, str],
@@ -68,6 +73,8 @@ def summarize(lines: Iterable[str], start: float, end: float, processes: dict[in
     other processes count as "other" (by thread name), pid 0 as idle."""
     engine = {tid for tid, group in threads.items() if group == ENGINE}
     out = SchedSummary(seconds=end - start)
+    lines = list(lines)
+    process_of = {int(m[5]): int(m[1]) for m in map(_SWITCH.search, lines) if m}  # thread id -> its process
     running: dict[int, tuple[int, str, float]] = {}  # cpu -> (tid, name, since)
     waiting: dict[int, float] = {}  # engine tid -> runnable since (woken or preempted)
     preempted: set[int] = set()
@@ -96,6 +103,9 @@ def summarize(lines: Iterable[str], start: float, end: float, processes: dict[in
             if prev in engine and state.startswith("R"):
                 waiting[prev] = t
                 preempted.add(prev)
+                if start <= t <= end and nxt not in engine:
+                    taker = threads.get(nxt) or processes.get(process_of.get(nxt, -1), m[7])
+                    out.preempted_by[taker] = out.preempted_by.get(taker, 0) + 1
             if nxt in engine and nxt in waiting:
                 since = waiting.pop(nxt)
                 waits.append((cpu, since, t))
@@ -185,13 +195,14 @@ def markdown(rows: list[dict]) -> str:
     """bench_serving --sched's table: a row per model, streams and side."""
     groups = sorted({g for r in rows for g in r["run_ms"]} - {ENGINE, IDLE})
     head = ["model", "streams", "side", "tok/s", "load s", "engine ms", *groups, "idle", "engine preempted ms (times)",
-            "engine waiting beside an idle core ms", "other, by thread name"]
+            "engine waiting beside an idle core ms", "engine preempted by (times)", "other, by thread name"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ms = r["run_ms"]
         cells = [r["model"], r["concurrency"], r["side"], r["output_tok_s"], r["seconds"], ms.get(ENGINE, 0.0),
                  *(ms.get(g, 0.0) for g in groups), ms.get(IDLE, 0.0),
                  f"{r['engine_preempted_ms']} ({r['engine_preemptions']})", r["engine_waits_beside_idle_ms"],
+                 ", ".join(f"{k} {v}" for k, v in r.get("preempted_by", {}).items()),
                  ", ".join(f"{k} {v}" for k, v in r.get("others_ms", {}).items())]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -201,7 +201,9 @@ def test_sched_trace_summary_of_a_window() -> None:
     assert round(s.preempted_ms, 3) == 2.0 and s.preemptions == 1
     assert round(s.waits_beside_idle_ms, 3) == 0.5  # 12 waited 10.0075-10.008 while CPU 1 idled
     assert round(s.others["stranger"], 3) == 1.0
+    assert s.preempted_by == {"tritonserver": 1}  # thread 51's process, from its own switch out
     row = T.markdown([{"model": "small", "concurrency": 32, "side": "served", "output_tok_s": 1.0,
                        **T.median_row([s, s])}])
-    cells = "| small | 32 | served | 1.0 | 0.01 | 15.0 | 1.0 | 2.0 | 2.0 | 2.0 (1) | 0.5 | stranger 1.0 |"
+    cells = ("| small | 32 | served | 1.0 | 0.01 | 15.0 | 1.0 | 2.0 | 2.0 | 2.0 (1) | 0.5 | tritonserver 1 | "
+             "stranger 1.0 |")
     assert row.splitlines()[2] == cells
