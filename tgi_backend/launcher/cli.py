@@ -44,8 +44,8 @@ _ENGINE_FLAGS: tuple[tuple[str, type, object, str], ...] = (
      "the last at once); a request's `stream_interval` can raise it; 1: one response per token, as TGI"),
     ("stream-budget", int, -1, "streamed responses per second, all streams together; past it each stream sends "
      "at most one response per (streams / N) seconds, and at most 60 a second, its tokens grouped (the first and "
-     "the last at once): each response is an IPC round trip through tritonserver and a gRPC message, ~0.2 ms of "
-     "CPU; 0: one response per token, as TGI; -1: 250 per CPU core"),
+     "the last at once): each response is an IPC round trip through tritonserver and a gRPC message, 0.2-0.4 ms of "
+     "CPU; 0: one response per token, as TGI; -1: 125 per CPU core"),
     ("inter-token-metrics", bool, False, "report tgi_request_inter_token_duration, one sample per generated "
      "token; each sample costs a round trip to tritonserver, as much as a streamed response"),
     ("speculate", int, 0, "n-gram speculation (TGI's flag): up to N tokens proposed from the request's own "

@@ -40,10 +40,12 @@ CANCEL_POLL_INTERVAL = 0.1
 # 3,245 tok/s against 3,512 every 1 s (small model, ABBA). So the sweeps space out to at most this many polls
 # per second, all requests together: 128 streams are each polled every 1.3 s, 10 or fewer every 0.1 s.
 CANCEL_POLLS_PER_SECOND = 100
-# Each streamed response costs ~0.2 ms of CPU (the stub's IPC round trip, tritonserver, gRPC, the client): one
-# per token took 0.6 of this host's two cores at 128 streams. Past this many responses per second per core,
-# all streams together, each stream's tokens are grouped (EngineLoop._hold).
-STREAM_BUDGET_PER_CORE = 250
+# Each streamed response costs a fixed price in CPU (the stub's IPC round trip, tritonserver, gRPC, the client):
+# one per token took 0.6 of a host's two cores at 128 streams. Past this many responses per second per core, all
+# streams together, each stream's tokens are grouped (EngineLoop._hold). On a Zen 3 host the server's side alone
+# took 0.3-0.43 ms a response (250 a core: 8-11% of the cores); 125 against 250, two servers alternated, small
+# model: 32 streams 1.044x (8 rounds, 1.003-1.166), 128 streams 1.075x (6 rounds, 0.98-1.19).
+STREAM_BUDGET_PER_CORE = 125
 # Under a budget no stream sends more than a 60 Hz display shows: one stream's ~400 tok/s were a response
 # (0.3 ms of serving CPU) per token; grouped, small model via Triton at 1 stream 418 -> 482 tok/s (ABBA).
 STREAM_MAX_RATE = 60
