@@ -73,8 +73,8 @@ def summarize(lines: Iterable[str], start: float, end: float, processes: dict[in
     other processes count as "other" (by thread name), pid 0 as idle."""
     engine = {tid for tid, group in threads.items() if group == ENGINE}
     out = SchedSummary(seconds=end - start)
-    lines = list(lines)
-    process_of = {int(m[5]): int(m[1]) for m in map(_SWITCH.search, lines) if m}  # thread id -> its process
+    process_of: dict[int, int] = {}  # thread id -> its process, from the thread's own switches out
+    takers: dict[tuple[int, str], int] = {}  # (thread id, name) that took an engine thread's core -> times
     running: dict[int, tuple[int, str, float]] = {}  # cpu -> (tid, name, since)
     waiting: dict[int, float] = {}  # engine tid -> runnable since (woken or preempted)
     preempted: set[int] = set()
@@ -96,6 +96,7 @@ def summarize(lines: Iterable[str], start: float, end: float, processes: dict[in
         m = _SWITCH.search(line)
         if m:
             process, cpu, t, prev, state, nxt = int(m[1]), int(m[2]), float(m[3]), int(m[5]), m[6], int(m[8])
+            process_of[prev] = process
             since = running[cpu][2] if cpu in running else None
             if since is not None:  # the switch's own process is the outgoing task's
                 account(cpu, prev, m[4], since, t, process)
@@ -104,8 +105,7 @@ def summarize(lines: Iterable[str], start: float, end: float, processes: dict[in
                 waiting[prev] = t
                 preempted.add(prev)
                 if start <= t <= end and nxt not in engine:
-                    taker = threads.get(nxt) or processes.get(process_of.get(nxt, -1), m[7])
-                    out.preempted_by[taker] = out.preempted_by.get(taker, 0) + 1
+                    takers[nxt, m[7]] = takers.get((nxt, m[7]), 0) + 1
             if nxt in engine and nxt in waiting:
                 since = waiting.pop(nxt)
                 waits.append((cpu, since, t))
@@ -117,6 +117,9 @@ def summarize(lines: Iterable[str], start: float, end: float, processes: dict[in
         m = _WAKING.search(line)
         if m and int(m[3]) in engine:
             waiting.setdefault(int(m[3]), float(m[2]))
+    for (tid, name), times in takers.items():  # grouped once every thread's process is known
+        taker = threads.get(tid) or processes.get(process_of.get(tid, -1), name)
+        out.preempted_by[taker] = out.preempted_by.get(taker, 0) + times
     for cpu, (tid, name, since) in running.items():  # the tasks still on their cores at the trace's end
         account(cpu, tid, name, since, end, -1 if tid else 0)
     out.waits_beside_idle_ms = sum(_overlap(a, b, idle, cpu, start, end) for cpu, a, b in waits) * 1e3
