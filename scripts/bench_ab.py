@@ -146,10 +146,10 @@ def switch_off(engine: Any, parts: Sequence[str]) -> None:
         NATIVE_PARTS[part](engine)
 
 
-def tokens_needed(warmup: int, rounds: int, steps: int, speculate: int) -> int:
-    """New tokens a request may produce over the run, with room to spare: each step can emit 1 + speculate
-    (the prefill step emits one too, and the request must still run after the last block)."""
-    return (warmup + rounds * steps + 2) * (1 + speculate) + 8
+def tokens_needed(warmup: int, rounds: int, steps: int, speculate: int, decode_steps: int = 1) -> int:
+    """New tokens a request may produce over the run, with room to spare: each step can emit 1 + speculate,
+    or decode_steps (the prefill step emits one too, and the request must still run after the last block)."""
+    return (warmup + rounds * steps + 2) * max(1 + speculate, decode_steps) + 8
 
 
 def build(path: str, dtype: str, overrides: dict[str, str], prompt_tokens: int, new_tokens: int) -> Any:
@@ -197,9 +197,11 @@ def run(path: str, a: dict[str, str], b: dict[str, str], rows: int = 1, prompt_t
         a_without: Sequence[str] = (), b_without: Sequence[str] = ()) -> dict[str, Any]:
     sides = [Side("A", a, a_without), Side("B", b, b_without)]
     for side in sides:
-        speculate = int(side.overrides.get("speculate", 0))
+        from tgi_backend.config import EngineConfig
+
+        config = EngineConfig.from_strings({"model_id": path, **side.overrides})
         side.engine = build(path, dtype, side.overrides, prompt_tokens,
-                            tokens_needed(warmup, rounds, steps, speculate))
+                            tokens_needed(warmup, rounds, steps, config.speculate, config.decode_steps))
         switch_off(side.engine, side.without)
     from bench_serving import make_prompts
 

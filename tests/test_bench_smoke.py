@@ -107,6 +107,7 @@ def test_ab_overrides_and_summary() -> None:
     with pytest.raises(ValueError):
         AB.summarize([1.0], [])
     assert AB.tokens_needed(3, 10, 20, 0) == 213 and AB.tokens_needed(3, 10, 20, 4) == 1033
+    assert AB.tokens_needed(3, 10, 20, 0, decode_steps=4) == 828
 
 
 def test_ab_pairs_two_engines_in_one_process(tiny_llama_dir: str) -> None:

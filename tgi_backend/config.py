@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 MAX_SPECULATE = 16  # draft tokens per step: past a few, a wrong guess early wastes the rest
+MAX_DECODE_STEPS = 16  # multi-step decoding: a request arriving meanwhile waits for all of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,9 @@ class EngineConfig:
     inter_token_metrics: bool = False
     # n-gram speculation (TGI's --speculate): up to this many proposed tokens verified per step; 0: off
     speculate: int = 0
+    # multi-step decoding: plain greedy decode steps of a few rows run this many at a time, each token fed back
+    # natively, while no request waits (scheduler.py's MULTI_STEP_MAX_ROWS); 1: one step at a time
+    decode_steps: int = 4
     # GPU only: decode batch sizes captured as CUDA graphs (TGI's --cuda-graphs); "0": none
     cuda_graphs: str = "1,2,4,8,16,32"
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -105,6 +109,8 @@ class EngineConfig:
             raise ValueError("`max_batch_prefill_tokens` and `block_size` must be positive")
         if not 0 <= self.speculate <= MAX_SPECULATE:
             raise ValueError(f"`speculate` must be between 0 and {MAX_SPECULATE}, got {self.speculate}")
+        if not 1 <= self.decode_steps <= MAX_DECODE_STEPS:
+            raise ValueError(f"`decode_steps` must be between 1 and {MAX_DECODE_STEPS}, got {self.decode_steps}")
         if self.stream_interval < 1:
             raise ValueError(f"`stream_interval` must be at least 1, got {self.stream_interval}")
         if self.stream_budget < -1:

@@ -13,7 +13,7 @@ from tgi_backend.config import EngineConfig
 from tgi_backend.engine.best_of import Group
 from tgi_backend.engine.block_pool import BlockPool
 from tgi_backend.engine.request import FinishReason, Request, SamplingParams
-from tgi_backend.engine.scheduler import Scheduler
+from tgi_backend.engine.scheduler import MULTI_STEP_MAX_ROWS, Scheduler
 from tgi_backend.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from tgi_backend.errors import OverloadedError, ValidationError
 from tgi_backend.sampling import details as D
@@ -69,6 +69,11 @@ class _State:
     group: Group | None = None
 
 
+# Multi-step decoding holds a request that arrives meanwhile until its steps end: they run at most this many
+# seconds (small model, one row: 4 steps of ~2.6 ms here; medium, ~14 ms a step: one at a time).
+MULTI_STEP_WINDOW = 0.012
+
+
 class LLMEngine:
     """Owns the scheduler, the model runner and the detokenizers. Not thread-safe: one thread calls it."""
 
@@ -88,6 +93,7 @@ class LLMEngine:
         self.block_pool = BlockPool(self.config.num_blocks)
         self.scheduler = Scheduler(self.config, self.block_pool)
         self._states: dict[str, _State] = {}
+        self._step_time: float | None = None  # seconds a decode step of few rows takes (multi-step's cap)
         self._groups: dict[str, Group] = {}  # best_of parent id -> its group, until the group's response
         self._details = D.DetailsBuilder(self.tokenizer)
         self._seeds = random.Random()  # seeds for sampled requests that gave none (reported in details)
@@ -144,6 +150,7 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             use_prefix_cache=not params.decoder_input_details,  # a cache hit would skip prompt positions
             speculate=self.config.speculate if _speculates(params) else 0,
+            lookahead=self._lookahead(params),
         )
         if params.adapter_id:  # same tokens, other K/V: the prefix cache keeps adapters (and versions) apart
             request.cache_salt = self._acquire_adapter(params.adapter_id)
@@ -155,6 +162,14 @@ class LLMEngine:
             state.group = self._groups[request_id] = Group(request_id, params.best_of)
         self._states[request_id] = state
         return request
+
+    def _lookahead(self, params: SamplingParams) -> int:
+        """Decode steps past the first that one engine step may run for a request (multi-step decoding): plain
+        greedy ones (tokens taken natively, no logprobs), not speculating, on a runner that feeds tokens back."""
+        if (self.config.decode_steps <= 1 or self.config.speculate or params.best_of > 1
+                or not self.runner.runs_ahead or not self.runner.sampler.is_plain(params)):
+            return 0
+        return self.config.decode_steps - 1
 
     def _check_room(self, sequences: int) -> None:
         """Room for all of a request's sequences, counting the children that best_of groups will add."""
@@ -255,8 +270,20 @@ class LLMEngine:
                 self.runner.release(scheduled.finished_request_ids)
             return []
         self._annotate(scheduled)
+        start = time.perf_counter()
         runner_output = self.runner.execute(scheduled)
+        self._time_decode(scheduled, runner_output, time.perf_counter() - start)
         return self._update(scheduled, runner_output)
+
+    def _time_decode(self, scheduled: SchedulerOutput, result: ModelRunnerOutput, seconds: float) -> None:
+        """Caps multi-step decoding at MULTI_STEP_WINDOW seconds of steps, from the decode steps timed so far."""
+        chunks = scheduled.chunks
+        if self.config.decode_steps <= 1 or len(chunks) > MULTI_STEP_MAX_ROWS or any(len(c.token_ids) != 1 for c in chunks):
+            return
+        per_step = seconds / (1 + max(result.num_ahead.values(), default=0))
+        self._step_time = per_step if self._step_time is None else 0.8 * self._step_time + 0.2 * per_step
+        steps = min(self.config.decode_steps, int(MULTI_STEP_WINDOW / self._step_time))
+        self.scheduler.max_lookahead = max(0, steps - 1)
 
     def _annotate(self, scheduled: SchedulerOutput) -> None:
         """Hands the runner what the scheduler does not carry: histories (penalties, watermark), prompt logprobs."""
@@ -277,7 +304,11 @@ class LLMEngine:
             state = self._states.get(request_id)
             if state is not None and state.prompt_logprobs is not None:
                 state.prompt_logprobs.update(values)
-        deltas = [self._before_append(rid, tok) for rid, tok in zip(out.request_ids, out.sampled_token_ids)]
+        earlier: dict[str, int] = {}  # a request's tokens before this one in the step (drafts, steps ahead)
+        deltas = []
+        for rid, tok in zip(out.request_ids, out.sampled_token_ids):
+            deltas.append(self._before_append(rid, tok, earlier.get(rid, 0)))
+            earlier[rid] = earlier.get(rid, 0) + 1
         finished = self.scheduler.update_from_output(scheduled, out)
         # a request's tokens are consecutive entries; the last one delivered may finish it
         last = {rid: i for i, rid in enumerate(out.request_ids) if deltas[i] is not None}
@@ -300,7 +331,7 @@ class LLMEngine:
         self.scheduler.forget(finished)
         return outputs
 
-    def _before_append(self, request_id: str, token_id: int) -> str | None:
+    def _before_append(self, request_id: str, token_id: int, earlier: int = 0) -> str | None:
         """Detokenizes the new token and checks stop strings before the scheduler appends it (and finishes)."""
         state = self._states.get(request_id)
         request = self.scheduler.get_request(request_id)
@@ -311,6 +342,7 @@ class LLMEngine:
         text = state.detok.push([token_id]) if state.detok is not None else ""
         if state.stop is not None and state.stop.push(text) is not None:
             request.pending_finish = FinishReason.STOP_SEQUENCE
+            request.pending_at = len(request.token_ids) + earlier + 1
         return text
 
     def _output(

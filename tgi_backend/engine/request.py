@@ -104,9 +104,11 @@ class Request:
     scheduled_time: float | None = None  # first admission to the running batch: queue time ends here
     first_token_time: float | None = None
     pending_finish: FinishReason | None = None  # set by the engine (stop string on decoded text) before append
+    pending_at: int = 0  # ... for the token that makes this many tokens (steps of several tokens end there)
     speculate: int = 0  # draft tokens per step for this request (0: best_of forks it, or off)
     draft_backoff: int = 0  # steps without drafts after the next fully rejected draft (doubles each time)
     draft_wait: int = 0  # steps left without drafts
+    lookahead: int = 0  # multi-step decoding: decode steps past the first that one engine step may run (0: off)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -137,7 +139,7 @@ class Request:
 
     def check_stop(self) -> FinishReason | None:
         """Finish reason after the last appended token, or None to go on."""
-        if self.pending_finish is not None:
+        if self.pending_finish is not None and len(self.token_ids) >= self.pending_at:
             return self.pending_finish
         last = self.token_ids[-1]
         if self.num_output_tokens >= self.sampling.min_new_tokens:

@@ -9,6 +9,8 @@ recomputed from its tokens later.
 
 With speculation, a decoding request's step also carries draft tokens (engine/ngram.py); the runner verifies
 them, and computed tokens advance over the accepted ones only: the rejected positions are written again later.
+With multi-step decoding, a few plain greedy decoding requests hold slots for a few positions ahead, and the
+runner may run that many more decode steps at once, its tokens fed back; computed tokens advance over them.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ SPECULATE_MAX_ROWS = 8
 # A fully rejected draft costs a step of 1 + k rows for one token: the request then drafts again only after
 # 1, 2, 4, ... steps, up to this many (text that does not repeat itself costs a few percent, not 40%).
 MAX_DRAFT_BACKOFF = 32
+# Multi-step decoding (EngineConfig.decode_steps) only while at most this many requests run: it saves the
+# engine's fixed Python per step, a large share of few rows' steps only, and a request arriving meanwhile
+# waits for all the steps (at 8 rows of the small model ~4 x 4 ms here).
+MULTI_STEP_MAX_ROWS = 8
 
 
 class Scheduler:
@@ -45,6 +51,7 @@ class Scheduler:
         self.drafter = NgramDrafter()
         self.num_draft_tokens = 0  # drafts verified so far, and how many of them were accepted
         self.num_accepted_tokens = 0
+        self.max_lookahead = 0  # multi-step: steps a request may run ahead now (the engine sets it from their time)
 
     # ---- queue ----------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -103,6 +110,12 @@ class Scheduler:
                 budget -= n + len(drafts)
                 i += 1
                 continue
+            ahead = self._lookahead(request, budget) if n == 1 and not drafts else 0
+            if ahead and self.kv.allocate_slots(request, n + ahead):  # never preempts for it
+                out.chunks.append(self._chunk(request, n, lookahead=ahead))
+                budget -= n + ahead
+                i += 1
+                continue
             while not self.kv.allocate_slots(request, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -149,7 +162,15 @@ class Scheduler:
         never = sp.stop_token_ids if sp.ignore_eos else (*sp.stop_token_ids, *request.eos_token_ids)
         return self.drafter.propose(request.request_id, request.token_ids, k, never)
 
-    def _chunk(self, request: Request, n: int, drafts: list[int] | None = None) -> ScheduledChunk:
+    def _lookahead(self, request: Request, budget: int) -> int:
+        """Decode steps past this one to hold slots for (multi-step): none while a request waits (it would wait
+        for them all) or past MULTI_STEP_MAX_ROWS running, never past the request's last token."""
+        if not request.lookahead or self.waiting or len(self.running) > MULTI_STEP_MAX_ROWS:
+            return 0
+        return max(0, min(request.lookahead, self.max_lookahead, budget - 1,
+                          request.max_new_tokens - request.num_output_tokens - 1))
+
+    def _chunk(self, request: Request, n: int, drafts: list[int] | None = None, lookahead: int = 0) -> ScheduledChunk:
         start = request.num_computed_tokens
         return ScheduledChunk(
             request_id=request.request_id,
@@ -160,6 +181,7 @@ class Scheduler:
             sampling=request.sampling,
             num_output_tokens=request.num_output_tokens,
             num_draft=len(drafts) if drafts else 0,
+            num_lookahead=lookahead,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -177,8 +199,11 @@ class Scheduler:
             request = self.requests.get(chunk.request_id)
             if request is not None:
                 rejected = chunk.num_draft - result.num_accepted.get(chunk.request_id, 0)
-                request.num_computed_tokens += len(chunk.token_ids) - rejected
-                if chunk.num_draft:  # its accepted drafts are not appended yet: their blocks hash below
+                ahead = result.num_ahead.get(chunk.request_id, 0)  # steps run past the chunk's own token
+                request.num_computed_tokens += len(chunk.token_ids) - rejected + ahead
+                if ahead:  # the tokens whose K/V it wrote are appended below: their blocks hash after
+                    computed.append(request)
+                elif chunk.num_draft:  # its accepted drafts are not appended yet: their blocks hash below
                     computed.append(request)
                     _back_off(request, accepted=chunk.num_draft - rejected)
                     self.num_draft_tokens += chunk.num_draft

@@ -25,6 +25,9 @@ class ScheduledChunk:
     # speculation: the last num_draft token_ids are proposed, not known; each position samples, and the
     # runner keeps the samples up to the first that differs from the next proposed token
     num_draft: int = 0
+    # multi-step decoding: slots are held for this many positions past the chunk's token; the runner may feed
+    # each greedy token back for up to that many more decode steps in one engine step (ModelRunnerOutput.num_ahead)
+    num_lookahead: int = 0
     # set by the engine, not the scheduler: what the sampler and the prompt logprobs need
     history: list[int] | None = None  # the request's tokens (penalties, watermark): its own list, not a copy
     num_prompt_tokens: int = 0
@@ -51,11 +54,12 @@ class SchedulerOutput:
 @dataclass(slots=True)
 class ModelRunnerOutput:
     """The new tokens of each chunk with sample=True, in chunk order: one, or with drafts 1 + the number of
-    drafts accepted (consecutive entries of the same request id)."""
+    drafts accepted, or with lookahead 1 + num_ahead (consecutive entries of the same request id)."""
 
     request_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)
     num_accepted: dict[str, int] = field(default_factory=dict)  # request id -> drafts verified this step
+    num_ahead: dict[str, int] = field(default_factory=dict)  # request id -> decode steps run past its chunk's
     # per sampled chunk: the token's logprob and top-n (id, logprob) alternatives, None unless asked
     logprobs: list[float | None] = field(default_factory=list)
     top_tokens: list[list[tuple[int, float]] | None] = field(default_factory=list)

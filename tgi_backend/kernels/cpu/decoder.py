@@ -320,6 +320,40 @@ class FusedDecoder:
         """Whether plain greedy rows take their tokens from screen.c (built, and still paying)."""
         return self.lm_head_screen is not None and self.lm_head_screen.pays
 
+    def run_ahead(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, table: torch.Tensor,
+                  max_ctx: int) -> torch.Tensor | None:
+        """Decode steps of the same rows, each row's greedy token fed back as its next id: ids int64 [rows] (the
+        first step's), pos and slots int64 [steps, rows] contiguous, table the rows' block table (wide enough for
+        the last step) -> the greedy tokens [steps, rows], those of `steps` forward calls with their LM head
+        (greedy_rows, or the screen). None where this copy cannot: the caller runs the steps one by one. One
+        step struct, its pointers moved: these calls' Python ran ~80 us a step here, cold after the weights."""
+        steps, rows = pos.shape
+        in_step = self.head_in_step_for(rows)
+        if not (self.gather_x and self.gather_rope and (in_step or self._screening)) or not 1 <= rows <= self.max_rows:
+            return None
+        tokens = torch.empty(steps, rows, dtype=torch.int64)
+        out = torch.empty(rows, self.hidden, dtype=torch.bfloat16)
+        ids, table = ids.contiguous(), table.contiguous()
+        step = _Step(rows, None, None, None, 0, table.data_ptr(), 0, table.stride(0), max_ctx, torch.get_num_threads(),
+                     out.data_ptr(), STEAL_SPINS, self.stall_task, 0, None, ids.data_ptr())
+        screen = None if in_step else self.lm_head_screen.bind(out, rows)
+        at, size = tokens.data_ptr(), rows * tokens.element_size()
+        for s in range(steps):
+            step.slots, step.positions = slots[s].data_ptr(), pos[s].data_ptr()
+            if in_step:
+                step.argmax = at + s * size
+            if s:
+                step.ids = at + (s - 1) * size
+            if self.on_native is not None:
+                self.on_native()
+            status = self.lib.decode_step(ctypes.byref(self._model), ctypes.byref(step))
+            if status != 0:
+                _raise_step_status(status, rows, self)
+            if screen is not None:
+                screen(tokens[s])
+        self.stolen += step.stolen
+        return tokens
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                 dec: DecodeBatch, argmax: torch.Tensor | None = None) -> torch.Tensor:
         # input_ids, positions, slot_mapping: [rows], one token per row -> hidden [rows, hidden] (final norm applied);
@@ -350,15 +384,20 @@ class FusedDecoder:
             self.on_native()
         status = self.lib.decode_step(ctypes.byref(self._model), ctypes.byref(step))
         self.stolen += step.stolen
-        if status == -3:
-            raise ValueError(f"slot mapping out of bounds: a slot outside the cache's {self._model.num_slots}")
-        if status == -4:
-            raise IndexError(f"a token id outside the embedding's {self._model.vocab_rows} rows")
-        if status == -5:
-            raise ValueError("decode batch out of bounds: a position past its block table, the context or the "
-                             "rotary table, or a block id past the cache")
-        if status == -2:
-            raise MemoryError(f"decode_step: no memory for the activations of {rows} rows")
         if status != 0:
-            raise RuntimeError(f"decode_step rejected {rows} rows (head dim {self.weights.head_dim})")
+            _raise_step_status(status, rows, self)
         return out
+
+
+def _raise_step_status(status: int, rows: int, fused: FusedDecoder) -> None:
+    """decode_step's failure codes as exceptions."""
+    if status == -3:
+        raise ValueError(f"slot mapping out of bounds: a slot outside the cache's {fused._model.num_slots}")
+    if status == -4:
+        raise IndexError(f"a token id outside the embedding's {fused._model.vocab_rows} rows")
+    if status == -5:
+        raise ValueError("decode batch out of bounds: a position past its block table, the context or the "
+                         "rotary table, or a block id past the cache")
+    if status == -2:
+        raise MemoryError(f"decode_step: no memory for the activations of {rows} rows")
+    raise RuntimeError(f"decode_step rejected {rows} rows (head dim {fused.weights.head_dim})")
