@@ -1,6 +1,7 @@
 """The CPU's fast path through the real tritonserver: in bf16 the decode steps run the fused native decoder (one
 row: the LM head inside the step; many rows: the AMX linears where the CPU has them). One stream's greedy
-tokens equal the in-process engine's; concurrent streams all finish whole. Its own module-scoped server: the
+tokens (the server's decode steps several at a time, --decode-steps' default) equal the in-process engine's one
+step at a time; concurrent streams all finish whole. Its own module-scoped server: the
 session server serves the float32 model other tests rely on."""
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_one_stream_equals_the_in_process_fused_engine(tiny_llama_dir, bf16_serv
     from tgi_backend.engine.engine import LLMEngine
     from tgi_backend.engine.request import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model_id=tiny_llama_dir, dtype="bfloat16", max_total_tokens=512))
+    engine = LLMEngine(EngineConfig(model_id=tiny_llama_dir, dtype="bfloat16", max_total_tokens=512, decode_steps=1))
     if engine.runner.fused is None or not engine.runner.fused.greedy_rows(1):
         pytest.skip("no fused decoder on this CPU (no C compiler or no native bf16 plan)")
     want = engine.generate([engine.tokenize(PROMPT)], SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))[0]
