@@ -107,6 +107,21 @@ def test_the_engines_cap_holds_requests_to_fewer_steps():
     assert s.schedule().chunks[0].num_lookahead == 0 and r.num_output_tokens == 3
 
 
+def test_no_steps_ahead_on_a_pool_with_fewer_free_blocks_than_rows():
+    s = make_scheduler(blocks=3, block_size=4)
+    r = _decoding(s, "a", prompt=6, max_new=5)
+    out = s.schedule()
+    s.update_from_output(out, _ahead_run(out))
+    assert s.kv.pool.num_free_blocks == 1
+    out = s.schedule()
+    assert out.chunks[0].num_lookahead == 0
+    s.update_from_output(out, _ahead_run(out))
+    while s.has_unfinished_requests():
+        out = s.schedule()
+        s.forget(s.update_from_output(out, _ahead_run(out)))
+    assert r.num_output_tokens == 5 and s.kv.pool.num_free_blocks == 3
+
+
 def test_decode_steps_is_bounded():
     with pytest.raises(ValueError, match="decode_steps"):
         EngineConfig(model_id="x", decode_steps=0).resolve(64)

@@ -164,8 +164,10 @@ class Scheduler:
 
     def _lookahead(self, request: Request, budget: int) -> int:
         """Decode steps past this one to hold slots for (multi-step): none while a request waits (it would wait
-        for them all) or past MULTI_STEP_MAX_ROWS running, never past the request's last token."""
-        if not request.lookahead or self.waiting or len(self.running) > MULTI_STEP_MAX_ROWS:
+        for them all), past MULTI_STEP_MAX_ROWS running, or with fewer free blocks than running requests (the
+        slots held ahead must not take the block another row's next token needs); never past the last token."""
+        if (not request.lookahead or self.waiting or len(self.running) > MULTI_STEP_MAX_ROWS
+                or self.kv.pool.num_free_blocks <= len(self.running)):
             return 0
         return max(0, min(request.lookahead, self.max_lookahead, budget - 1,
                           request.max_new_tokens - request.num_output_tokens - 1))

@@ -347,11 +347,11 @@ class FusedDecoder:
             if self.on_native is not None:
                 self.on_native()
             status = self.lib.decode_step(ctypes.byref(self._model), ctypes.byref(step))
+            self.stolen += step.stolen  # each call's own count
             if status != 0:
                 _raise_step_status(status, rows, self)
             if screen is not None:
                 screen(tokens[s])
-        self.stolen += step.stolen
         return tokens
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
