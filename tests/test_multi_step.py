@@ -156,7 +156,7 @@ def test_outputs_are_those_of_single_steps(tiny_llama_dir: str, monkeypatch):
     one, many = _engine(tiny_llama_dir, 1), _engine(tiny_llama_dir, 4)
     ran = []
     monkeypatch.setattr(many.runner, "_run_ahead",
-                        lambda *a, _f=many.runner._run_ahead: ran.append(a[2]) or _f(*a))
+                        lambda *a, _f=many.runner._run_ahead: ran.append(a[-1]) or _f(*a))
     first = _run(one, {"x": ([5, 6, 7], {"max_new_tokens": 40})})["x"]
     text = "".join(o.text for o in first)
     stop = text[len(text) // 2 : len(text) // 2 + 3]
@@ -203,7 +203,7 @@ def test_steps_longer_than_the_window_run_one_at_a_time(tiny_llama_dir: str, mon
 
     engine = _engine(tiny_llama_dir, 4)
     ran = []
-    monkeypatch.setattr(engine.runner, "_run_ahead", lambda *a, _f=engine.runner._run_ahead: ran.append(a[2]) or _f(*a))
+    monkeypatch.setattr(engine.runner, "_run_ahead", lambda *a, _f=engine.runner._run_ahead: ran.append(a[-1]) or _f(*a))
     monkeypatch.setattr(engine_module, "MULTI_STEP_WINDOW", 0.0)
     _run(engine, {"a": ([5, 6, 7], {"max_new_tokens": 30})})
     assert ran == [] and engine.scheduler.max_lookahead == 0
