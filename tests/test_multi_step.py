@@ -207,3 +207,19 @@ def test_steps_longer_than_the_window_run_one_at_a_time(tiny_llama_dir: str, mon
     monkeypatch.setattr(engine_module, "MULTI_STEP_WINDOW", 0.0)
     _run(engine, {"a": ([5, 6, 7], {"max_new_tokens": 30})})
     assert ran == [] and engine.scheduler.max_lookahead == 0
+
+
+@native
+def test_steps_with_the_lm_head_inside_the_step(tiny_llama_dir: str, monkeypatch):
+    """Where no screen gives the tokens (AVX-512 and AMX builds), run_ahead takes each step's own greedy tokens."""
+    one, many = _engine(tiny_llama_dir, 1), _engine(tiny_llama_dir, 4)
+    for engine in (one, many):
+        if engine.runner.fused is None or not engine.runner.fused.head_in_step:
+            pytest.skip("no LM head inside the fused step in this build")
+        engine.runner.fused.lm_head_screen = None
+    ran = []
+    monkeypatch.setattr(many.runner, "_run_ahead", lambda *a, _f=many.runner._run_ahead: ran.append(a[-1]) or _f(*a))
+    requests = {"a": ([5, 6, 7], {"max_new_tokens": 29}), "b": ([8, 9], {"max_new_tokens": 18})}
+    want, got = _run(one, requests), _run(many, requests)
+    assert {k: _flat(v) for k, v in got.items()} == {k: _flat(v) for k, v in want.items()}
+    assert ran and many.runner.fused.head_in_step_for(2)
