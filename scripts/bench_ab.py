@@ -195,10 +195,10 @@ def timed_block(engine: Any, steps: int, rows: int) -> float:
 def run(path: str, a: dict[str, str], b: dict[str, str], rows: int = 1, prompt_tokens: int = 128,
         steps: int = 20, rounds: int = 10, warmup: int = 3, dtype: str = "bfloat16",
         a_without: Sequence[str] = (), b_without: Sequence[str] = ()) -> dict[str, Any]:
+    from tgi_backend.config import EngineConfig
+
     sides = [Side("A", a, a_without), Side("B", b, b_without)]
     for side in sides:
-        from tgi_backend.config import EngineConfig
-
         config = EngineConfig.from_strings({"model_id": path, **side.overrides})
         side.engine = build(path, dtype, side.overrides, prompt_tokens,
                             tokens_needed(warmup, rounds, steps, config.speculate, config.decode_steps))

@@ -51,8 +51,8 @@ _ENGINE_FLAGS: tuple[tuple[str, type, object, str], ...] = (
     ("speculate", int, 0, "n-gram speculation (TGI's flag): up to N tokens proposed from the request's own "
      "earlier tokens, verified in one step (same outputs); helps small batches on repetitive text; 0: off"),
     ("decode-steps", int, 4, "multi-step decoding: while no request waits, plain greedy decode steps of up to 8 "
-     "rows run N at a time, each token fed back natively (same tokens; a stream's tokens arrive N at a time); "
-     "1: one step at a time"),
+     "rows run up to N at a time, each token fed back natively, at most 12 ms of steps (same tokens; a stream's "
+     "tokens arrive together; a request arriving meanwhile waits for them); 1: one step at a time"),
     ("cuda-graphs", str, "1,2,4,8,16,32", "GPU only: decode batch sizes replayed as CUDA graphs (TGI's flag); "
      "0: none"),
     ("quantize", str, None, "gptq, awq, marlin, exllama (from the checkpoint), eetq / bitsandbytes (int8), "
