@@ -304,11 +304,12 @@ class LLMEngine:
             state = self._states.get(request_id)
             if state is not None and state.prompt_logprobs is not None:
                 state.prompt_logprobs.update(values)
-        earlier: dict[str, int] = {}  # a request's tokens before this one in the step (drafts, steps ahead)
         deltas = []
+        earlier, previous = 0, None  # a request's tokens before this one in the step (consecutive entries)
         for rid, tok in zip(out.request_ids, out.sampled_token_ids):
-            deltas.append(self._before_append(rid, tok, earlier.get(rid, 0)))
-            earlier[rid] = earlier.get(rid, 0) + 1
+            earlier = earlier + 1 if rid == previous else 0
+            previous = rid
+            deltas.append(self._before_append(rid, tok, earlier))
         finished = self.scheduler.update_from_output(scheduled, out)
         # a request's tokens are consecutive entries; the last one delivered may finish it
         last = {rid: i for i, rid in enumerate(out.request_ids) if deltas[i] is not None}

@@ -241,8 +241,10 @@ class ModelRunner:
     def _steps_ahead(self, chunks: list[ScheduledChunk]) -> int:
         """Decode steps past this one that the chunks run now: every chunk one plain greedy decode token holding
         slots ahead (num_lookahead), and the fused decoder takes the step with its LM head's greedy tokens."""
-        ahead = min((c.num_lookahead for c in chunks), default=0)
-        if not ahead or not self.runs_ahead or len(chunks) > self.fused.max_rows:
+        if not chunks or not chunks[0].num_lookahead or not self.runs_ahead or len(chunks) > self.fused.max_rows:
+            return 0
+        ahead = min(c.num_lookahead for c in chunks)
+        if not ahead:
             return 0
         if not (self.fused.head_in_step_for(len(chunks)) or self.fused.lm_head_panel is not None):
             return 0

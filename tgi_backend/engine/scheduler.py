@@ -100,6 +100,8 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> bool:
         preempted = False
+        # multi-step's per-step conditions once (the running list only shrinks below; a preemption fills waiting)
+        ahead_ok = self.max_lookahead > 0 and len(self.running) <= MULTI_STEP_MAX_ROWS
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -110,7 +112,7 @@ class Scheduler:
                 budget -= n + len(drafts)
                 i += 1
                 continue
-            ahead = self._lookahead(request, budget) if n == 1 and not drafts else 0
+            ahead = self._lookahead(request, budget) if ahead_ok and n == 1 and not drafts else 0
             if ahead and self.kv.allocate_slots(request, n + ahead):  # never preempts for it
                 out.chunks.append(self._chunk(request, n, lookahead=ahead))
                 budget -= n + ahead
@@ -163,11 +165,11 @@ class Scheduler:
         return self.drafter.propose(request.request_id, request.token_ids, k, never)
 
     def _lookahead(self, request: Request, budget: int) -> int:
-        """Decode steps past this one to hold slots for (multi-step): none while a request waits (it would wait
-        for them all), past MULTI_STEP_MAX_ROWS running, or with fewer free blocks than running requests (the
-        slots held ahead must not take the block another row's next token needs); never past the last token."""
-        if (not request.lookahead or self.waiting or len(self.running) > MULTI_STEP_MAX_ROWS
-                or self.kv.pool.num_free_blocks <= len(self.running)):
+        """Decode steps past this one to hold slots for (multi-step, at most MULTI_STEP_MAX_ROWS running: the
+        caller's check): none while a request waits (it would wait for them all) or with fewer free blocks than
+        running requests (the slots held ahead must not take the block another row's next token needs); never
+        past the last token."""
+        if not request.lookahead or self.waiting or self.kv.pool.num_free_blocks <= len(self.running):
             return 0
         return max(0, min(request.lookahead, self.max_lookahead, budget - 1,
                           request.max_new_tokens - request.num_output_tokens - 1))

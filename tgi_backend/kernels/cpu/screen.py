@@ -49,17 +49,7 @@ class ScreenedHead:
         rows = x.shape[0]
         if rows == 0:
             return
-        x = x.contiguous()
-        need = rows * -(-self.vocab // 16) * 16
-        if self._hi.numel() < need:
-            self._hi = torch.empty(need, dtype=torch.float32)
-        status = self.lib.screen_argmax(x.data_ptr(), rows, self.hidden, self.w.data_ptr(), self.wq.data_ptr(), self.stats.data_ptr(),
-                                        self.sumq.data_ptr(), self.vocab,
-                                        self._hi.data_ptr(), torch.get_num_threads(), out.data_ptr())
-        if status != 0:  # an error, or rows it could not narrow (-1), all together through the panels
-            self._finish(x, out, status)
-        else:
-            self.rows += rows
+        self.bind(x.contiguous(), rows)(out)
 
     def bind(self, x: torch.Tensor, rows: int) -> Callable[[torch.Tensor], None]:
         """`argmax(x, out)` for the same x (bf16 [rows, hidden], contiguous) again and again, its arguments made
@@ -75,7 +65,7 @@ class ScreenedHead:
 
         def argmax(out: torch.Tensor) -> None:
             status = call(*args, out.data_ptr())
-            if status != 0:
+            if status != 0:  # an error, or rows it could not narrow (-1), all together through the panels
                 self._finish(x, out, status)
             else:
                 self.rows += rows
