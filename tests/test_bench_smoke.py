@@ -176,6 +176,25 @@ def test_involuntary_switches_are_read_from_proc_status() -> None:
     assert S._own_involuntary_switches() >= 0
 
 
+def test_cpp_load_generator_files_round_trip() -> None:
+    """The C++ load generator's requests file and output, as bench_serving writes and reads them."""
+    import struct
+
+    import bench_serving as S
+
+    data = S.loadgen_requests([[1, 2, 3], [7]], 16)
+    assert struct.unpack("<I", data[:4]) == (2,)
+    assert struct.unpack("<II3i", data[4:24]) == (16, 3, 1, 2, 3)
+    assert struct.unpack("<IIi", data[24:]) == (16, 1, 7)
+    out = "start 1000000000\n0 1 1500000000\n1 3 1600000000\nfinal 1\n0 2 2000000000\nfinal 0\n"
+    start, stamps = S.parse_loadgen(out, 2)
+    assert start == 1.0 and stamps == [[1.5, 2.0, 2.0], [1.6, 1.6, 1.6]]
+    start, stamps = S.parse_loadgen("start 0\n0 1 5\nerror model not ready\n", 2)
+    assert len(stamps[0]) == 2 and stamps[0][1] != stamps[0][1] and stamps[1][0] != stamps[1][0]  # NaN: failed
+    with pytest.raises(RuntimeError):
+        S.parse_loadgen("", 1)
+
+
 def test_sched_trace_summary_of_a_window() -> None:
     import sched_report as T
 

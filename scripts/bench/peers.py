@@ -47,6 +47,10 @@ def run_triton(path: str, prompts: list[list[int]], new_tokens: int, dtype: str)
     return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype))
 
 
+def run_triton_cpp(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
+    return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype, client="cpp"))
+
+
 def run_triton_coalescing(path: str, prompts: list[list[int]], new_tokens: int, dtype: str) -> Measured:
     return _from_result(_serving().bench_triton(path, prompts, new_tokens, dtype, ("--stream-coalescing",)))
 
@@ -155,6 +159,7 @@ def run_llamacpp(path: str, prompts: list[list[int]], new_tokens: int, dtype: st
 
 PEERS = {
     "triton": run_triton,
+    "triton-cpp": run_triton_cpp,
     "triton-coalescing": run_triton_coalescing,
     "triton-interval": run_triton_interval,
     "triton-per-token": run_triton_per_token,
@@ -164,7 +169,8 @@ PEERS = {
     "vllm": run_vllm,
     "llamacpp": run_llamacpp,
 }
-LABELS = {"triton": "ours via Triton gRPC", "triton-coalescing": "ours via Triton, --stream-coalescing",
+LABELS = {"triton": "ours via Triton gRPC", "triton-cpp": "ours via Triton gRPC, C++ load generator",
+          "triton-coalescing": "ours via Triton, --stream-coalescing",
           "triton-interval": f"ours via Triton, --stream-interval {STREAM_INTERVAL}",
           "triton-per-token": "ours via Triton, --stream-budget 0 (a response per token)",
           "engine": "ours in-process", "engine-speculate": f"ours in-process, --speculate {SPECULATE}",
