@@ -287,7 +287,11 @@ class TritonProcess:
             proc = subprocess.Popen([str(LOADGEN), f"127.0.0.1:{self.grpc}", "tgi_llm", f.name],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             self.client_pid = proc.pid
-            out, err = proc.communicate(timeout=3600)
+            try:
+                out, err = proc.communicate(timeout=3600)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if proc.returncode and "error " not in out:
             raise RuntimeError(f"the load generator failed ({proc.returncode}): {err.strip()[-500:]}")
