@@ -14,6 +14,7 @@ ignored, so every request produces exactly --new-tokens tokens.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -571,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(perf's scheduler trace)")
     args = ap.parse_args(argv)
     rows: list[dict] = []
+    peers = {**PEERS, "triton": functools.partial(bench_triton, client=args.client)}
     for model in args.model or ["demo"]:
         path = resolve_model(model)
         vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
@@ -585,8 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             prompts = make_prompts(vocab, conc, args.prompt_tokens)
             for peer in args.peers.split(","):
                 try:
-                    res = (bench_triton(path, prompts, args.new_tokens, args.dtype, client=args.client) if peer == "triton"
-                           else PEERS[peer](path, prompts, args.new_tokens, args.dtype)).summary()
+                    res = peers[peer](path, prompts, args.new_tokens, args.dtype).summary()
                 except Exception as exc:  # a missing peer is reported, not fatal
                     res = Result(peer, conc, 0, 0.0, note=f"skipped: {exc!r}"[:200]).summary()
                 res["model"] = model
