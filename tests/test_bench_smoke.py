@@ -73,6 +73,19 @@ def test_prefill_rows_report_prompt_tokens_per_second_against_the_compute_bound(
     assert R.Row("small", "32", "ours", "bfloat16", 32, output_tokens=1, seconds=1.0).prefill_tok_s is None
 
 
+def test_the_compute_bound_takes_the_engines_panel_linear_where_bf16_runs_on_it() -> None:
+    from bench import peers as P
+    from tgi_backend.kernels.cpu import panel
+
+    bw, rates, _ = P.measure_machine(["bfloat16"], seconds=0.05)
+    assert bw > 0 and rates["bfloat16"] > 0
+    if panel.available():  # AVX2 without AVX-512: torch's bf16 matmul is no bound there
+        assert rates[P.PANELS_RATE] > 0 and P.PANELS_RATE in R.roofline_line(R.Machine(bw, rates))
+    else:
+        assert P.panels_rate(0.05) == {} and P.PANELS_RATE not in rates
+    assert P.PANELS_RATE not in P.measure_machine(["float32"], seconds=0.05)[1]
+
+
 def test_markdown_table_shape() -> None:
     ours, hf = _row("ours", 200, 1.0), _row("hf", 100, 1.0)
     ours.note = "a|b"

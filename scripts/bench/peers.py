@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -181,11 +181,45 @@ LABELS = {"triton": "ours via Triton gRPC", "triton-cpp": "ours via Triton gRPC,
 DRAM_PROBE_BYTES = 2**30  # past the L3 (300 MB on these hosts, shared by every tenant)
 
 
+# torch has no fast bf16 matmul on an AVX2 CPU without AVX-512 (0.3 GFLOP/s); the engine runs its bf16 linears
+# on its own panel kernel there, which beat torch's float32 sgemm (EPYC Zen 3: ~140-176 against ~139 GFLOP/s),
+# so the compute bound takes that rate too: "bfloat16 (panels)".
+PANELS_RATE = "bfloat16 (panels)"
+
+
+def _rate(product: Callable[[], Any], flop: float, seconds: float) -> float:
+    """GFLOP/s of `product()` (flop each call), run for `seconds` after one warm-up call."""
+    product()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        product()
+        n += 1
+    return round(n * flop / (time.perf_counter() - t0) / 1e9, 1)
+
+
+def panels_rate(seconds: float = 1.0) -> dict[str, float]:
+    """{PANELS_RATE: GFLOP/s} of the engine's panel linear on the matmul probe's product (1024 x 2048 @ 2048 x
+    2048), where this CPU runs bf16 linears on it (`panel.available()`); else {}."""
+    import torch
+
+    try:
+        from tgi_backend.kernels.cpu import panel
+
+        if not panel.available():
+            return {}
+    except (ImportError, OSError):  # no kernel build here: torch's rates only
+        return {}
+    x, w = torch.randn(1024, 2048).bfloat16(), torch.randn(2048, 2048).bfloat16()
+    panels = panel.pack(w)
+    return {PANELS_RATE: _rate(lambda: panel.linear(x, panels, 2048, None), 2 * 1024 * 2048 * 2048, seconds)}
+
+
 def measure_machine(dtypes: list[str], footprints: Sequence[int] = (), seconds: float = 1.0
                     ) -> tuple[float, dict[str, float], dict[int, float]]:
     """Memory read bandwidth (GB/s: a sum over the buffer, as a decode step streams its weights; a copy, which
     writes too, measured 2/3 of it here) past the caches and over each footprint (a model's weight bytes, at
-    least 64 MiB), and square-matmul rate (GFLOP/s) per dtype, with torch."""
+    least 64 MiB), and square-matmul rate (GFLOP/s) per dtype, with torch (and, for bf16, with the engine's
+    panels where it runs bf16 linears on them)."""
     import torch
 
     def read_rate(nbytes: int) -> float:
@@ -202,11 +236,15 @@ def measure_machine(dtypes: list[str], footprints: Sequence[int] = (), seconds: 
     rates = {}
     for name in dtypes:
         dt = getattr(torch, name)
-        x, w = torch.randn(1024, 2048).to(dt), torch.randn(2048, 2048).to(dt)
-        x @ w
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            x @ w
-            n += 1
-        rates[name] = round(n * 2 * 1024 * 2048 * 2048 / (time.perf_counter() - t0) / 1e9, 1)
+        w = torch.randn(2048, 2048).to(dt)
+        first, t0 = torch.randn(64, 2048).to(dt), time.perf_counter()
+        first @ w
+        took = time.perf_counter() - t0
+        if took > seconds / 4:  # no fast kernel here (bf16 on AVX2: ~29 s a full product): this one tells
+            rates[name] = round(2 * 64 * 2048 * 2048 / took / 1e9, 1)
+            continue
+        x = torch.randn(1024, 2048).to(dt)
+        rates[name] = _rate(lambda: x @ w, 2 * 1024 * 2048 * 2048, seconds)
+    if "bfloat16" in dtypes:
+        rates.update(panels_rate(seconds))
     return bw, rates, by_size
