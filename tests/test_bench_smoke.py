@@ -86,6 +86,24 @@ def test_the_compute_bound_takes_the_engines_panel_linear_where_bf16_runs_on_it(
     assert P.PANELS_RATE not in P.measure_machine(["float32"], seconds=0.05)[1]
 
 
+def test_repeated_runs_keep_each_peers_median_run_and_its_spread() -> None:
+    runs = [_row("ours", tok, 1.0, scenario="32") for tok in (300, 100, 200, 400)]
+    runs[1].ttft_ms_p50 = 7.0
+    mid = R.median_run(runs)
+    assert mid is runs[2] and mid.output_tok_s == 200.0  # lower median of 100, 200, 300, 400: a real run
+    assert mid.note == "median of 4 runs (100.0-400.0)"
+    failed = [_row("ours", 0, 0.0), _row("ours", 50, 1.0)]
+    failed[1].note = "drafts 3"
+    assert R.median_run(failed).note == "drafts 3; median of 1 runs (50.0-50.0), 1 failed"
+    skipped = [_row("vllm", 0, 0.0, scenario="32"), _row("vllm", 0, 0.0, scenario="32")]
+    assert R.median_run(skipped) is skipped[0] and skipped[0].note == ""
+    one = _row("hf", 10, 1.0)
+    assert R.median_run([one]) is one and one.note == ""
+    prefill = [R.Row("small", "prefill", "ours", "bfloat16", 32, output_tokens=32, seconds=s, prompt_tokens=16384)
+               for s in (2.0, 4.0, 1.0)]
+    assert R.median_run(prefill) is prefill[0]  # by prompt tokens/s: 4,096 / 8,192 / 16,384
+
+
 def test_markdown_table_shape() -> None:
     ours, hf = _row("ours", 200, 1.0), _row("hf", 100, 1.0)
     ours.note = "a|b"

@@ -144,6 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--no-roofline", action="store_true", help="skip the bandwidth / matmul measurement")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="runs per peer and scenario, peers in alternating order; each peer's row is its median run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-path", help=argparse.SUPPRESS)
     ap.add_argument("--prompts-file", help=argparse.SUPPRESS)
@@ -153,6 +155,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.dtype = args.dtype or ["bfloat16"]
+    if args.repeat < 1:
+        raise SystemExit("--repeat takes a count of 1 or more")
     if args.worker:
         return run_worker(args)
     serving = P._serving()
@@ -178,10 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
         for scenario in args.scenario or ["1", "32"]:
             for dtype in args.dtype:
-                for peer in peers:
-                    row = measure(peer, model, path, scenario, dtype, args, vocab)
-                    rows.append(row)
-                    print(json.dumps(row.to_json()), flush=True)
+                runs: dict[str, list[R.Row]] = {peer: [] for peer in peers}
+                for turn in range(args.repeat):  # the order flips every round: no peer always runs first
+                    for peer in peers if turn % 2 == 0 else peers[::-1]:
+                        row = measure(peer, model, path, scenario, dtype, args, vocab)
+                        runs[peer].append(row)
+                        print(json.dumps(row.to_json()), flush=True)
+                rows.extend(R.median_run(runs[peer]) for peer in peers)
     others = [P.LABELS[p] for p in peers if not p.startswith("triton")]
     R.add_ratios(rows, others)
     if machine:

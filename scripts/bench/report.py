@@ -42,6 +42,26 @@ class Row:
         return d
 
 
+def median_run(runs: list[Row]) -> Row:
+    """One peer's repeated runs of a scenario (--repeat) as its run of median speed, latencies and peak RSS
+    included (the lower median: a run that happened, not an average), the spread in its note. A peer that never
+    ran (skipped, or failed every time) keeps its first row."""
+    done = [r for r in runs if r.output_tok_s > 0]
+    if len(runs) <= 1 or not done:
+        return runs[0]
+
+    def speed(r: Row) -> float:
+        return r.output_tok_s if r.prefill_tok_s is None else r.prefill_tok_s
+
+    ordered = sorted(done, key=speed)
+    mid = ordered[(len(ordered) - 1) // 2]
+    spread = f"median of {len(done)} runs ({_fmt(speed(ordered[0]))}-{_fmt(speed(ordered[-1]))})"
+    if len(done) < len(runs):
+        spread += f", {len(runs) - len(done)} failed"
+    mid.note = f"{mid.note}; {spread}" if mid.note else spread
+    return mid
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank on the sorted values (q in 0..100); None for no values; NaNs (failed streams) dropped."""
     clean = sorted(v for v in values if v == v)
