@@ -182,8 +182,8 @@ DRAM_PROBE_BYTES = 2**30  # past the L3 (300 MB on these hosts, shared by every 
 
 
 # torch has no fast bf16 matmul on an AVX2 CPU without AVX-512 (0.3 GFLOP/s); the engine runs its bf16 linears
-# on its own panel kernel there, which beat torch's float32 sgemm (EPYC Zen 3: ~140-176 against ~139 GFLOP/s),
-# so the compute bound takes that rate too: "bfloat16 (panels)".
+# on its own panel kernel there, as fast as torch's float32 sgemm or faster (EPYC Zen 3: 138-190 against 139-182
+# GFLOP/s), so the compute bound takes that rate too: "bfloat16 (panels)".
 PANELS_RATE = "bfloat16 (panels)"
 
 
