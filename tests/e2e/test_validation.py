@@ -99,6 +99,9 @@ def test_details_output_of_a_best_of_request_with_stop_input(server):
     assert details["finish_reason"] == "length" and details["generated_tokens"] == 6
     assert isinstance(details["seed"], int) and len(details["best_of_sequences"]) == 1
     text = "".join(t["text"] for t in details["tokens"] if not t["special"])  # the text skips special tokens
-    assert response.as_numpy("text_output")[0].decode() == text
+    # A sequence that ends inside a character (unseeded sampling: best_of refuses a seed) flushes its pending bytes
+    # as U+FFFD into the text at its last token; when that token is special, its details text is its own.
+    output = response.as_numpy("text_output")[0].decode()
+    assert output.startswith(text) and set(output[len(text):]) <= {"\ufffd"}, (output, text)
     plain = _responses(client, build_inputs("hello there", stream=True, max_tokens=2))
     assert all(r.as_numpy("details")[0] == b"" for r in plain)
