@@ -187,14 +187,14 @@ DRAM_PROBE_BYTES = 2**30  # past the L3 (300 MB on these hosts, shared by every 
 PANELS_RATE = "bfloat16 (panels)"
 
 
-def _rate(product: Callable[[], Any], flop: float, seconds: float) -> float:
-    """GFLOP/s of `product()` (flop each call), run for `seconds` after one warm-up call."""
-    product()
+def _rate(work: Callable[[], Any], amount: float, seconds: float) -> float:
+    """Billions a second of `amount` (FLOPs or bytes each call of `work()`), run for `seconds` after a warm-up call."""
+    work()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        product()
+        work()
         n += 1
-    return round(n * flop / (time.perf_counter() - t0) / 1e9, 1)
+    return round(n * amount / (time.perf_counter() - t0) / 1e9, 1)
 
 
 def panels_rate(seconds: float = 1.0) -> dict[str, float]:
@@ -224,12 +224,7 @@ def measure_machine(dtypes: list[str], footprints: Sequence[int] = (), seconds: 
 
     def read_rate(nbytes: int) -> float:
         a = torch.ones(max(nbytes, 64 * 2**20) // 4, dtype=torch.float32)
-        a.sum()
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            a.sum()
-            n += 1
-        return round(n * a.numel() * 4 / (time.perf_counter() - t0) / 1e9, 1)
+        return _rate(a.sum, a.numel() * 4, seconds)
 
     bw = read_rate(DRAM_PROBE_BYTES)
     by_size = {size: read_rate(size) for size in sorted(set(footprints)) if size < DRAM_PROBE_BYTES}
