@@ -16,6 +16,13 @@ plain engine). --a-without / --b-without switch native CPU kernels off on that s
 
     .venv/bin/python scripts/bench_ab.py --model small --rows 4 --a-without gemv
 
+--a-sources / --b-sources take a folder of changed kernel sources (as `bench_kernel_ab.py`'s --a / --b): that
+side's fused decode step runs decoder.c built from the kernel tree with those files over it (a C change cannot
+be loaded twice under one name), so a change to the step's kernels is measured against the tree in one process:
+
+    git show HEAD~1:tgi_backend/kernels/cpu/panel.h > /tmp/old/panel.h
+    .venv/bin/python scripts/bench_ab.py --model small --rows 32 --a-sources /tmp/old
+
 Knobs read once per process (OMP_WAIT_POLICY, MALLOC_* and other environment variables) cannot be compared this
 way: run `scripts/bench` alternately for those. Writes bench-results/bench-ab-<time>.json/.md.
 """
@@ -50,6 +57,7 @@ class Side:
     name: str
     overrides: dict[str, str]
     without: Sequence[str] = ()
+    sources: str | None = None  # a folder of kernel sources over the tree, for the fused step's decoder.c
     engine: Any = None
     tok_s: list[float] = field(default_factory=list)
 
@@ -146,6 +154,24 @@ def switch_off(engine: Any, parts: Sequence[str]) -> None:
         NATIVE_PARTS[part](engine)
 
 
+def use_sources(engine: Any, sources: str | None, into: Path) -> None:
+    """The engine's fused decode step on decoder.c built from the kernel tree with `sources`' files over it."""
+    if not sources:
+        return
+    import ctypes
+
+    from bench_kernel_ab import side_tree
+    from tgi_backend.kernels import cpu
+
+    if engine.runner.fused is None:
+        raise ValueError("--a-sources / --b-sources: this engine has no fused decode step to rebuild")
+    lib = ctypes.CDLL(str(cpu.build(side_tree(sources, into) / "decoder.c")))
+    for function, argtypes in cpu.FUNCTIONS["decoder"].items():
+        fn = getattr(lib, function)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    engine.runner.fused.lib = lib
+
+
 def tokens_needed(warmup: int, rounds: int, steps: int, speculate: int, decode_steps: int = 1) -> int:
     """New tokens a request may produce over the run, with room to spare: each step can emit 1 + speculate,
     or decode_steps (the prefill step emits one too, and the request must still run after the last block)."""
@@ -194,15 +220,20 @@ def timed_block(engine: Any, steps: int, rows: int) -> float:
 
 def run(path: str, a: dict[str, str], b: dict[str, str], rows: int = 1, prompt_tokens: int = 128,
         steps: int = 20, rounds: int = 10, warmup: int = 3, dtype: str = "bfloat16",
-        a_without: Sequence[str] = (), b_without: Sequence[str] = ()) -> dict[str, Any]:
+        a_without: Sequence[str] = (), b_without: Sequence[str] = (), a_sources: str | None = None,
+        b_sources: str | None = None) -> dict[str, Any]:
+    import tempfile
+
     from tgi_backend.config import EngineConfig
 
-    sides = [Side("A", a, a_without), Side("B", b, b_without)]
+    sides = [Side("A", a, a_without, a_sources), Side("B", b, b_without, b_sources)]
     for side in sides:
         config = EngineConfig.from_strings({"model_id": path, **side.overrides})
         side.engine = build(path, dtype, side.overrides, prompt_tokens,
                             tokens_needed(warmup, rounds, steps, config.speculate, config.decode_steps))
         switch_off(side.engine, side.without)
+        with tempfile.TemporaryDirectory() as tmp:  # the library stays loaded once its tree is gone
+            use_sources(side.engine, side.sources, Path(tmp) / "kernels")
     from bench_serving import make_prompts
 
     # the suite's random prompts, the same for both sides: distinct rows, no prefix-cache hits between them
@@ -216,22 +247,24 @@ def run(path: str, a: dict[str, str], b: dict[str, str], rows: int = 1, prompt_t
     return {
         "model": path, "dtype": dtype, "rows": rows, "prompt_tokens": prompt_tokens, "steps": steps,
         "rounds": rounds, "a": a, "b": b, "a_without": list(a_without), "b_without": list(b_without),
+        "a_sources": a_sources, "b_sources": b_sources,
         "a_tok_s": [round(x, 2) for x in sides[0].tok_s], "b_tok_s": [round(x, 2) for x in sides[1].tok_s],
         "b_over_a": summary.to_json(),
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
-    def label(overrides: dict[str, str], without: Sequence[str]) -> str:
+    def label(overrides: dict[str, str], without: Sequence[str], sources: str | None = None) -> str:
         parts = [f"{k}={v}" for k, v in overrides.items()] + [f"without {p}" for p in without]
+        parts += [f"kernels from {sources}"] if sources else []
         return ", ".join(parts) or "defaults"
 
     s = result["b_over_a"]
     return "\n".join([
         "| side | config | decode tok/s per round (median) |",
         "|---|---|---|",
-        f"| A | {label(result['a'], result.get('a_without', []))} | {statistics.median(result['a_tok_s']):.1f} |",
-        f"| B | {label(result['b'], result.get('b_without', []))} | {statistics.median(result['b_tok_s']):.1f} |",
+        f"| A | {label(result['a'], result.get('a_without', []), result.get('a_sources'))} | {statistics.median(result['a_tok_s']):.1f} |",
+        f"| B | {label(result['b'], result.get('b_without', []), result.get('b_sources'))} | {statistics.median(result['b_tok_s']):.1f} |",
         "",
         f"B / A over {result['rounds']} rounds of {result['steps']} steps, {result['rows']} rows: "
         f"median {s['median']:.3f} (min {s['min']:.3f}, max {s['max']:.3f})",
@@ -245,6 +278,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--b", nargs="*", default=[], metavar="KEY=VALUE", help="EngineConfig overrides of B")
     p.add_argument("--a-without", nargs="*", default=[], metavar="KERNEL", help="native kernels A runs without")
     p.add_argument("--b-without", nargs="*", default=[], metavar="KERNEL", help="native kernels B runs without")
+    p.add_argument("--a-sources", metavar="DIR", help="kernel sources over the tree for A's fused decode step")
+    p.add_argument("--b-sources", metavar="DIR", help="the same for B")
     p.add_argument("--rows", type=int, default=1, help="decoding requests per engine")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="decode steps per block")
@@ -261,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 
     result = run(resolve_model(args.model), parse_overrides(args.a), parse_overrides(args.b), rows=args.rows,
                  prompt_tokens=args.prompt_tokens, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
-                 dtype=args.dtype, a_without=args.a_without, b_without=args.b_without)
+                 dtype=args.dtype, a_without=args.a_without, b_without=args.b_without, a_sources=args.a_sources,
+                 b_sources=args.b_sources)
     result["model_name"] = args.model
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

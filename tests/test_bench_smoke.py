@@ -170,6 +170,24 @@ def test_ab_switches_native_kernels_off_on_one_side(tiny_llama_dir: str) -> None
         AB.run(tiny_llama_dir, {}, {}, rows=1, prompt_tokens=4, steps=1, rounds=1, a_without=["nope"])
 
 
+def test_ab_runs_a_sides_fused_step_on_kernels_from_other_sources(tiny_llama_dir: str, tmp_path) -> None:
+    import bench_ab as AB
+    from tgi_backend.kernels.cpu import SOURCE, library
+
+    if library("decoder") is None:
+        pytest.skip("no C compiler")
+    same = tmp_path / "same"  # the tree's own text: the cached build (a changed source compiles for a minute)
+    same.mkdir()
+    (same / "panel.h").write_text(SOURCE.with_name("panel.h").read_text())
+    result = AB.run(tiny_llama_dir, {"dtype": "bfloat16"}, {"dtype": "bfloat16"}, rows=2, prompt_tokens=12,
+                    steps=2, rounds=2, warmup=1, a_sources=str(same))
+    assert all(x > 0 for x in result["a_tok_s"] + result["b_tok_s"])
+    assert f"kernels from {same}" in AB.markdown(result) and result["b_sources"] is None
+    with pytest.raises(ValueError, match="no fused decode step"):
+        AB.run(tiny_llama_dir, {"dtype": "bfloat16"}, {}, rows=1, prompt_tokens=4, steps=1, rounds=1,
+               a_without=["decoder"], a_sources=str(same))
+
+
 def test_kernel_ab_runs_the_attention_op_of_each_side_in_turns(tmp_path) -> None:
     import bench_kernel_ab as KAB
     from tgi_backend.kernels.cpu import library

@@ -32,8 +32,9 @@ def test_pack_refuses_what_it_does_not_take():
 
 
 @pytest.mark.skipif(not panel.available(), reason="no panel kernel in this build (AVX2 without AVX-512)")
-@pytest.mark.parametrize("rows,out,inn,bias", [(1, 37, 24, True), (7, 48, 64, False), (13, 130, 96, True),
-                                               (300, 64, 1000, False)])  # 300 x 1000: rows in blocks
+# 7, 8, 13, 32 rows: micro-kernel calls of 4 + 3, 4 + 4, 5 + 4 + 4, 6 x 4 + 4 + 4 rows; 300 x 1000: rows in blocks
+@pytest.mark.parametrize("rows,out,inn,bias", [(1, 37, 24, True), (7, 48, 64, False), (8, 16, 40, True),
+                                               (13, 130, 96, True), (32, 37, 64, False), (300, 64, 1000, False)])
 def test_linear_is_the_float32_sum_rounded_once(rows, out, inn, bias):
     w, x = torch.randn(out, inn).bfloat16(), torch.randn(rows, inn).bfloat16()
     b = torch.randn(out).bfloat16() if bias else None
@@ -43,6 +44,8 @@ def test_linear_is_the_float32_sum_rounded_once(rows, out, inn, bias):
     assert got_bf16.dtype is torch.bfloat16 and got_f32.dtype is torch.float32
     assert torch.equal(got_f32, got_bf16.float())  # logits: the same bf16 values
     assert panel.linear(x[:0], panel.pack(w), out, b).shape == (0, out)
+    for r in (0, rows - 1):  # a row's sums do not depend on the rows a call takes with it
+        assert torch.equal(got_bf16[r], panel.linear(x[r : r + 1], panel.pack(w), out, b)[0])
     torch.testing.assert_close(got_bf16.float(), want, rtol=1 / 128, atol=1e-3 * want.abs().max().item())
 
 
