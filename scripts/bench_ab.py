@@ -259,12 +259,17 @@ def markdown(result: dict[str, Any]) -> str:
         parts += [f"kernels from {sources}"] if sources else []
         return ", ".join(parts) or "defaults"
 
+    def row(side: str) -> str:
+        key = side.lower()
+        config = label(result[key], result.get(f"{key}_without", []), result.get(f"{key}_sources"))
+        return f"| {side} | {config} | {statistics.median(result[f'{key}_tok_s']):.1f} |"
+
     s = result["b_over_a"]
     return "\n".join([
         "| side | config | decode tok/s per round (median) |",
         "|---|---|---|",
-        f"| A | {label(result['a'], result.get('a_without', []), result.get('a_sources'))} | {statistics.median(result['a_tok_s']):.1f} |",
-        f"| B | {label(result['b'], result.get('b_without', []), result.get('b_sources'))} | {statistics.median(result['b_tok_s']):.1f} |",
+        row("A"),
+        row("B"),
         "",
         f"B / A over {result['rounds']} rounds of {result['steps']} steps, {result['rows']} rows: "
         f"median {s['median']:.3f} (min {s['min']:.3f}, max {s['max']:.3f})",

@@ -17,7 +17,7 @@
 #include "bf16.h"
 
 #define PANEL 16   /* outputs per panel */
-#define PANEL_MR 6 /* rows per micro-kernel call */
+#define PANEL_MR 6 /* rows per micro-kernel call, at most (panel_call_rows) */
 
 /* Rows' running first maxima, [rows][16] lanes: panel_linear's argmax (the LM head's greedy tokens). */
 typedef struct {
