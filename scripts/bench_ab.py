@@ -154,22 +154,19 @@ def switch_off(engine: Any, parts: Sequence[str]) -> None:
         NATIVE_PARTS[part](engine)
 
 
-def use_sources(engine: Any, sources: str | None, into: Path) -> None:
+def use_sources(engine: Any, sources: str | None) -> None:
     """The engine's fused decode step on decoder.c built from the kernel tree with `sources`' files over it."""
     if not sources:
         return
-    import ctypes
+    import tempfile
 
     from bench_kernel_ab import side_tree
     from tgi_backend.kernels import cpu
 
     if engine.runner.fused is None:
         raise ValueError("--a-sources / --b-sources: this engine has no fused decode step to rebuild")
-    lib = ctypes.CDLL(str(cpu.build(side_tree(sources, into) / "decoder.c")))
-    for function, argtypes in cpu.FUNCTIONS["decoder"].items():
-        fn = getattr(lib, function)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
-    engine.runner.fused.lib = lib
+    with tempfile.TemporaryDirectory() as tmp:  # the library stays loaded once its tree is gone
+        engine.runner.fused.lib = cpu.load(side_tree(sources, Path(tmp) / "kernels") / "decoder.c", "decoder")
 
 
 def tokens_needed(warmup: int, rounds: int, steps: int, speculate: int, decode_steps: int = 1) -> int:
@@ -222,8 +219,6 @@ def run(path: str, a: dict[str, str], b: dict[str, str], rows: int = 1, prompt_t
         steps: int = 20, rounds: int = 10, warmup: int = 3, dtype: str = "bfloat16",
         a_without: Sequence[str] = (), b_without: Sequence[str] = (), a_sources: str | None = None,
         b_sources: str | None = None) -> dict[str, Any]:
-    import tempfile
-
     from tgi_backend.config import EngineConfig
 
     sides = [Side("A", a, a_without, a_sources), Side("B", b, b_without, b_sources)]
@@ -232,8 +227,7 @@ def run(path: str, a: dict[str, str], b: dict[str, str], rows: int = 1, prompt_t
         side.engine = build(path, dtype, side.overrides, prompt_tokens,
                             tokens_needed(warmup, rounds, steps, config.speculate, config.decode_steps))
         switch_off(side.engine, side.without)
-        with tempfile.TemporaryDirectory() as tmp:  # the library stays loaded once its tree is gone
-            use_sources(side.engine, side.sources, Path(tmp) / "kernels")
+        use_sources(side.engine, side.sources)
     from bench_serving import make_prompts
 
     # the suite's random prompts, the same for both sides: distinct rows, no prefix-cache hits between them

@@ -16,7 +16,6 @@ blocks scattered as a long-running server has them. Writes bench-results/bench-k
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import shutil
 import statistics
@@ -47,10 +46,7 @@ def load_op(tree: Path) -> Callable[..., int]:
     """paged_decode from the library built out of `tree`."""
     from tgi_backend.kernels import cpu
 
-    lib = ctypes.CDLL(str(cpu.build(tree / "paged_decode.c")))  # the kernel cache, keyed by the sources' text
-    fn = lib.paged_decode
-    fn.argtypes, fn.restype = cpu.FUNCTIONS["paged_decode"]["paged_decode"], ctypes.c_int
-    return fn
+    return cpu.load(tree / "paged_decode.c", "paged_decode").paged_decode  # the kernel cache, keyed by the text
 
 
 def run(a: str | None, b: str | None, rows: int, ctx: int, layers: int, rounds: int = 40, heads: int = 8,

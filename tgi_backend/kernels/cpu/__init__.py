@@ -114,10 +114,16 @@ def library(name: str = "paged_decode") -> ctypes.CDLL | None:
     import torch  # noqa: F401  # first: the library's libgomp must resolve to the OpenMP runtime torch loaded
 
     try:
-        lib = ctypes.CDLL(str(build(SOURCE.with_name(f"{name}.c"))))
+        return load(SOURCE.with_name(f"{name}.c"), name)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         log.warning("native CPU kernel %s unavailable, keeping the PyTorch path: %s", name, exc)
         return None
+
+
+def load(source: Path, name: str) -> ctypes.CDLL:
+    """`source` built (or taken from the cache) and loaded, its functions given FUNCTIONS[name]'s signatures:
+    `library(name)`'s, and the A/B scripts' for a copy of the kernel tree with changed files."""
+    lib = ctypes.CDLL(str(build(source)))
     for function, argtypes in FUNCTIONS[name].items():
         fn = getattr(lib, function)
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
